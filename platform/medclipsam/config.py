@@ -1,0 +1,139 @@
+"""Task configuration: one YAML file per task, validated on load.
+
+Unknown keys and wrong types are errors that name the file and the key, so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from . import storage
+from .errors import InputError
+from .merge import MERGE_METHODS
+from .models.sam_backends import BACKENDS
+from .slicing import CT_WINDOWS, Window
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class WindowConfig(_Strict):
+    preset: str | None = None
+    lower_percentile: float = Field(0.5, ge=0.0, le=100.0)
+    upper_percentile: float = Field(99.5, ge=0.0, le=100.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> WindowConfig:
+        if self.preset is not None and self.preset not in CT_WINDOWS:
+            raise ValueError(f"unknown CT window preset '{self.preset}'; choose from {sorted(CT_WINDOWS)}")
+        if self.lower_percentile >= self.upper_percentile:
+            raise ValueError("lower_percentile must be below upper_percentile")
+        return self
+
+    def to_window(self) -> Window:
+        return Window(self.preset, self.lower_percentile, self.upper_percentile)
+
+
+class ImageConfig(_Strict):
+    axis: int = Field(0, ge=0, le=2)
+    window: WindowConfig = WindowConfig()
+
+
+class TextConfig(_Strict):
+    prompts: list[str] = Field(min_length=1)
+    clip_model: str = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+
+
+class SaliencyConfig(_Strict):
+    layer: int = Field(9, ge=0)
+    beta: float = Field(1.0, gt=0.0)
+    steps: int = Field(10, ge=1)
+    copies: int = Field(10, ge=1)
+    lr: float = Field(1.0, gt=0.0)
+    seed: int = 0
+
+
+class CoarseMaskConfig(_Strict):
+    method: Literal["kmeans", "threshold", "crf"] = "kmeans"
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    keep_components: int = Field(1, ge=0)
+
+
+class VisualPromptConfig(_Strict):
+    type: Literal["box", "boxes", "points", "box_points"] = "box"
+    n_points: int = Field(5, ge=1)
+    n_negative: int = Field(0, ge=0)
+    seed: int = 0
+
+
+class OracleConfig(_Strict):
+    """Box prompts derived from ground-truth labels (an upper bound on prompt quality)."""
+
+    box_margin: float = Field(2.0, ge=0.0)
+
+
+class SamConfig(_Strict):
+    backend: str = "litemedsam"
+    checkpoint: str | None = None
+    device: str = "cpu"
+    multimask: bool = False
+    merge: str = "mean"
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    keep_components: int = Field(0, ge=0)
+    batch_size: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> SamConfig:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown SAM backend '{self.backend}'; choose from {sorted(BACKENDS)}")
+        if self.merge not in MERGE_METHODS:
+            raise ValueError(f"unknown merge method '{self.merge}'; choose from {list(MERGE_METHODS)}")
+        return self
+
+
+class TaskConfig(_Strict):
+    task: str
+    description: str = ""
+    modality: Literal["ultrasound", "mri", "ct", "xray", "other"] = "other"
+    text: TextConfig | None = None
+    image: ImageConfig = ImageConfig()
+    saliency: SaliencyConfig = SaliencyConfig()
+    coarse: CoarseMaskConfig = CoarseMaskConfig()
+    visual_prompts: VisualPromptConfig = VisualPromptConfig()
+    oracle: OracleConfig = OracleConfig()
+    sam: SamConfig = SamConfig()
+
+
+def _describe(error: dict) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    return f"{where}: {error['msg']}"
+
+
+def parse_config(data: object, source: str = "<config>") -> TaskConfig:
+    if not isinstance(data, dict):
+        raise InputError(f"{source}: expected a mapping of settings at the top level")
+    try:
+        return TaskConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise InputError(f"{source}: invalid configuration: {problems}") from None
+
+
+def load_config(uri: str | Path) -> TaskConfig:
+    """Read and validate a task YAML from a path or URI."""
+    uri = str(uri)
+    try:
+        text = storage.read_bytes(uri).decode("utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{uri}: config file not found") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InputError(f"{uri}: not valid YAML ({exc})") from None
+    return parse_config(data, uri)

@@ -1,0 +1,87 @@
+"""Scoring predicted masks against ground truth, paired by case_id (never by listing order)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import storage
+from .errors import InputError
+from .images import read_mask
+from .inputs import list_cases
+from .metrics import case_metrics, summarise
+
+DEFAULT_TOLERANCE = 2.0  # pixels for 2D images, millimetres for volumes
+
+
+@dataclass
+class EvaluationRow:
+    case_id: str
+    pred_uri: str
+    gt_uri: str
+    dsc: float = float("nan")
+    nsd: float = float("nan")
+    hd95: float = float("nan")
+    tolerance: float = DEFAULT_TOLERANCE
+    status: str = "ok"
+    error: str = ""
+
+
+def evaluate_case(case_id: str, pred_uri: str, gt_uri: str, tolerance: float) -> EvaluationRow:
+    row = EvaluationRow(case_id, pred_uri, gt_uri, tolerance=tolerance)
+    try:
+        pred, truth = read_mask(pred_uri), read_mask(gt_uri)
+        if pred.array.shape != truth.array.shape:
+            raise InputError(
+                f"{pred_uri}: shape {pred.array.shape} does not match ground truth {gt_uri} shape {truth.array.shape}"
+            )
+        spacing = truth.spacing_array_order if truth.is_volume else (1.0, 1.0)
+        metrics = case_metrics(pred.array, truth.array, tolerance, spacing)
+        row.dsc, row.nsd, row.hd95 = metrics.dsc, metrics.nsd, metrics.hd95
+    except Exception as exc:  # recorded per case so the rest are still scored
+        row.status, row.error = "error", str(exc)
+    return row
+
+
+def evaluate(pred: str, gt: str, tolerance: float = DEFAULT_TOLERANCE) -> tuple[list[EvaluationRow], dict[str, float]]:
+    """Score every predicted case that has a ground truth of the same case_id.
+
+    Returns the per-case rows and a summary (means over scored cases; HD95 over finite values).
+    Cases present on only one side are listed with status ``missing_gt`` / ``missing_pred``.
+    """
+    predictions, truths = list_cases(pred), list_cases(gt)
+    rows: list[EvaluationRow] = []
+    for case_id in sorted(set(predictions) | set(truths)):
+        if case_id not in truths:
+            rows.append(EvaluationRow(case_id, predictions[case_id], "", status="missing_gt",
+                                      error=f"no ground truth for case '{case_id}' under {gt}"))
+        elif case_id not in predictions:
+            rows.append(EvaluationRow(case_id, "", truths[case_id], status="missing_pred",
+                                      error=f"no prediction for case '{case_id}' under {pred}"))
+        else:
+            rows.append(evaluate_case(case_id, predictions[case_id], truths[case_id], tolerance))
+    scored = [r for r in rows if r.status == "ok"]
+    summary = {
+        "n_scored": float(len(scored)),
+        "dsc": float(np.mean([r.dsc for r in scored])) if scored else float("nan"),
+        "nsd": float(np.mean([r.nsd for r in scored])) if scored else float("nan"),
+        "hd95": summarise([r.hd95 for r in scored]),
+    }
+    return rows, summary
+
+
+def write_table(rows: list[EvaluationRow], uri: str) -> None:
+    """Per-case metrics as Parquet (``.parquet``) or CSV (anything else)."""
+    table = pa.Table.from_pylist([r.__dict__ for r in rows])
+    buffer = io.BytesIO()
+    if uri.endswith(".parquet"):
+        pq.write_table(table, buffer)
+    else:
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(table, buffer)
+    storage.write_bytes_atomic(uri, buffer.getvalue())

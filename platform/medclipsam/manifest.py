@@ -1,0 +1,69 @@
+"""The run manifest: one row per case, written as Parquet."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import storage
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+STATUS_NO_PROMPTS = "no_prompts"
+STATUS_NO_TARGET = "no_target"
+
+
+@dataclass
+class CaseRecord:
+    case_id: str
+    source_uri: str
+    mask_uri: str = ""
+    status: str = STATUS_OK
+    error: str = ""
+    prompts: str = "{}"  # JSON: slice -> boxes/points/labels
+    n_prompted_slices: int = 0
+    seconds_read: float = 0.0
+    seconds_embed: float = 0.0
+    seconds_decode: float = 0.0
+    seconds_write: float = 0.0
+    backend: str = ""
+    checkpoint: str = ""
+    checkpoint_sha256: str = ""
+
+
+SCHEMA = pa.schema(
+    [
+        ("case_id", pa.string()),
+        ("source_uri", pa.string()),
+        ("mask_uri", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("prompts", pa.string()),
+        ("n_prompted_slices", pa.int64()),
+        ("seconds_read", pa.float64()),
+        ("seconds_embed", pa.float64()),
+        ("seconds_decode", pa.float64()),
+        ("seconds_write", pa.float64()),
+        ("backend", pa.string()),
+        ("checkpoint", pa.string()),
+        ("checkpoint_sha256", pa.string()),
+    ]
+)
+
+
+def to_table(records: list[CaseRecord]) -> pa.Table:
+    return pa.Table.from_pylist([asdict(record) for record in records], schema=SCHEMA)
+
+
+def write_manifest(records: list[CaseRecord], uri: str) -> None:
+    """Write the manifest atomically to ``uri`` (any fsspec URI)."""
+    buffer = io.BytesIO()
+    pq.write_table(to_table(records), buffer)
+    storage.write_bytes_atomic(uri, buffer.getvalue())
+
+
+def read_manifest(uri: str) -> pa.Table:
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri)))

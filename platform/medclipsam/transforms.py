@@ -1,0 +1,78 @@
+"""Geometric transforms between an image and a model's input, each beside its exact inverse.
+
+A model sees a fixed square input. ``LongestSidePad`` keeps the aspect ratio (resize the
+longest side, pad bottom/right: SAM, LiteMedSAM); ``Stretch`` resizes both sides to the
+target (MedSAM's published preprocessing). Coordinates are ``x`` (column), ``y`` (row) in
+pixels of the original image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class LongestSidePad:
+    """Resize so the longest side is ``target``, then pad bottom/right to ``target x target``."""
+
+    target: int
+
+    def resized_shape(self, height: int, width: int) -> tuple[int, int]:
+        scale = self.target / max(height, width)
+        return int(height * scale + 0.5), int(width * scale + 0.5)
+
+    def apply_image(self, image: torch.Tensor) -> torch.Tensor:
+        """``BxCxHxW`` float -> ``BxCxTxT`` (zero padded)."""
+        h, w = image.shape[-2:]
+        nh, nw = self.resized_shape(h, w)
+        resized = F.interpolate(image, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+        return F.pad(resized, (0, self.target - nw, 0, self.target - nh))
+
+    def apply_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        """``...x2`` (x, y) in original pixels -> model input pixels."""
+        h, w = original_size
+        nh, nw = self.resized_shape(h, w)
+        out = np.asarray(coords, dtype=np.float64).copy()
+        out[..., 0] *= nw / w
+        out[..., 1] *= nh / h
+        return out
+
+    def apply_boxes(self, boxes: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        """``Nx4`` (x0, y0, x1, y1) -> model input pixels."""
+        return self.apply_coords(np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2), original_size).reshape(-1, 4)
+
+    def invert_masks(self, masks: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+        """``BxKxhxw`` logits over the padded input -> ``BxKxHxW`` over the original image."""
+        h, w = original_size
+        nh, nw = self.resized_shape(h, w)
+        full = F.interpolate(masks, size=(self.target, self.target), mode="bilinear", align_corners=False)
+        return F.interpolate(full[..., :nh, :nw], size=(h, w), mode="bilinear", align_corners=False)
+
+
+@dataclass(frozen=True)
+class Stretch:
+    """Resize both sides to ``target`` (aspect ratio not kept)."""
+
+    target: int
+
+    def apply_image(self, image: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(
+            image, size=(self.target, self.target), mode="bilinear", align_corners=False, antialias=True
+        )
+
+    def apply_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        h, w = original_size
+        out = np.asarray(coords, dtype=np.float64).copy()
+        out[..., 0] *= self.target / w
+        out[..., 1] *= self.target / h
+        return out
+
+    def apply_boxes(self, boxes: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        return self.apply_coords(np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2), original_size).reshape(-1, 4)
+
+    def invert_masks(self, masks: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(masks, size=tuple(original_size), mode="bilinear", align_corners=False)
