@@ -79,7 +79,7 @@ def _sam_options(func):
         click.option("--device", default=None, help="Torch device, e.g. cpu or cuda:0 [default: cpu]."),
         click.option("--axis", type=click.IntRange(0, 2), default=None,
                      help="Volume slicing axis in SimpleITK array order (0 = z) [default: 0]."),
-        click.option("--window-preset", type=click.Choice(sorted(CT_WINDOWS) + ["none"]), default=None,
+        click.option("--window-preset", type=click.Choice([*sorted(CT_WINDOWS), "none"]), default=None,
                      help="CT intensity window preset; 'none' uses per-slice percentiles [default: none]."),
         click.option("--percentiles", type=(float, float), default=None,
                      help="Lower and upper percentile for per-slice windowing [default: 0.5 99.5]."),
@@ -106,7 +106,9 @@ def _load(config_path: str | None, default: TaskConfig | None = None, **override
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def main(verbose: bool) -> None:
     """Text-driven and prompted medical image segmentation (MedCLIP-SAMv2)."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if verbose:  # only this package's debug messages, not every library's
+        logging.getLogger("medclipsam").setLevel(logging.DEBUG)
 
 
 @main.command()
@@ -119,16 +121,17 @@ def main(verbose: bool) -> None:
 @_sam_options
 def segment(input_uri: str, output: str, boxes: str | None, points: str | None, strict: bool,
             config_path: str | None, **overrides) -> None:
-    """Segment every image or volume under INPUT with box and/or point prompts."""
+    """Segment every image or volume given by --input with box and/or point prompts."""
     if not boxes and not points:
-        _fail("give --boxes and/or --points (the text-driven mode needs a config with prompts)")
+        _fail("give --boxes and/or --points")
     try:
+        from .prompted_run import plan_prompted, run_prompted
+
         config = _load(config_path, **overrides)
         spec, params = _settings(config)
+        plan = plan_prompted(input_uri, boxes, points)  # bad inputs or CSVs fail before the model loads
         segmenter = _build(config)
-        from .prompted_run import run_prompted
-
-        records = run_prompted(segmenter, input_uri, output, boxes, points, spec, params, progress=_progress)
+        records = run_prompted(segmenter, plan, output, spec, params, progress=_progress)
     except MedClipSamError as exc:
         _fail(str(exc))
     _finish(records, strict, output)

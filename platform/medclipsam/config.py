@@ -30,6 +30,8 @@ class WindowConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> WindowConfig:
+        if self.preset == "none":  # the CLI's spelling of "no preset"
+            self.preset = None
         if self.preset is not None and self.preset not in CT_WINDOWS:
             raise ValueError(f"unknown CT window preset '{self.preset}'; choose from {sorted(CT_WINDOWS)}")
         if self.lower_percentile >= self.upper_percentile:

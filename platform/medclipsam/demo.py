@@ -17,23 +17,23 @@ from .evaluation import EvaluationRow, evaluate
 from .images import MedicalImage, read_mask
 from .inputs import list_cases
 from .manifest import CaseRecord
-from .prompted_run import SliceSpec, run_prompted
+from .models.sam_backends import PromptableSegmenter
+from .prompted_run import SliceSpec, plan_prompted, run_prompted
 from .prompts.csv_prompts import BOX_COLUMNS
 from .prompts.from_mask import bounding_box
 from .samples import fetch_samples
 from .segmentation import SegmentationParams
-from .models.sam_backends import PromptableSegmenter
 from .slicing import take_slice
 
 
 def label_boxes(label: MedicalImage, axis: int = 0, margin: float = 0.0) -> list[tuple[int | None, np.ndarray]]:
     """(slice, box) for every labelled slice of a volume, or (None, box) for a labelled 2D image."""
     if not label.is_volume:
-        box = bounding_box(label.array, margin)
+        box = bounding_box(label.array, margin, min_size=1.0)
         return [] if box is None else [(None, box)]
     out = []
     for index in range(label.array.shape[axis]):
-        box = bounding_box(take_slice(label.array, index, axis), margin)
+        box = bounding_box(take_slice(label.array, index, axis), margin, min_size=1.0)
         if box is not None:
             out.append((index, box))
     return out
@@ -64,6 +64,7 @@ def run_demo(
     images, labels = str(Path(root) / "images"), str(Path(root) / "labels")
     boxes_uri = storage.join(output, "oracle_boxes.csv")
     storage.write_bytes_atomic(boxes_uri, oracle_boxes_csv(labels, spec.axis, box_margin).encode())
-    records = run_prompted(segmenter, images, output, boxes_csv=boxes_uri, spec=spec, params=params, progress=progress)
+    plan = plan_prompted(images, boxes_csv=boxes_uri)
+    records = run_prompted(segmenter, plan, output, spec=spec, params=params, progress=progress)
     rows, summary = evaluate(storage.join(output, "masks"), labels)
     return records, rows, summary

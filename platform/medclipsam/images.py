@@ -65,17 +65,6 @@ def is_supported(uri: str) -> bool:
     return extension_of(uri) in SUPPORTED_EXTENSIONS
 
 
-def _is_dicom_file(path: str) -> bool:
-    if path.lower().endswith(DICOM_EXTENSIONS):
-        return True
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(128)
-            return handle.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
 def _read_dicom_series(folder: str, uri: str) -> sitk.Image:
     series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
     if not series:
@@ -87,13 +76,13 @@ def _read_dicom_series(folder: str, uri: str) -> sitk.Image:
     return reader.Execute()
 
 
-def _to_medical_image(image: sitk.Image, uri: str, force_2d: bool) -> MedicalImage:
+def _to_medical_image(image: sitk.Image, uri: str, force_2d: bool, single_frame_is_2d: bool = False) -> MedicalImage:
     array = sitk.GetArrayFromImage(image)
     ncomp = image.GetNumberOfComponentsPerPixel()
     dim = image.GetDimension()
     if array.size == 0:
         raise InputError(f"{uri}: image is empty (size {image.GetSize()})")
-    if dim == 3 and image.GetSize()[2] == 1:  # a single DICOM frame or a one-slice volume
+    if dim == 3 and image.GetSize()[2] == 1 and single_frame_is_2d:  # one DICOM frame (X-ray, ultrasound)
         array = array[0]
         dim = 2
     if dim == 2 or force_2d:
@@ -134,9 +123,13 @@ def read_image(uri: str) -> MedicalImage:
                 image = sitk.ReadImage(local)
         except RuntimeError as exc:  # SimpleITK reports unreadable files as RuntimeError
             first = str(exc).strip().splitlines()
-            detail = next((line for line in first if "ERROR" in line or "Exception" in line), first[-1] if first else "")
+            fallback = first[-1] if first else ""
+            detail = next((line for line in first if "ERROR" in line or "Exception" in line), fallback)
             raise InputError(f"{uri}: cannot read image ({detail.strip()[:300]})") from exc
-    result = _to_medical_image(image, uri, force_2d=ext in IMAGE_2D_EXTENSIONS and image.GetDimension() == 2)
+    result = _to_medical_image(
+        image, uri, force_2d=ext in IMAGE_2D_EXTENSIONS and image.GetDimension() == 2,
+        single_frame_is_2d=not is_dir and ext in DICOM_EXTENSIONS,
+    )
     if result.array.min() == result.array.max():
         raise InputError(f"{uri}: image is constant (every pixel is {result.array.flat[0]}); nothing to segment")
     return result
@@ -186,7 +179,8 @@ def read_mask(uri: str) -> MedicalImage:
         except RuntimeError as exc:
             raise InputError(f"{uri}: cannot read mask") from exc
     ext = extension_of(uri)
-    result = _to_medical_image(image, uri, force_2d=ext in IMAGE_2D_EXTENSIONS)
+    result = _to_medical_image(image, uri, force_2d=ext in IMAGE_2D_EXTENSIONS,
+                               single_frame_is_2d=ext in DICOM_EXTENSIONS)
     array = result.array
     if array.ndim == 3 and not result.is_volume:
         array = array.max(axis=-1)

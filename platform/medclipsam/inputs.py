@@ -11,10 +11,21 @@ from .images import DICOM_EXTENSIONS, case_id_from_uri, extension_of, is_support
 log = logging.getLogger(__name__)
 
 
+def _has_dicom_magic(uri: str) -> bool:
+    fs, path = storage.filesystem(uri)
+    try:
+        with fs.open(path, "rb") as handle:
+            return handle.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
 def _looks_like_dicom_folder(files: list[str]) -> bool:
-    return bool(files) and all(
-        f.lower().endswith(DICOM_EXTENSIONS) or "." not in storage.basename(f) for f in files
-    ) and any(f.lower().endswith(DICOM_EXTENSIONS) for f in files)
+    """Every file is .dcm/.dicom or has no extension, and the first one is a DICOM file."""
+    if not files:
+        return False
+    plausible = all(f.lower().endswith(DICOM_EXTENSIONS) or "." not in storage.basename(f) for f in files)
+    return plausible and _has_dicom_magic(files[0])
 
 
 def list_cases(uri: str) -> dict[str, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,14 +69,20 @@ def segment_case(
     params: SegmentationParams,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """The mask of one case (same shape as the image's pixel grid) and the seconds per stage."""
-    keys = sorted((k for k, p in prompts.items() if not p.is_empty()), key=lambda k: -1 if k is None else k)
+    keys = sorted((k for k, p in prompts.items() if not p.is_empty()), key=_slice_order)
     inputs = model_inputs(image, keys, spec)
     masks, seconds = segment_images(segmenter, inputs, [prompts[k] for k in keys], params)
-    return assemble_mask(image, dict(zip(keys, masks)), spec.axis), seconds
+    return assemble_mask(image, dict(zip(keys, masks, strict=True)), spec.axis), seconds
+
+
+def _slice_order(key: int | None) -> int:
+    return -1 if key is None else key
 
 
 def _prompt_record(prompts: dict[int | None, SlicePrompts]) -> str:
-    return json.dumps({("" if k is None else str(k)): p.to_record() for k, p in sorted(prompts.items(), key=lambda kv: -1 if kv[0] is None else kv[0])})
+    """JSON of the prompts per slice ("" for a 2D image), as recorded in the manifest."""
+    ordered = sorted(prompts.items(), key=lambda item: _slice_order(item[0]))
+    return json.dumps({("" if k is None else str(k)): p.to_record() for k, p in ordered})
 
 
 def run_case(
@@ -109,32 +116,51 @@ def run_case(
         record.status = STATUS_OK if record.n_prompted_slices else STATUS_NO_PROMPTS
     except Exception as exc:  # one bad case must not stop the cohort; its error goes in the manifest
         record.status, record.error = STATUS_ERROR, str(exc)
-        log.error("case %s failed: %s", case_id, exc, exc_info=not isinstance(exc, MedClipSamError))
+        if isinstance(exc, MedClipSamError):
+            log.debug("case %s failed: %s", case_id, exc)
+        else:  # unexpected: keep the traceback for the log
+            log.exception("case %s failed", case_id)
     return record
 
 
-def run_prompted(
-    segmenter: PromptableSegmenter,
-    input_uri: str,
-    output: str,
-    boxes_csv: str | None = None,
-    points_csv: str | None = None,
-    spec: SliceSpec = SliceSpec(),
-    params: SegmentationParams = SegmentationParams(),
-    progress: Callable[[int, int, CaseRecord], None] | None = None,
-) -> list[CaseRecord]:
-    """Segment every case under ``input_uri`` with the prompts of the CSV files; write masks and manifest."""
+@dataclass(frozen=True)
+class PromptedPlan:
+    """The cases of a run and their prompt rows, checked before any model is loaded."""
+
+    cases: dict[str, str]
+    rows: dict[str, tuple[CasePromptRows, CasePromptRows]]
+
+
+def plan_prompted(input_uri: str, boxes_csv: str | None = None, points_csv: str | None = None) -> PromptedPlan:
+    """List the inputs and read the prompt CSVs; every prompt row must name an input case."""
     cases = list_cases(input_uri)
     box_rows = read_box_rows(boxes_csv) if boxes_csv else []
     point_rows = read_point_rows(points_csv) if points_csv else []
     check_case_ids(box_rows, point_rows, set(cases))
-    grouped = group_by_case(box_rows, point_rows)
+    return PromptedPlan(cases, group_by_case(box_rows, point_rows))
+
+
+def absolute_output(output: str) -> str:
+    """Local output folders as absolute paths, so the manifest's mask URIs stand on their own."""
+    return output if storage.is_remote(output) else os.path.abspath(output.removeprefix("file://"))
+
+
+def run_prompted(
+    segmenter: PromptableSegmenter,
+    plan: PromptedPlan,
+    output: str,
+    spec: SliceSpec = SliceSpec(),
+    params: SegmentationParams = SegmentationParams(),
+    progress: Callable[[int, int, CaseRecord], None] | None = None,
+) -> list[CaseRecord]:
+    """Segment every planned case with its prompts; write masks and the manifest."""
+    output = absolute_output(output)
     records = []
-    for number, (case_id, uri) in enumerate(cases.items(), start=1):
-        rows = grouped.get(case_id, ({}, {}))
+    for number, (case_id, uri) in enumerate(plan.cases.items(), start=1):
+        rows = plan.rows.get(case_id, ({}, {}))
         record = run_case(segmenter, case_id, uri, rows, output, spec, params)
         records.append(record)
         if progress is not None:
-            progress(number, len(cases), record)
+            progress(number, len(plan.cases), record)
     write_manifest(records, storage.join(output, "manifest.parquet"))
     return records

@@ -32,7 +32,7 @@ def _download_sdist(target: Path) -> Path:
         sys.executable, "-m", "pip", "download", "--no-deps",
         "--disable-pip-version-check", "-q", "-d", str(target), f"{PACKAGE}=={VERSION}",
     ]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, check=False, capture_output=True, text=True)
     archives = sorted(target.glob(f"{PACKAGE.replace('-', '_')}-{VERSION}.tar.gz"))
     if result.returncode != 0 or not archives:
         raise InputError(

@@ -46,7 +46,7 @@ def probability_for_prompts(
         probs, scores = segmenter.decode(embedding, prompts.boxes, points, labels, params.multimask)
     else:
         probs, scores = segmenter.decode(embedding, None, points, labels, params.multimask)
-    merged = [merge_candidates(p, s, params.merge, params.threshold) for p, s in zip(probs, scores)]
+    merged = [merge_candidates(p, s, params.merge, params.threshold) for p, s in zip(probs, scores, strict=True)]
     return np.max(np.stack(merged), axis=0)
 
 
@@ -66,7 +66,7 @@ def segment_images(
     embeddings = segmenter.embed(images, batch_size=params.batch_size)
     embedded = time.perf_counter()
     masks = []
-    for image, embedding, prompt in zip(images, embeddings, prompts):
+    for image, embedding, prompt in zip(images, embeddings, prompts, strict=True):
         if prompt.is_empty():
             masks.append(np.zeros(image.shape[:2], dtype=bool))
             continue

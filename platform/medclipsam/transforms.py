@@ -3,7 +3,9 @@
 A model sees a fixed square input. ``LongestSidePad`` keeps the aspect ratio (resize the
 longest side, pad bottom/right: SAM, LiteMedSAM); ``Stretch`` resizes both sides to the
 target (MedSAM's published preprocessing). Coordinates are ``x`` (column), ``y`` (row) in
-pixels of the original image.
+pixels of the original image, with integer values at pixel centres. Resizing with
+``align_corners=False`` maps a pixel centre ``x`` to ``(x + 0.5) * scale - 0.5``; the coordinate
+transforms use exactly that, so a prompt lands on the same anatomy the resized image shows there.
 """
 
 from __future__ import annotations
@@ -13,6 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+def _scale_centres(coords: np.ndarray, scale_x: float, scale_y: float) -> np.ndarray:
+    """Pixel-centre coordinates ``...x2`` (x, y) after resizing by (scale_x, scale_y)."""
+    out = np.asarray(coords, dtype=np.float64).copy()
+    out[..., 0] = (out[..., 0] + 0.5) * scale_x - 0.5
+    out[..., 1] = (out[..., 1] + 0.5) * scale_y - 0.5
+    return out
 
 
 @dataclass(frozen=True)
@@ -36,10 +46,7 @@ class LongestSidePad:
         """``...x2`` (x, y) in original pixels -> model input pixels."""
         h, w = original_size
         nh, nw = self.resized_shape(h, w)
-        out = np.asarray(coords, dtype=np.float64).copy()
-        out[..., 0] *= nw / w
-        out[..., 1] *= nh / h
-        return out
+        return _scale_centres(coords, nw / w, nh / h)
 
     def apply_boxes(self, boxes: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
         """``Nx4`` (x0, y0, x1, y1) -> model input pixels."""
@@ -66,10 +73,7 @@ class Stretch:
 
     def apply_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
         h, w = original_size
-        out = np.asarray(coords, dtype=np.float64).copy()
-        out[..., 0] *= self.target / w
-        out[..., 1] *= self.target / h
-        return out
+        return _scale_centres(coords, self.target / w, self.target / h)
 
     def apply_boxes(self, boxes: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
         return self.apply_coords(np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2), original_size).reshape(-1, 4)

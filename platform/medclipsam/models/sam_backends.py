@@ -208,6 +208,10 @@ def build_segmenter(backend: str, checkpoint: str | None = None, device: str = "
         if spec.default_checkpoint is None:
             raise ModelError(f"backend '{backend}' needs --checkpoint PATH_OR_URI ({spec.note})")
         checkpoint = spec.default_checkpoint()
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        raise ModelError(f"device '{device}' is not usable here ({str(exc).splitlines()[0]})") from None
     path = resolve_checkpoint(checkpoint)
     net = spec.build()
     load_into(net, path)

@@ -48,8 +48,8 @@ def _read_rows(uri: str, columns: tuple[str, ...]) -> list[PromptRow]:
     if missing:
         raise PromptError(f"{uri}: missing column(s) {', '.join(missing)}; expected header {','.join(columns)}")
     rows: list[PromptRow] = []
-    for number, raw in enumerate(reader, start=2):
-        raw = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
+    for number, record in enumerate(reader, start=2):
+        raw = {(k or "").strip(): (v or "").strip() for k, v in record.items()}
         where = f"{uri} line {number}"
         case_id = raw["case_id"]
         if not case_id:
@@ -97,9 +97,13 @@ def read_point_rows(uri: str) -> list[PromptRow]:
 CasePromptRows = dict[int | None, list[PromptRow]]
 
 
-def group_by_case(box_rows: list[PromptRow], point_rows: list[PromptRow]) -> dict[str, tuple[CasePromptRows, CasePromptRows]]:
+def group_by_case(
+    box_rows: list[PromptRow], point_rows: list[PromptRow]
+) -> dict[str, tuple[CasePromptRows, CasePromptRows]]:
     """{case_id: (boxes by slice, points by slice)}."""
-    grouped: dict[str, tuple[CasePromptRows, CasePromptRows]] = defaultdict(lambda: (defaultdict(list), defaultdict(list)))
+    grouped: dict[str, tuple[CasePromptRows, CasePromptRows]] = defaultdict(
+        lambda: (defaultdict(list), defaultdict(list))
+    )
     for row in box_rows:
         grouped[row.case_id][0][row.slice_index].append(row)
     for row in point_rows:

@@ -7,21 +7,27 @@ import numpy as np
 from .types import SlicePrompts
 
 
-def bounding_box(mask: np.ndarray, margin: float = 0.0) -> np.ndarray | None:
-    """(x0, y0, x1, y1) of the foreground pixel centres, widened by ``margin`` and clipped to the image."""
+def bounding_box(mask: np.ndarray, margin: float = 0.0, min_size: float = 0.0) -> np.ndarray | None:
+    """(x0, y0, x1, y1) of the foreground pixel centres, widened by ``margin`` and clipped to the image.
+
+    ``min_size`` widens a box thinner than that (a one-pixel-wide object) symmetrically, so the
+    box keeps x1 > x0 and y1 > y0 as SAM's prompt needs.
+    """
     rows, cols = np.nonzero(mask)
     if rows.size == 0:
         return None
     h, w = mask.shape
-    return np.array(
-        [
-            max(cols.min() - margin, 0.0),
-            max(rows.min() - margin, 0.0),
-            min(cols.max() + margin, w - 1.0),
-            min(rows.max() + margin, h - 1.0),
-        ],
-        dtype=np.float64,
-    )
+    x0, x1 = _span(cols.min(), cols.max(), margin, min_size, w)
+    y0, y1 = _span(rows.min(), rows.max(), margin, min_size, h)
+    return np.array([x0, y0, x1, y1], dtype=np.float64)
+
+
+def _span(lo: float, hi: float, margin: float, min_size: float, size: int) -> tuple[float, float]:
+    lo, hi = float(lo) - margin, float(hi) + margin
+    if hi - lo < min_size:
+        grow = (min_size - (hi - lo)) / 2.0
+        lo, hi = lo - grow, hi + grow
+    return max(lo, 0.0), min(hi, size - 1.0)
 
 
 def box_prompts_from_mask(mask: np.ndarray, margin: float = 0.0) -> SlicePrompts | None:
