@@ -53,6 +53,8 @@ class TextConfig(_Strict):
 
 
 class SaliencyConfig(_Strict):
+    geometry: Literal["crop", "pad", "stretch"] = "crop"  # how images meet CLIP's square input
+    batch_size: int = Field(4, ge=1)
     layer: int = Field(9, ge=0)
     beta: float = Field(1.0, gt=0.0)
     steps: int = Field(10, ge=1)

@@ -32,6 +32,12 @@ class CaseRecord:
     backend: str = ""
     checkpoint: str = ""
     checkpoint_sha256: str = ""
+    text_prompt: str = ""  # JSON list of the sentences (text-driven mode)
+    clip_model: str = ""
+    clip_sha256: str = ""
+    n_target_slices: int = 0
+    seconds_saliency: float = 0.0
+    parameters: str = "{}"  # JSON of every setting used
 
 
 SCHEMA = pa.schema(
@@ -50,6 +56,12 @@ SCHEMA = pa.schema(
         ("backend", pa.string()),
         ("checkpoint", pa.string()),
         ("checkpoint_sha256", pa.string()),
+        ("text_prompt", pa.string()),
+        ("clip_model", pa.string()),
+        ("clip_sha256", pa.string()),
+        ("n_target_slices", pa.int64()),
+        ("seconds_saliency", pa.float64()),
+        ("parameters", pa.string()),
     ]
 )
 

@@ -63,14 +63,15 @@ def segment_images(
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompt sets")
     start = time.perf_counter()
-    embeddings = segmenter.embed(images, batch_size=params.batch_size)
+    prompted = [i for i, prompt in enumerate(prompts) if not prompt.is_empty()]  # only these need the encoder
+    embeddings = dict(zip(prompted, segmenter.embed([images[i] for i in prompted], params.batch_size), strict=True))
     embedded = time.perf_counter()
     masks = []
-    for image, embedding, prompt in zip(images, embeddings, prompts, strict=True):
-        if prompt.is_empty():
+    for index, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
+        if index not in embeddings:
             masks.append(np.zeros(image.shape[:2], dtype=bool))
             continue
-        prob = probability_for_prompts(segmenter, embedding, prompt, params)
+        prob = probability_for_prompts(segmenter, embeddings[index], prompt, params)
         masks.append(binarise(prob, params.threshold, params.keep_components))
     done = time.perf_counter()
     return masks, {"embed": embedded - start, "decode": done - embedded}

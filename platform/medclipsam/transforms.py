@@ -80,3 +80,42 @@ class Stretch:
 
     def invert_masks(self, masks: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
         return F.interpolate(masks, size=tuple(original_size), mode="bilinear", align_corners=False)
+
+
+@dataclass(frozen=True)
+class ShortSideCrop:
+    """CLIP's preprocessing: resize the short side to ``target`` (bicubic), centre-crop ``target x target``.
+
+    The inverse puts a ``target x target`` map back where the crop came from; the borders the
+    model never saw get zero.
+    """
+
+    target: int
+
+    def resized_shape(self, height: int, width: int) -> tuple[int, int]:
+        # torchvision's Resize(int): the short side becomes target, the long side is truncated.
+        if height <= width:
+            return self.target, int(self.target * width / height)
+        return int(self.target * height / width), self.target
+
+    def crop_origin(self, height: int, width: int) -> tuple[int, int]:
+        rh, rw = self.resized_shape(height, width)
+        return round((rh - self.target) / 2.0), round((rw - self.target) / 2.0)
+
+    def apply_image(self, image: torch.Tensor) -> torch.Tensor:
+        """``BxCxHxW`` float in [0, 1] -> ``BxCxTxT``."""
+        h, w = image.shape[-2:]
+        rh, rw = self.resized_shape(h, w)
+        resized = F.interpolate(image, size=(rh, rw), mode="bicubic", align_corners=False, antialias=True)
+        top, left = self.crop_origin(h, w)
+        return resized[..., top : top + self.target, left : left + self.target].clamp(0.0, 1.0)
+
+    def invert_masks(self, maps: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+        """``BxKxhxw`` maps over the crop -> ``BxKxHxW`` over the original image (zero outside the crop)."""
+        h, w = original_size
+        rh, rw = self.resized_shape(h, w)
+        top, left = self.crop_origin(h, w)
+        full = F.interpolate(maps, size=(self.target, self.target), mode="bilinear", align_corners=False)
+        canvas = maps.new_zeros((*maps.shape[:-2], rh, rw))
+        canvas[..., top : top + self.target, left : left + self.target] = full
+        return F.interpolate(canvas, size=(h, w), mode="bilinear", align_corners=False)

@@ -1,0 +1,162 @@
+"""Loading BiomedCLIP (or any open_clip model with a timm ViT image tower) from a model URI.
+
+Accepted URIs:
+- ``hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224`` (needs the Hugging Face hub);
+- a local directory in the same layout (``open_clip_config.json``, weights, tokenizer files), also
+  written ``local-dir:/path``;
+- ``s3://...`` or any fsspec URI of such a directory (fetched once into the cache).
+
+BiomedCLIP's config names its HF text tower and tokenizer by hub id. When the directory itself
+holds the text tower's ``config.json`` and tokenizer files, those names are pointed at the
+directory, so a copy works with no network at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import storage
+from ..errors import ModelError
+from .checkpoints import CACHE_DIR, sha256_of
+
+BIOMEDCLIP_HUB = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+WEIGHT_NAMES = (
+    "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "model.pth",
+)
+OFFLINE_HELP = (
+    "To run without the hub, copy the model to a folder holding open_clip_config.json, the weights "
+    "(open_clip_pytorch_model.bin), the tokenizer files (vocab.txt, tokenizer_config.json, ...) and the "
+    "text tower's config.json, and pass that folder (or an s3:// copy of it) as the model URI."
+)
+
+
+@dataclass
+class ClipModel:
+    """An open_clip model with what the saliency stage needs: its tokenizer, input size and identity."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    uri: str
+    sha256: str
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    _text_cache: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.inference_mode()
+    def text_embedding(self, prompts: str | list[str]) -> torch.Tensor:
+        """Unit-norm text embedding ``D``; a list is embedded as the normalised mean of its members.
+
+        Cached per (model, prompts): the text tower runs once per prompt set.
+        """
+        key = (prompts,) if isinstance(prompts, str) else tuple(prompts)
+        if not key:
+            raise ValueError("no text prompt given")
+        if key not in self._text_cache:
+            tokens = self.tokenizer(list(key)).to(self.device)
+            emb = torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
+            mean = torch.nn.functional.normalize(emb.mean(dim=0), dim=-1)
+            self._text_cache[key] = mean
+        return self._text_cache[key].clone()
+
+
+def _local_dir(uri: str) -> Path:
+    if uri.startswith("local-dir:"):
+        uri = uri.removeprefix("local-dir:")
+    if not storage.is_remote(uri):
+        path = Path(uri.removeprefix("file://"))
+        if not path.is_dir():
+            raise ModelError(f"model {uri}: no such directory. {OFFLINE_HELP}")
+        return path
+    target = CACHE_DIR / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if not (target / "open_clip_config.json").is_file():
+        try:
+            if not storage.isdir(uri):
+                raise ModelError(f"model {uri}: no such directory")
+            fs, path = storage.filesystem(uri)
+            partial = Path(str(target) + ".part")
+            fs.get(path.rstrip("/") + "/", str(partial) + "/", recursive=True)
+            os.replace(partial, target)
+        except ModelError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"model {uri}: cannot fetch ({exc}). {OFFLINE_HELP}") from exc
+    return target
+
+
+def _weights_file(folder: Path) -> Path:
+    for name in WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    raise ModelError(f"model {folder}: no weights file (looked for {', '.join(WEIGHT_NAMES)})")
+
+
+def _localised_copy(folder: Path) -> Path:
+    """A folder of links to ``folder`` whose config points the HF text tower at local files."""
+    config_path = folder / "open_clip_config.json"
+    if not config_path.is_file():
+        raise ModelError(f"model {folder}: missing open_clip_config.json. {OFFLINE_HELP}")
+    try:
+        config = json.loads(config_path.read_text())
+        text_cfg = config["model_cfg"].get("text_cfg", {})
+    except (json.JSONDecodeError, KeyError, AttributeError) as exc:
+        raise ModelError(f"model {config_path}: not a valid open_clip config ({exc})") from exc
+    has_text_config = (folder / "config.json").is_file()
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        name = text_cfg.get(key)
+        if name and not Path(name).is_dir():
+            if not has_text_config:
+                raise ModelError(
+                    f"model {folder}: text_cfg.{key} names '{name}', which is not a local folder, and {folder} "
+                    f"has no config.json for the text tower. {OFFLINE_HELP}"
+                )
+            text_cfg[key] = str(folder.resolve())
+    staging = Path(tempfile.mkdtemp(prefix="medclipsam-clip-"))
+    for entry in folder.iterdir():
+        if entry.name != "open_clip_config.json":
+            (staging / entry.name).symlink_to(entry.resolve())
+    (staging / "open_clip_config.json").write_text(json.dumps(config))
+    return staging
+
+
+def load_clip(uri: str = BIOMEDCLIP_HUB, device: str = "cpu") -> ClipModel:
+    """Build the model, its tokenizer and preprocessing constants from a model URI."""
+    import open_clip
+
+    try:
+        if uri.startswith("hf-hub:"):
+            model, _, preprocess = open_clip.create_model_and_transforms(uri, device=device)
+            tokenizer = open_clip.get_tokenizer(uri)
+            from huggingface_hub import hf_hub_download
+
+            weights = hf_hub_download(uri.removeprefix("hf-hub:"), "open_clip_pytorch_model.bin")
+        else:
+            folder = _local_dir(uri)
+            weights = str(_weights_file(folder))
+            staging = _localised_copy(folder)
+            model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{staging}", device=device)
+            tokenizer = open_clip.get_tokenizer(f"local-dir:{staging}")
+    except ModelError:
+        raise
+    except Exception as exc:
+        detail = f"{type(exc).__name__}: {str(exc)[:300]}"
+        raise ModelError(f"model {uri}: cannot be loaded ({detail}). {OFFLINE_HELP}") from exc
+    model.eval()
+    normalise = next(t for t in preprocess.transforms if type(t).__name__ == "Normalize")
+    image_size = int(getattr(model.visual, "image_size", (224, 224))[0])
+    return ClipModel(
+        model=model, tokenizer=tokenizer, uri=uri, sha256=sha256_of(weights), image_size=image_size,
+        mean=tuple(normalise.mean), std=tuple(normalise.std),
+    )
