@@ -82,4 +82,4 @@ def test_evaluate_nothing_to_score(tmp_path):
 
 def test_segment_without_prompts_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(main, ["segment", "--input", str(tmp_path), "--output", str(tmp_path / "o")])
-    assert result.exit_code == 2 and "give --boxes and/or --points" in result.output
+    assert result.exit_code == 2 and "give --boxes/--points, or a text prompt" in result.output

@@ -35,7 +35,9 @@ def model_cfg(timm_model: str, embed_dim: int, text_source: str) -> dict:
     }
 
 
-def save_tiny_biomedclip(out: Path, timm_model: str = "vit_tiny_patch16_224", embed_dim: int = 64, seed: int = 0) -> Path:
+def save_tiny_biomedclip(
+    out: Path, timm_model: str = "vit_tiny_patch16_224", embed_dim: int = 64, seed: int = 0
+) -> Path:
     import open_clip
 
     source = minilm_folder()

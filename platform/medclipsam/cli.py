@@ -117,24 +117,58 @@ def main(verbose: bool) -> None:
 @click.option("--output", required=True, help="Output folder or URI: masks/<case_id>.png|.nii.gz and manifest.parquet.")
 @click.option("--boxes", default=None, help="Box prompts CSV: case_id,slice,x0,y0,x1,y1 (x column, y row, pixels).")
 @click.option("--points", default=None, help="Point prompts CSV: case_id,slice,x,y,label (1 foreground, 0 background).")
+@click.option("--prompt", "text_prompts", multiple=True,
+              help="Text-driven mode: what to segment, as a sentence; repeat for a prompt ensemble "
+                   "(default: the config's text.prompts).")
+@click.option("--clip-model", default=None,
+              help="Text-driven mode: CLIP model URI (hf-hub:..., a local folder, s3://...) "
+                   "[default: the config's text.clip_model, BiomedCLIP from the hub].")
+@click.option("--save-intermediates", is_flag=True,
+              help="Text-driven mode: also write saliency maps (saliency/<case_id>.npy) and coarse masks (coarse/).")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any case fails (default: only if every case fails).")
 @_sam_options
-def segment(input_uri: str, output: str, boxes: str | None, points: str | None, strict: bool,
-            config_path: str | None, **overrides) -> None:
-    """Segment every image or volume given by --input with box and/or point prompts."""
-    if not boxes and not points:
-        _fail("give --boxes and/or --points")
-    try:
-        from .prompted_run import plan_prompted, run_prompted
+def segment(input_uri: str, output: str, boxes: str | None, points: str | None, text_prompts: tuple[str, ...],
+            clip_model: str | None, save_intermediates: bool, strict: bool, config_path: str | None,
+            **overrides) -> None:
+    """Segment every image or volume given by --input.
 
+    With --boxes and/or --points, SAM segments the given prompts. Without them, the text-driven
+    zero-shot mode runs: the sentence(s) of --prompt or of the config's text.prompts go through
+    BiomedCLIP and M2IB saliency to a coarse mask, whose boxes or points prompt SAM.
+    """
+    try:
         config = _load(config_path, **overrides)
         spec, params = _settings(config)
-        plan = plan_prompted(input_uri, boxes, points)  # bad inputs or CSVs fail before the model loads
-        segmenter = _build(config)
-        records = run_prompted(segmenter, plan, output, spec, params, progress=_progress)
+        if boxes or points:
+            from .prompted_run import plan_prompted, run_prompted
+
+            plan = plan_prompted(input_uri, boxes, points)  # bad inputs or CSVs fail before the model loads
+            segmenter = _build(config)
+            records = run_prompted(segmenter, plan, output, spec, params, progress=_progress)
+        else:
+            records = _segment_from_text(config, input_uri, output, text_prompts, clip_model, save_intermediates)
     except MedClipSamError as exc:
         _fail(str(exc))
     _finish(records, strict, output)
+
+
+def _segment_from_text(config: TaskConfig, input_uri: str, output: str, text_prompts: tuple[str, ...],
+                       clip_model: str | None, save_intermediates: bool) -> list[CaseRecord]:
+    from .inputs import list_cases
+    from .models.biomedclip import BIOMEDCLIP_HUB, load_clip
+    from .text_run import run_text, text_settings
+
+    prompts = list(text_prompts) or (config.text.prompts if config.text else [])
+    if not prompts:
+        _fail("give --boxes/--points, or a text prompt (--prompt or a config with text.prompts)")
+    uri = clip_model or (config.text.clip_model if config.text else BIOMEDCLIP_HUB)
+    spec, params = _settings(config)
+    cases = list_cases(input_uri)
+    click.echo(f"loading CLIP model {uri} ...", err=True)
+    clip = load_clip(uri, config.sam.device)
+    segmenter = _build(config)
+    settings = text_settings(config, prompts, save_intermediates)
+    return run_text(clip, segmenter, cases, output, spec, settings, params, progress=_progress)
 
 
 def _finish(records: list[CaseRecord], strict: bool, output: str) -> None:

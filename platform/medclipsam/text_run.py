@@ -46,6 +46,18 @@ class TextSettings:
     save_intermediates: bool = False
 
 
+def text_settings(config, prompts: list[str], save_intermediates: bool = False) -> TextSettings:
+    """The text-driven settings of a task config (``config.TaskConfig``)."""
+    s, c, v = config.saliency, config.coarse, config.visual_prompts
+    return TextSettings(
+        prompts=tuple(prompts),
+        m2ib=M2IBParams(layer=s.layer, beta=s.beta, steps=s.steps, copies=s.copies, lr=s.lr, seed=s.seed),
+        geometry=s.geometry, saliency_batch_size=s.batch_size, coarse_method=c.method,
+        coarse_threshold=c.threshold, coarse_components=c.keep_components, prompt_type=v.type,
+        n_points=v.n_points, n_negative=v.n_negative, seed=v.seed, save_intermediates=save_intermediates,
+    )
+
+
 @dataclass
 class ZeroShotResult:
     masks: list[np.ndarray]
