@@ -10,7 +10,8 @@ Defaults are BiomedCLIP's shapes (ViT-B/16 at 224 px, BERT-base text tower) with
 Last line: ``speedup=<ratio> max_abs_diff=<value>`` (maps min-max normalised on the patch grid).
 
     python benchmarks/m2ib.py [--vision vit_base_patch16_224] [--text-layers 12] [--text-hidden 768]
-                              [--images 4] [--steps 10] [--copies 10] [--layer 9] [--device cpu]
+                              [--embed-dim 512] [--images 4] [--steps 10] [--copies 10] [--layer 9]
+                              [--device cpu] [--prompt TEXT]
 """
 
 from __future__ import annotations

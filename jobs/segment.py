@@ -1,4 +1,4 @@
-r"""Ray job entry point: box/point-prompted segmentation of a cohort.
+r"""Ray job entry point: segmentation of a cohort, box/point-prompted or text-driven.
 
     ray job submit --entrypoint-num-gpus 1 -- python jobs/segment.py \
         --input s3://bucket/cohort/ --output s3://bucket/run/ --boxes s3://bucket/boxes.csv \

@@ -83,3 +83,11 @@ def test_evaluate_nothing_to_score(tmp_path):
 def test_segment_without_prompts_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(main, ["segment", "--input", str(tmp_path), "--output", str(tmp_path / "o")])
     assert result.exit_code == 2 and "give --boxes/--points, or a text prompt" in result.output
+
+
+def test_text_options_with_prompt_files_are_a_usage_error(tmp_path):
+    boxes = tmp_path / "b.csv"
+    boxes.write_text("case_id,slice,x0,y0,x1,y1\n")
+    result = CliRunner().invoke(main, ["segment", "--input", str(tmp_path), "--output", str(tmp_path / "o"),
+                                       "--boxes", str(boxes), "--prompt", "a tumour"])
+    assert result.exit_code == 2 and "belong to the text-driven mode" in result.output

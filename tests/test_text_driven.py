@@ -264,6 +264,8 @@ def test_text_pipeline_on_sample_volumes(tmp_path, clip, litemedsam, samples_roo
         coarse = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "coarse" / f"{record.case_id}.nii.gz")))
         # every prompted slice has a coarse mask; SAM's mask only lies on prompted slices
         prompted = {int(k) for k in json.loads(row["prompts"])}
+        saved = json.loads((tmp_path / "prompts" / f"{record.case_id}.json").read_text())
+        assert saved == json.loads(row["prompts"]) and all(len(p["boxes"]) == 1 for p in saved.values())
         assert prompted == {z for z in range(coarse.shape[0]) if coarse[z].any()}
         pred = sitk.GetArrayFromImage(mask)
         assert {z for z in range(pred.shape[0]) if pred[z].any()} <= prompted
@@ -306,3 +308,16 @@ def test_benchmark_script_agrees_with_the_reference_loop():
     figures = dict(item.split("=") for item in last.split())
     assert set(figures) == {"speedup", "max_abs_diff"}
     assert float(figures["max_abs_diff"]) <= 1e-4
+
+
+def test_crf_coarse_mask_follows_the_image_edges():
+    """Dense CRF (optional extra pydensecrf2): a blurred saliency blob snaps to the bright square."""
+    image = np.full((40, 40, 3), 30, np.uint8)
+    image[10:25, 12:30] = 220
+    truth = np.zeros((40, 40), bool)
+    truth[10:25, 12:30] = True
+    yy, xx = np.mgrid[:40, :40]
+    saliency = np.exp(-(((yy - 17) / 9.0) ** 2 + ((xx - 21) / 11.0) ** 2))  # soft, wider than the square
+    mask = coarse_mask(saliency, "crf", keep_components=1, image=image)
+    iou = (mask & truth).sum() / (mask | truth).sum()
+    assert iou > 0.8

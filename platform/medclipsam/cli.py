@@ -64,7 +64,8 @@ def _build(config: TaskConfig):
 
 def _progress(number: int, total: int, record: CaseRecord) -> None:
     detail = f" ({record.error})" if record.error else ""
-    seconds = record.seconds_read + record.seconds_embed + record.seconds_decode + record.seconds_write
+    seconds = (record.seconds_read + record.seconds_saliency + record.seconds_embed + record.seconds_decode
+               + record.seconds_write)
     click.echo(f"[{number}/{total}] {record.case_id}: {record.status}, {seconds:.1f} s{detail}", err=True)
 
 
@@ -124,7 +125,8 @@ def main(verbose: bool) -> None:
               help="Text-driven mode: CLIP model URI (hf-hub:..., a local folder, s3://...) "
                    "[default: the config's text.clip_model, BiomedCLIP from the hub].")
 @click.option("--save-intermediates", is_flag=True,
-              help="Text-driven mode: also write saliency maps (saliency/<case_id>.npy) and coarse masks (coarse/).")
+              help="Text-driven mode: also write saliency maps (saliency/<case_id>.npy), coarse masks (coarse/) "
+                   "and prompts (prompts/<case_id>.json).")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any case fails (default: only if every case fails).")
 @_sam_options
 def segment(input_uri: str, output: str, boxes: str | None, points: str | None, text_prompts: tuple[str, ...],
@@ -139,6 +141,9 @@ def segment(input_uri: str, output: str, boxes: str | None, points: str | None, 
     try:
         config = _load(config_path, **overrides)
         spec, params = _settings(config)
+        if (boxes or points) and (text_prompts or clip_model or save_intermediates):
+            _fail("--prompt, --clip-model and --save-intermediates belong to the text-driven mode; "
+                  "drop them or drop --boxes/--points")
         if boxes or points:
             from .prompted_run import plan_prompted, run_prompted
 

@@ -93,13 +93,17 @@ def _stack_maps(image: MedicalImage, maps: list[np.ndarray], axis: int) -> np.nd
     return maps[0] if not image.is_volume else np.stack(maps, axis=axis)
 
 
-def _save_intermediates(image: MedicalImage, result: ZeroShotResult, output: str, case_id: str, axis: int) -> None:
+def _save_intermediates(
+    image: MedicalImage, result: ZeroShotResult, output: str, case_id: str, axis: int, prompts_json: str
+) -> None:
+    """saliency/<case>.npy (float32, image-shaped), coarse/<case>.png|.nii.gz, prompts/<case>.json."""
     buffer = io.BytesIO()
     np.save(buffer, _stack_maps(image, [m.values for m in result.saliency], axis).astype(np.float32))
     storage.write_bytes_atomic(storage.join(output, "saliency", f"{case_id}.npy"), buffer.getvalue())
     coarse = _stack_maps(image, result.coarse, axis)
     write_mask(coarse.astype(np.uint8) if image.is_volume else coarse, image,
                storage.join(output, "coarse", case_id + mask_extension(image)))
+    storage.write_bytes_atomic(storage.join(output, "prompts", f"{case_id}.json"), prompts_json.encode())
 
 
 def run_text_case(
@@ -129,7 +133,7 @@ def run_text_case(
         record.mask_uri = storage.join(output, "masks", case_id + mask_extension(image))
         write_mask(mask, image, record.mask_uri)
         if settings.save_intermediates:
-            _save_intermediates(image, result, output, case_id, spec.axis)
+            _save_intermediates(image, result, output, case_id, spec.axis, record.prompts)
         record.seconds_write = time.perf_counter() - t1
         record.status = STATUS_OK if prompted else STATUS_NO_TARGET
     except Exception as exc:  # one bad case must not stop the cohort; its error goes in the manifest
