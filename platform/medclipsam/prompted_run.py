@@ -7,19 +7,18 @@ A failing case becomes an ``error`` row; the other cases go on.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import storage
+from .case_loop import Progress, record_failure, run_cases
 from .errors import MedClipSamError
 from .images import MedicalImage, mask_extension, read_image, write_mask
 from .inputs import list_cases
-from .manifest import STATUS_ERROR, STATUS_NO_PROMPTS, STATUS_OK, CaseRecord, write_manifest
+from .manifest import STATUS_NO_PROMPTS, STATUS_OK, CaseRecord
 from .models.sam_backends import PromptableSegmenter
 from .prompts.csv_prompts import (
     CasePromptRows,
@@ -32,8 +31,6 @@ from .prompts.csv_prompts import (
 from .prompts.types import SlicePrompts
 from .segmentation import SegmentationParams, segment_images
 from .slicing import Window, take_slice, to_rgb, window_to_uint8
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,7 +76,7 @@ def _slice_order(key: int | None) -> int:
     return -1 if key is None else key
 
 
-def _prompt_record(prompts: dict[int | None, SlicePrompts]) -> str:
+def prompt_record(prompts: dict[int | None, SlicePrompts]) -> str:
     """JSON of the prompts per slice ("" for a 2D image), as recorded in the manifest."""
     ordered = sorted(prompts.items(), key=lambda item: _slice_order(item[0]))
     return json.dumps({("" if k is None else str(k)): p.to_record() for k, p in ordered})
@@ -105,7 +102,7 @@ def run_case(
             raise MedClipSamError(f"slicing axis {spec.axis} is not 0, 1 or 2")
         record.seconds_read = time.perf_counter() - t0
         prompts = prompts_for_case(rows[0], rows[1], image.array.shape, image.is_volume, spec.axis)
-        record.prompts = _prompt_record(prompts)
+        record.prompts = prompt_record(prompts)
         record.n_prompted_slices = sum(not p.is_empty() for p in prompts.values())
         mask, seconds = segment_case(segmenter, image, prompts, spec, params)
         record.seconds_embed, record.seconds_decode = seconds["embed"], seconds["decode"]
@@ -115,11 +112,7 @@ def run_case(
         record.seconds_write = time.perf_counter() - t1
         record.status = STATUS_OK if record.n_prompted_slices else STATUS_NO_PROMPTS
     except Exception as exc:  # one bad case must not stop the cohort; its error goes in the manifest
-        record.status, record.error = STATUS_ERROR, str(exc)
-        if isinstance(exc, MedClipSamError):
-            log.debug("case %s failed: %s", case_id, exc)
-        else:  # unexpected: keep the traceback for the log
-            log.exception("case %s failed", case_id)
+        record_failure(record, exc)
     return record
 
 
@@ -151,16 +144,12 @@ def run_prompted(
     output: str,
     spec: SliceSpec = SliceSpec(),
     params: SegmentationParams = SegmentationParams(),
-    progress: Callable[[int, int, CaseRecord], None] | None = None,
+    progress: Progress | None = None,
 ) -> list[CaseRecord]:
     """Segment every planned case with its prompts; write masks and the manifest."""
     output = absolute_output(output)
-    records = []
-    for number, (case_id, uri) in enumerate(plan.cases.items(), start=1):
-        rows = plan.rows.get(case_id, ({}, {}))
-        record = run_case(segmenter, case_id, uri, rows, output, spec, params)
-        records.append(record)
-        if progress is not None:
-            progress(number, len(plan.cases), record)
-    write_manifest(records, storage.join(output, "manifest.parquet"))
-    return records
+
+    def run_one(case_id: str, uri: str) -> CaseRecord:
+        return run_case(segmenter, case_id, uri, plan.rows.get(case_id, ({}, {})), output, spec, params)
+
+    return run_cases(plan.cases, run_one, output, progress)

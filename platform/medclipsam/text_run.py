@@ -8,26 +8,23 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from . import storage
-from .errors import MedClipSamError
+from .case_loop import Progress, record_failure, run_cases
 from .images import MedicalImage, mask_extension, read_image, write_mask
-from .manifest import STATUS_ERROR, STATUS_NO_TARGET, STATUS_OK, CaseRecord, write_manifest
+from .manifest import STATUS_NO_TARGET, STATUS_OK, CaseRecord
 from .models.biomedclip import ClipModel
 from .models.sam_backends import PromptableSegmenter
-from .prompted_run import SliceSpec, _prompt_record, absolute_output, assemble_mask, model_inputs
+from .prompted_run import SliceSpec, absolute_output, assemble_mask, model_inputs, prompt_record
 from .prompts.from_saliency import coarse_mask, visual_prompts
 from .prompts.types import SlicePrompts
 from .saliency.m2ib import M2IBParams
 from .saliency.maps import SaliencyMap, saliency_maps
 from .segmentation import SegmentationParams, segment_images
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -126,7 +123,7 @@ def run_text_case(
         record.seconds_saliency = result.seconds["saliency"]
         record.seconds_embed, record.seconds_decode = result.seconds["embed"], result.seconds["decode"]
         prompted = {k: p for k, p in zip(keys, result.prompts, strict=True) if not p.is_empty()}
-        record.prompts = _prompt_record(prompted)
+        record.prompts = prompt_record(prompted)
         record.n_prompted_slices = record.n_target_slices = len(prompted)
         t1 = time.perf_counter()
         mask = assemble_mask(image, dict(zip(keys, result.masks, strict=True)), spec.axis)
@@ -137,26 +134,19 @@ def run_text_case(
         record.seconds_write = time.perf_counter() - t1
         record.status = STATUS_OK if prompted else STATUS_NO_TARGET
     except Exception as exc:  # one bad case must not stop the cohort; its error goes in the manifest
-        record.status, record.error = STATUS_ERROR, str(exc)
-        if isinstance(exc, MedClipSamError):
-            log.debug("case %s failed: %s", case_id, exc)
-        else:
-            log.exception("case %s failed", case_id)
+        record_failure(record, exc)
     return record
 
 
 def run_text(
     clip: ClipModel, segmenter: PromptableSegmenter, cases: dict[str, str], output: str, spec: SliceSpec,
-    settings: TextSettings, params: SegmentationParams, progress=None,
+    settings: TextSettings, params: SegmentationParams, progress: Progress | None = None,
 ) -> list[CaseRecord]:
     """Segment every case from the text prompts; write masks, optional intermediates and the manifest."""
     output = absolute_output(output)
-    records = []
-    for number, (case_id, uri) in enumerate(cases.items(), start=1):
-        record = run_text_case(clip, segmenter, case_id, uri, output, spec, settings, params)
-        records.append(record)
-        if progress is not None:
-            progress(number, len(cases), record)
-    write_manifest(records, storage.join(output, "manifest.parquet"))
-    return records
+
+    def run_one(case_id: str, uri: str) -> CaseRecord:
+        return run_text_case(clip, segmenter, case_id, uri, output, spec, settings, params)
+
+    return run_cases(cases, run_one, output, progress)
 
