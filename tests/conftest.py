@@ -18,6 +18,38 @@ def samples_root():
     return fetch_samples()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def offline_hub():
+    os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may reach the Hugging Face hub in tests
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A small BiomedCLIP-shaped model saved in BiomedCLIP's on-disk layout."""
+    from tiny_clip import save_tiny_biomedclip
+
+    return save_tiny_biomedclip(tmp_path_factory.mktemp("biomedclip") / "tiny-biomedclip")
+
+
+@pytest.fixture(scope="session")
+def clip(tiny_clip_dir):
+    from medclipsam.models.biomedclip import load_clip
+
+    return load_clip(str(tiny_clip_dir))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole session (2 CPUs, as on CI)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def litemedsam():
     from medclipsam.models.sam_backends import build_segmenter

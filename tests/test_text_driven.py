@@ -21,26 +21,7 @@ from medclipsam.saliency.maps import normalise_map, saliency_maps
 from medclipsam.saliency.vision_split import VisionSplit
 from medclipsam.transforms import ShortSideCrop
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_clip import save_tiny_biomedclip
-
 FAST = M2IBParams(layer=9, steps=3, copies=2)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def offline_hub():
-    os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may reach the hub in tests
-    yield
-
-
-@pytest.fixture(scope="session")
-def tiny_clip_dir(tmp_path_factory):
-    return save_tiny_biomedclip(tmp_path_factory.mktemp("biomedclip") / "tiny-biomedclip")
-
-
-@pytest.fixture(scope="session")
-def clip(tiny_clip_dir):
-    return load_clip(str(tiny_clip_dir))
 
 
 def textured(h, w, seed):

@@ -31,7 +31,7 @@ def model_cfg(timm_model: str, embed_dim: int, text_source: str) -> dict:
         "vision_cfg": {"timm_model_name": timm_model, "timm_model_pretrained": False, "timm_pool": "",
                        "timm_proj": "linear", "image_size": 224},
         "text_cfg": {"hf_model_name": text_source, "hf_tokenizer_name": text_source, "hf_proj_type": "mlp",
-                     "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 256},
+                     "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 64},
     }
 
 

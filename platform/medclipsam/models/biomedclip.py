@@ -49,6 +49,7 @@ class ClipModel:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    config: dict = field(default_factory=dict, repr=False)  # the open_clip_config.json it was built from
     _text_cache: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -142,8 +143,11 @@ def load_clip(uri: str = BIOMEDCLIP_HUB, device: str = "cpu") -> ClipModel:
             from huggingface_hub import hf_hub_download
 
             weights = hf_hub_download(uri.removeprefix("hf-hub:"), "open_clip_pytorch_model.bin")
+            config = json.loads(Path(hf_hub_download(uri.removeprefix("hf-hub:"), "open_clip_config.json")).read_text())
         else:
-            folder = _local_dir(uri)
+            folder = _registry_dir(uri) if uri.startswith("models:/") else _local_dir(uri)
+            config = json.loads((folder / "open_clip_config.json").read_text()) if (
+                folder / "open_clip_config.json").is_file() else {}
             weights = str(_weights_file(folder))
             staging = _localised_copy(folder)
             model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{staging}", device=device)
@@ -158,5 +162,39 @@ def load_clip(uri: str = BIOMEDCLIP_HUB, device: str = "cpu") -> ClipModel:
     image_size = int(getattr(model.visual, "image_size", (224, 224))[0])
     return ClipModel(
         model=model, tokenizer=tokenizer, uri=uri, sha256=sha256_of(weights), image_size=image_size,
-        mean=tuple(normalise.mean), std=tuple(normalise.std),
+        mean=tuple(normalise.mean), std=tuple(normalise.std), config=config,
     )
+
+
+def _registry_dir(uri: str) -> Path:
+    """``models:/name@alias`` or ``models:/name/version`` from the MLflow registry, downloaded once."""
+    import mlflow
+
+    target = CACHE_DIR / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
+    except Exception as exc:
+        raise ModelError(f"model {uri}: cannot be fetched from the MLflow registry at "
+                         f"{mlflow.get_tracking_uri()} ({exc})") from exc
+    found = sorted(local.rglob("open_clip_config.json"))
+    if not found:
+        raise ModelError(f"model {uri}: the registered model holds no open_clip_config.json")
+    return found[0].parent
+
+
+def save_clip(clip: ClipModel, folder: str | Path) -> Path:
+    """Write a model in the layout ``load_clip`` reads: config, weights, tokenizer, text tower config."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = json.loads(json.dumps(clip.config)) if clip.config else {}
+    config.setdefault("preprocess_cfg", {"mean": list(clip.mean), "std": list(clip.std)})
+    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    torch.save({k: v.detach().cpu() for k, v in clip.model.state_dict().items()},
+               folder / "open_clip_pytorch_model.bin")
+    inner = getattr(clip.tokenizer, "tokenizer", None)
+    if inner is not None and hasattr(inner, "save_pretrained"):
+        inner.save_pretrained(str(folder))
+    text = getattr(getattr(clip.model, "text", None), "transformer", None)
+    if text is not None and hasattr(text, "config"):
+        text.config.save_pretrained(str(folder))
+    return folder

@@ -1,0 +1,286 @@
+"""DHN-NCE fine-tuning of a CLIP model with Ray Train, tracked and registered in MLflow.
+
+Driver: read and filter the pairs, check every image once, split off a held-out set, open an
+MLflow run, run ``TorchTrainer`` (data parallel; one checkpoint per epoch; a restarted run
+continues from the last one), then log and register the final model.
+Workers (``train_loop``): load the model, freeze what the config says, train with AdamW, warmup
+and cosine decay, gradient accumulation and bf16 autocast on GPU; rank 0 evaluates retrieval,
+logs to MLflow and writes the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ..errors import InputError
+from ..models.biomedclip import load_clip, save_clip
+from .losses import contrastive_loss, gather_features
+from .pairs import read_pairs, split_pairs
+from .retrieval import retrieval_metrics
+from .settings import FinetuneConfig
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def tracking_uri(config: FinetuneConfig) -> str:
+    return config.registry.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def warmup_cosine(total_steps: int, warmup_fraction: float):
+    """LR multiplier: linear warmup over the first steps, then cosine decay to zero."""
+    warmup = max(1, int(total_steps * warmup_fraction)) if warmup_fraction > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def apply_freezing(model: torch.nn.Module, config: FinetuneConfig) -> None:
+    """Freeze whole towers or their first layers, as configured."""
+    freeze = config.freeze
+    visual, text = model.visual, getattr(model, "text", None)
+    if freeze.image:
+        visual.requires_grad_(False)
+    elif freeze.image_blocks:
+        trunk = visual.trunk
+        for part in (trunk.patch_embed, *trunk.blocks[: freeze.image_blocks]):
+            part.requires_grad_(False)
+        for name in ("cls_token", "pos_embed"):
+            if getattr(trunk, name, None) is not None:
+                getattr(trunk, name).requires_grad_(False)
+    if text is not None:
+        if freeze.text:
+            text.requires_grad_(False)
+        elif freeze.text_layers:
+            transformer = text.transformer
+            transformer.embeddings.requires_grad_(False)
+            for layer in transformer.encoder.layer[: freeze.text_layers]:
+                layer.requires_grad_(False)
+
+
+def _embed(model, clip, pixels: torch.Tensor, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = clip.tokenizer(captions).to(device)
+    out = model(pixels.to(device), tokens)
+    image, text = (out["image_features"], out["text_features"]) if isinstance(out, dict) else out[:2]
+    return image, text
+
+
+def evaluate_retrieval(clip, batches, config: FinetuneConfig, device) -> dict[str, float]:
+    images, texts = [], []
+    clip.model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            image, text = _embed(clip.model, clip, torch.as_tensor(batch["pixels"]), list(batch["caption"]), device)
+            images.append(image.float().cpu())
+            texts.append(text.float().cpu())
+    if not images:
+        return {}
+    return retrieval_metrics(torch.cat(images), torch.cat(texts), config.eval.batch, config.eval.shuffles,
+                             config.seed)
+
+
+def train_loop(loop_config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import mlflow
+    import ray.train
+    import ray.train.torch
+
+    config = FinetuneConfig.model_validate(loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config.seed)
+    clip = load_clip(loop_config["model_dir"] or config.model, str(device))
+    apply_freezing(clip.model, config)
+    model = ray.train.torch.prepare_model(clip.model)  # DDP when several workers
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(trainable, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    steps_per_epoch = max(1, loop_config["batches_per_epoch"] // config.optim.grad_accum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, warmup_cosine(steps_per_epoch * config.optim.epochs, config.optim.warmup_fraction))
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / "train_state.pt", map_location=device, weights_only=False)
+            clip.model.load_state_dict(state["model"])
+            optimiser.load_state_dict(state["optimiser"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_epoch = state["epoch"] + 1
+    autocast = device.type == "cuda" and config.optim.mixed_precision
+    if rank == 0:
+        mlflow.set_tracking_uri(loop_config["tracking_uri"])
+        mlflow.start_run(run_id=loop_config["run_id"])
+    train_shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch, config.optim.epochs):
+        model.train()
+        started, losses = time.perf_counter(), []
+        samples = 0
+        optimiser.zero_grad(set_to_none=True)
+        for step, batch in enumerate(train_shard.iter_batches(batch_size=config.optim.batch_size,
+                                                              batch_format="numpy")):
+            pixels = torch.as_tensor(batch["pixels"])
+            if len(pixels) * world < 2:  # same on every rank: shards are equal
+                continue
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+                image, text = _embed(model, clip, pixels, [str(c) for c in batch["caption"]], device)
+            image, text = image.float(), text.float()
+            if config.loss.gather:
+                image, text = gather_features(image, text)
+            loss = contrastive_loss(config.loss.name, image, text, config.loss.temperature, config.loss.beta1,
+                                    config.loss.beta2)
+            (loss / config.optim.grad_accum).backward()
+            if (step + 1) % config.optim.grad_accum == 0:
+                optimiser.step()
+                scheduler.step()
+                optimiser.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            samples += len(pixels)
+        metrics = {"epoch": epoch, "start_epoch": start_epoch,
+                   "loss": float(np.mean(losses)) if losses else float("nan"),
+                   "samples_per_s": samples * world / max(time.perf_counter() - started, 1e-9),
+                   "lr": scheduler.get_last_lr()[0]}
+        if rank == 0:
+            val = ray.train.get_dataset_shard("val") if loop_config["has_val"] else None
+            batches = val.iter_batches(batch_size=64, batch_format="numpy") if val is not None else []
+            metrics.update(evaluate_retrieval(clip, batches, config, device))
+            mlflow.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "start_epoch")}, step=epoch)
+            with tempfile.TemporaryDirectory() as folder:
+                save_clip(clip, Path(folder) / "model")
+                torch.save({"model": clip.model.state_dict(), "optimiser": optimiser.state_dict(),
+                            "scheduler": scheduler.state_dict(), "epoch": epoch}, Path(folder) / "train_state.pt")
+                (Path(folder) / "metrics.json").write_text(json.dumps(metrics))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        else:
+            ray.train.report(metrics)
+        if loop_config.get("fail_after_epoch") == epoch and not Path(loop_config["fail_marker"]).exists():
+            Path(loop_config["fail_marker"]).touch()  # test hook: one injected failure, then recovery
+            raise RuntimeError(f"injected failure after epoch {epoch}")
+    if rank == 0:
+        mlflow.end_run()
+
+
+@dataclass
+class FinetuneResult:
+    run_id: str
+    model_uri: str  # models:/name/version
+    version: str
+    metrics: dict
+    checkpoint_dir: str
+    pairs_used: int
+    dropped_short: int
+    skipped_images: int
+
+
+def run_finetune(config: FinetuneConfig, pairs_uri: str, workers: int = 1, use_gpu: bool = False,
+                 storage_path: str | None = None, name: str = "finetune", model_dir: str | None = None,
+                 test_hooks: dict | None = None) -> FinetuneResult:
+    """Fine-tune, checkpoint every epoch under ``storage_path/name``, then register the model."""
+    import mlflow
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .data import decode, readable
+
+    table, dropped_short = read_pairs(pairs_uri, config.data.image_column, config.data.caption_column,
+                                      config.data.min_caption_chars)
+    # Every image is opened once here, so that unreadable ones are counted and dropped before
+    # training, and every worker's shard holds the same number of usable pairs.
+    checked = pa.concat_tables(ray.get(
+        ray.data.from_arrow(table).map_batches(readable, batch_format="pyarrow").to_arrow_refs()))
+    usable_table = checked.filter(checked["ok"]).drop_columns(["ok"])
+    skipped = table.num_rows - usable_table.num_rows
+    if usable_table.num_rows < 2:
+        raise InputError(f"{pairs_uri}: fewer than 2 usable pairs ({skipped} unreadable images, "
+                         f"{dropped_short} captions too short)")
+    train_table, val_table = split_pairs(usable_table, config.data.val_fraction, config.seed)
+    probe = load_clip(model_dir or config.model)
+    decode_args = {"size": probe.image_size, "mean": probe.mean, "std": probe.std}
+    datasets = {"train": ray.data.from_arrow(train_table).map_batches(decode, fn_kwargs=decode_args,
+                                                                      batch_format="numpy")}
+    if val_table.num_rows >= 2:
+        datasets["val"] = ray.data.from_arrow(val_table).map_batches(decode, fn_kwargs=decode_args,
+                                                                     batch_format="numpy")
+    per_worker = math.ceil(train_table.num_rows / workers)
+    batches_per_epoch = math.ceil(per_worker / config.optim.batch_size)
+
+    storage_path = storage_path or str(Path("finetune_runs").resolve())
+    uri = tracking_uri(config)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(config.registry.experiment)
+    run_file = Path(storage_path) / f"{name}.mlflow_run_id"
+    run_id = run_file.read_text().strip() if run_file.is_file() else None
+    if run_id is None:
+        with mlflow.start_run(run_name=name) as run:
+            run_id = run.info.run_id
+            mlflow.log_params(_flat_params(config, workers, use_gpu, pairs_uri))
+            mlflow.log_metrics({"pairs_used": usable_table.num_rows, "dropped_short_captions": dropped_short,
+                                "skipped_images": skipped, "train_pairs": train_table.num_rows,
+                                "val_pairs": val_table.num_rows})
+        run_file.parent.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(run_id)
+
+    loop_config = {"config": config.model_dump(), "model_dir": model_dir, "tracking_uri": uri, "run_id": run_id,
+                   "batches_per_epoch": batches_per_epoch, "has_val": "val" in datasets, **(test_hooks or {})}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        run_config=RunConfig(name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=2),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"fine-tuning run {name} ended without a checkpoint ({result.error})")
+    checkpoint_dir = result.checkpoint.to_directory(tempfile.mkdtemp(prefix="medclipsam-ft-"))
+    metrics = json.loads((Path(checkpoint_dir) / "metrics.json").read_text())
+    version = register_model(Path(checkpoint_dir) / "model", run_id, config, metrics)
+    return FinetuneResult(run_id, f"models:/{config.registry.model_name}/{version}", version, metrics,
+                          checkpoint_dir, usable_table.num_rows, dropped_short, skipped)
+
+
+def register_model(model_dir: Path, run_id: str, config: FinetuneConfig, metrics: dict) -> str:
+    """Log the model folder to the run and register it as a new version (with its metrics as tags)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from .mlflow_model import ClipTextEmbedder
+
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=ClipTextEmbedder(), artifacts={"clip": str(model_dir)},
+            registered_model_name=config.registry.model_name,
+            pip_requirements=["medclipsam", "open_clip_torch==3.3.0", "transformers"],
+        )
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    for key, value in metrics.items():
+        client.set_model_version_tag(config.registry.model_name, version, key, str(value))
+    if config.registry.alias:
+        client.set_registered_model_alias(config.registry.model_name, config.registry.alias, version)
+    return version
+
+
+def _flat_params(config: FinetuneConfig, workers: int, use_gpu: bool, pairs_uri: str) -> dict:
+    flat = {"pairs": pairs_uri, "workers": workers, "use_gpu": use_gpu, "model": config.model, "seed": config.seed}
+    for section in ("data", "loss", "optim", "freeze", "eval"):
+        for key, value in getattr(config, section).model_dump().items():
+            flat[f"{section}.{key}"] = value
+    return flat
