@@ -54,7 +54,7 @@ def random_clip(vision: str, text_layers: int, text_hidden: int, embed_dim: int,
         model = open_clip.create_model(f"local-dir:{folder}", pretrained_text=False, device=device).eval()
         tokenizer = HFTokenizer(str(vocab), context_length=256)
     model.requires_grad_(False)
-    return ClipModel(model, tokenizer, "random", "random", 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    return ClipModel(model, tokenizer, "random", "random", 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), config=config)
 
 
 def reference_maps(clip: ClipModel, pixels: torch.Tensor, prompt: str, params: M2IBParams) -> torch.Tensor:

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from .. import storage
 from ..errors import InputError
 from ..models.biomedclip import load_clip, save_clip
 from .losses import contrastive_loss, gather_features
@@ -33,7 +34,11 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 def tracking_uri(config: FinetuneConfig) -> str:
-    return config.registry.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """The MLflow store; a relative sqlite path is made absolute, since workers run elsewhere."""
+    uri = config.registry.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
 
 
 def warmup_cosine(total_steps: int, warmup_fraction: float):
@@ -52,6 +57,11 @@ def warmup_cosine(total_steps: int, warmup_fraction: float):
 def apply_freezing(model: torch.nn.Module, config: FinetuneConfig) -> None:
     """Freeze whole towers or their first layers, as configured."""
     freeze = config.freeze
+    # The losses use a fixed temperature: CLIP's learnable logit scale (and bias) take no part,
+    # and DDP requires every trainable parameter to receive a gradient.
+    for name in ("logit_scale", "logit_bias"):
+        if isinstance(getattr(model, name, None), torch.nn.Parameter):
+            getattr(model, name).requires_grad_(False)
     visual, text = model.visual, getattr(model, "text", None)
     if freeze.image:
         visual.requires_grad_(False)
@@ -129,12 +139,12 @@ def train_loop(loop_config: dict) -> None:
     for epoch in range(start_epoch, config.optim.epochs):
         model.train()
         started, losses = time.perf_counter(), []
-        samples = 0
+        samples, pending = 0, False
         optimiser.zero_grad(set_to_none=True)
         for step, batch in enumerate(train_shard.iter_batches(batch_size=config.optim.batch_size,
                                                               batch_format="numpy")):
             pixels = torch.as_tensor(batch["pixels"])
-            if len(pixels) * world < 2:  # same on every rank: shards are equal
+            if len(pixels) * (world if config.loss.gather else 1) < 2:  # same on every rank: shards are equal
                 continue
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
                 image, text = _embed(model, clip, pixels, [str(c) for c in batch["caption"]], device)
@@ -144,12 +154,18 @@ def train_loop(loop_config: dict) -> None:
             loss = contrastive_loss(config.loss.name, image, text, config.loss.temperature, config.loss.beta1,
                                     config.loss.beta2)
             (loss / config.optim.grad_accum).backward()
+            pending = True
             if (step + 1) % config.optim.grad_accum == 0:
                 optimiser.step()
                 scheduler.step()
                 optimiser.zero_grad(set_to_none=True)
+                pending = False
             losses.append(float(loss.detach()))
             samples += len(pixels)
+        if pending:  # the epoch's last, partial accumulation still counts
+            optimiser.step()
+            scheduler.step()
+            optimiser.zero_grad(set_to_none=True)
         metrics = {"epoch": epoch, "start_epoch": start_epoch,
                    "loss": float(np.mean(losses)) if losses else float("nan"),
                    "samples_per_s": samples * world / max(time.perf_counter() - started, 1e-9),
@@ -216,15 +232,15 @@ def run_finetune(config: FinetuneConfig, pairs_uri: str, workers: int = 1, use_g
     if val_table.num_rows >= 2:
         datasets["val"] = ray.data.from_arrow(val_table).map_batches(decode, fn_kwargs=decode_args,
                                                                      batch_format="numpy")
-    per_worker = math.ceil(train_table.num_rows / workers)
+    per_worker = train_table.num_rows // workers  # Ray's equal split rounds down
     batches_per_epoch = math.ceil(per_worker / config.optim.batch_size)
 
     storage_path = storage_path or str(Path("finetune_runs").resolve())
     uri = tracking_uri(config)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(config.registry.experiment)
-    run_file = Path(storage_path) / f"{name}.mlflow_run_id"
-    run_id = run_file.read_text().strip() if run_file.is_file() else None
+    run_file = storage.join(storage_path, f"{name}.mlflow_run_id")  # a rerun continues the same MLflow run
+    run_id = storage.read_bytes(run_file).decode().strip() if storage.exists(run_file) else None
     if run_id is None:
         with mlflow.start_run(run_name=name) as run:
             run_id = run.info.run_id
@@ -232,8 +248,7 @@ def run_finetune(config: FinetuneConfig, pairs_uri: str, workers: int = 1, use_g
             mlflow.log_metrics({"pairs_used": usable_table.num_rows, "dropped_short_captions": dropped_short,
                                 "skipped_images": skipped, "train_pairs": train_table.num_rows,
                                 "val_pairs": val_table.num_rows})
-        run_file.parent.mkdir(parents=True, exist_ok=True)
-        run_file.write_text(run_id)
+        storage.write_bytes_atomic(run_file, run_id.encode())
 
     loop_config = {"config": config.model_dump(), "model_dir": model_dir, "tracking_uri": uri, "run_id": run_id,
                    "batches_per_epoch": batches_per_epoch, "has_val": "val" in datasets, **(test_hooks or {})}

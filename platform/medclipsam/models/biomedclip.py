@@ -167,7 +167,7 @@ def load_clip(uri: str = BIOMEDCLIP_HUB, device: str = "cpu") -> ClipModel:
 
 
 def _registry_dir(uri: str) -> Path:
-    """``models:/name@alias`` or ``models:/name/version`` from the MLflow registry, downloaded once."""
+    """``models:/name@alias`` or ``models:/name/version`` from the MLflow registry (downloaded into the cache)."""
     import mlflow
 
     target = CACHE_DIR / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
