@@ -7,7 +7,7 @@ silently falls back to a default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -19,11 +19,16 @@ from .models.sam_backends import BACKENDS
 from .slicing import CT_WINDOWS, Window
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Settings: unknown keys and wrong types are errors, never silent defaults."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class WindowConfig(_Strict):
+M = TypeVar("M", bound=BaseModel)
+
+
+class WindowConfig(StrictModel):
     preset: str | None = None
     lower_percentile: float = Field(0.5, ge=0.0, le=100.0)
     upper_percentile: float = Field(99.5, ge=0.0, le=100.0)
@@ -42,17 +47,17 @@ class WindowConfig(_Strict):
         return Window(self.preset, self.lower_percentile, self.upper_percentile)
 
 
-class ImageConfig(_Strict):
+class ImageConfig(StrictModel):
     axis: int = Field(0, ge=0, le=2)
     window: WindowConfig = WindowConfig()
 
 
-class TextConfig(_Strict):
+class TextConfig(StrictModel):
     prompts: list[str] = Field(min_length=1)
     clip_model: str = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 
 
-class SaliencyConfig(_Strict):
+class SaliencyConfig(StrictModel):
     geometry: Literal["crop", "pad", "stretch"] = "crop"  # how images meet CLIP's square input
     batch_size: int = Field(4, ge=1)
     layer: int = Field(9, ge=0)
@@ -63,26 +68,26 @@ class SaliencyConfig(_Strict):
     seed: int = 0
 
 
-class CoarseMaskConfig(_Strict):
+class CoarseMaskConfig(StrictModel):
     method: Literal["kmeans", "threshold", "crf"] = "kmeans"
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
     keep_components: int = Field(1, ge=0)
 
 
-class VisualPromptConfig(_Strict):
+class VisualPromptConfig(StrictModel):
     type: Literal["box", "boxes", "points", "box_points"] = "box"
     n_points: int = Field(5, ge=1)
     n_negative: int = Field(0, ge=0)
     seed: int = 0
 
 
-class OracleConfig(_Strict):
+class OracleConfig(StrictModel):
     """Box prompts derived from ground-truth labels (an upper bound on prompt quality)."""
 
     box_margin: float = Field(2.0, ge=0.0)
 
 
-class SamConfig(_Strict):
+class SamConfig(StrictModel):
     backend: str = "litemedsam"
     checkpoint: str | None = None
     device: str = "cpu"
@@ -101,7 +106,7 @@ class SamConfig(_Strict):
         return self
 
 
-class TaskConfig(_Strict):
+class TaskConfig(StrictModel):
     task: str
     description: str = ""
     modality: Literal["ultrasound", "mri", "ct", "xray", "other"] = "other"
@@ -119,18 +124,19 @@ def _describe(error: dict) -> str:
     return f"{where}: {error['msg']}"
 
 
-def parse_config(data: object, source: str = "<config>") -> TaskConfig:
+def parse_model(data: object, model: type[M], source: str = "<config>") -> M:
+    """Validate a mapping against a settings model; errors name the source and each bad key."""
     if not isinstance(data, dict):
         raise InputError(f"{source}: expected a mapping of settings at the top level")
     try:
-        return TaskConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(_describe(e) for e in exc.errors())
         raise InputError(f"{source}: invalid configuration: {problems}") from None
 
 
-def load_config(uri: str | Path) -> TaskConfig:
-    """Read and validate a task YAML from a path or URI."""
+def load_model(uri: str | Path, model: type[M]) -> M:
+    """Read a YAML file from a path or URI and validate it against a settings model."""
     uri = str(uri)
     try:
         text = storage.read_bytes(uri).decode("utf-8")
@@ -140,4 +146,13 @@ def load_config(uri: str | Path) -> TaskConfig:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise InputError(f"{uri}: not valid YAML ({exc})") from None
-    return parse_config(data, uri)
+    return parse_model(data, model, uri)
+
+
+def parse_config(data: object, source: str = "<config>") -> TaskConfig:
+    return parse_model(data, TaskConfig, source)
+
+
+def load_config(uri: str | Path) -> TaskConfig:
+    """Read and validate a task YAML from a path or URI."""
+    return load_model(uri, TaskConfig)
