@@ -40,8 +40,31 @@ def clip(tiny_clip_dir):
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray instance for the whole session (2 CPUs, as on CI)."""
+def mlflow_template(tmp_path_factory):
+    """An initialised MLflow sqlite store (its schema migrations take seconds: done once, then copied)."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow") / "template.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture()
+def tracking_uri(tmp_path, mlflow_template):
+    """A fresh MLflow store for one test."""
+    import shutil
+
+    path = tmp_path / "mlflow.db"
+    shutil.copy(mlflow_template, path)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    """One local Ray instance for the whole session (2 CPUs, as on CI).
+
+    Started after the S3 server, so its workers inherit the endpoint and credentials.
+    """
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -278,29 +279,175 @@ def samples(cache_dir: str | None, force: bool) -> None:
         click.echo(f"{root / kind}: {', '.join(names)}")
 
 
+def _start_ray(address: str | None) -> None:
+    """Join ``address`` (or the cluster of a submitted job), else start a local Ray instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address is None and "RAY_ADDRESS" not in os.environ:  # local: keep library deprecation noise out of logs
+        quiet = "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning"
+        ray.init(runtime_env={"env_vars": {"PYTHONWARNINGS": quiet}})
+    else:
+        ray.init(address=address)
+
+
+def _case_error(number: int, total: int, record: CaseRecord) -> None:
+    if record.status == STATUS_ERROR:
+        click.echo(f"[{number}/{total}] {record.case_id}: error: {record.error}", err=True)
+
+
+def _pseudolabel_summary(result, output: str) -> None:
+    counts = ", ".join(f"{k}={v}" for k, v in result.counts.items())
+    scores = ""
+    if "mean_dsc" in result.metrics:
+        scores = f"; mean DSC {result.metrics['mean_dsc']:.4f}, NSD {result.metrics['mean_nsd']:.4f} " \
+                 f"over {int(result.metrics['n_scored'])}"
+    click.echo(f"{len(result.records)} case(s): {counts} ({result.n_skipped} done earlier, {result.n_processed} "
+               f"now in {result.seconds:.0f} s, {result.metrics.get('cases_per_s', 0.0):.3g} cases/s){scores}; "
+               f"manifest: {result.manifest_uri}; MLflow run {result.run_id}")
+
+
+def _pseudolabel_options(func):
+    options = [
+        click.option("--gt", "gt_uri", default=None,
+                     help="Folder or prefix of ground-truth masks, paired by case_id: scores each case (DSC, NSD) "
+                          "and is where --prompt-source labels takes its boxes."),
+        click.option("--prompt", "text_prompts", multiple=True,
+                     help="What to segment, as a sentence; repeat for a prompt ensemble (default: the manifest's "
+                          "prompt column, else the config's text.prompts)."),
+        click.option("--clip-model", default=None,
+                     help="CLIP model URI: hf-hub:..., a local folder, s3://..., models:/name@alias "
+                          "[default: the config's text.clip_model]."),
+        click.option("--prompt-source", type=click.Choice(["text", "labels"]), default="text", show_default=True,
+                     help="text: M2IB saliency of the text prompts gives SAM its prompts (zero-shot); labels: box "
+                          "prompts from the ground truth (--gt or the manifest's gt_uri), an oracle upper bound."),
+        click.option("--save-saliency", is_flag=True, help="Also write saliency/<case_id>.npy (text mode)."),
+        click.option("--address", default=None,
+                     help="Ray cluster address (ray://host:10001 or auto) [default: the job's cluster, else a "
+                          "local Ray]."),
+        click.option("--tracking-uri", default=None,
+                     help="MLflow tracking URI [default: the config's tracking.uri, $MLFLOW_TRACKING_URI, else "
+                          "sqlite:///mlflow.db in the working directory]."),
+        click.option("--experiment", default=None, help="MLflow experiment [default: the config's, "
+                                                         "medclipsam-pseudolabel]."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _pseudolabel_job(config: TaskConfig, input_uri: str, output: str, gt_uri, text_prompts, clip_model,
+                     prompt_source: str, save_saliency: bool, tracking_uri, experiment):
+    from .distributed.pseudolabel import PseudolabelJob
+
+    data = config.model_dump()
+    data["pipeline"]["save_saliency"] = save_saliency or config.pipeline.save_saliency
+    if tracking_uri:
+        data["tracking"]["uri"] = tracking_uri
+    if experiment:
+        data["tracking"]["experiment"] = experiment
+    from .config import parse_config
+
+    return PseudolabelJob(parse_config(data, "command-line options"), input_uri, output, prompt_source, gt_uri,
+                          tuple(text_prompts), clip_model)
+
+
+@main.command()
+@click.option("--input", "input_uri", required=True,
+              help="Cohort: a folder or URI prefix of images/volumes (s3://bucket/cohort/), or a manifest "
+                   "(.csv/.parquet: uri, optional case_id, prompt, gt_uri).")
+@click.option("--output", required=True,
+              help="Run folder or URI: masks/, overlays/, records/, manifest.parquet; rerun to resume.")
+@_pseudolabel_options
+@click.option("--strict", is_flag=True, help="Exit non-zero if any case fails (default: only if every case fails).")
+@_sam_options
+def pseudolabel(input_uri: str, output: str, gt_uri, text_prompts, clip_model, prompt_source: str,
+                save_saliency: bool, address, tracking_uri, experiment, strict: bool, config_path, **overrides) -> None:
+    """Pseudo-label a cohort on Ray Data: saliency and SAM actor pools, resumable, tracked in MLflow.
+
+    Cases already completed under --output are skipped, so a killed run continues where it stopped.
+    """
+    from .distributed.pseudolabel import run_pseudolabel
+
+    try:
+        config = _load(config_path, **overrides)
+        job = _pseudolabel_job(config, input_uri, output, gt_uri, text_prompts, clip_model, prompt_source,
+                               save_saliency, tracking_uri, experiment)
+        _start_ray(address)
+        result = run_pseudolabel(job, progress=_case_error)
+    except MedClipSamError as exc:
+        _fail(str(exc))
+    _pseudolabel_summary(result, output)
+    errors = result.counts.get("error", 0)
+    if errors and (strict or errors == len(result.records)):
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("run_output")
+@click.option("--output", "destination", default=None,
+              help="Where to write the page [default: RUN_OUTPUT/report.html].")
+def report(run_output: str, destination: str | None) -> None:
+    """Write a static HTML page of a pseudolabel run: summary, per-case metrics and overlay pictures."""
+    from .report import write_report
+
+    try:
+        written = write_report(run_output, destination)
+    except MedClipSamError as exc:
+        _fail(str(exc))
+    click.echo(f"report: {written}")
+
+
 @main.command()
 @click.option("--output", default="demo_output", show_default=True, help="Output folder or URI.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Sample data cache folder.")
+@click.option("--clip-model", default=None,
+              help="CLIP model URI for the text-driven run, e.g. a local BiomedCLIP copy "
+                   "[default: the config's text.clip_model, BiomedCLIP from the hub].")
+@click.option("--address", default=None, help="Ray cluster address [default: a local Ray].")
 @_sam_options
-def demo(output: str, cache_dir: str | None, config_path: str | None, **overrides) -> None:
-    """Box-prompted segmentation of the sample volumes with boxes from their labels (oracle upper bound)."""
-    from .demo import run_demo
+def demo(output: str, cache_dir: str | None, clip_model: str | None, address: str | None, config_path: str | None,
+         **overrides) -> None:
+    """Pseudo-label the sample volumes with the Ray pipeline, text-driven (box prompts from labels if offline)."""
+    from .demo import demo_cohort_csv
+    from .distributed.pseudolabel import PseudolabelJob, run_pseudolabel
+    from .models.biomedclip import OFFLINE_HELP, hub_problem
+    from .report import write_report
     from .samples import fetch_samples
 
     try:
         if config_path is None and DEFAULT_DEMO_CONFIG.is_file():
             config_path = str(DEFAULT_DEMO_CONFIG)
         config = _load(config_path, TaskConfig(task="demo"), **overrides)
-        spec, params = _settings(config)
+        uri = clip_model or (config.text.clip_model if config.text else "")
+        problem = hub_problem(uri) if uri else "the config names no CLIP model"
+        source = "text"
+        if problem:
+            click.echo(f"BiomedCLIP is not available ({problem}): running the same Ray pipeline with box prompts "
+                       f"from the labels instead (an oracle upper bound, not zero-shot). {OFFLINE_HELP} "
+                       "Then: medclipsam demo --clip-model /path/to/that/folder")
+            source = "labels"
         root = fetch_samples(Path(cache_dir) if cache_dir else None)
-        segmenter = _build(config)
-        click.echo("box prompts are derived from the ground-truth labels: the scores below are an "
-                   "oracle-prompt upper bound, not a zero-shot result")
-        records, rows, summary = run_demo(segmenter, output, spec, params, config.oracle.box_margin, root, _progress)
+        cohort = root / "cohort.csv"
+        cohort.write_text(demo_cohort_csv(root, DEFAULT_DEMO_CONFIG.parent))
+        _start_ray(address)
+        result = run_pseudolabel(PseudolabelJob(config, str(cohort), output, source, None, (), clip_model),
+                                 progress=_progress)
+        page = write_report(result.manifest_uri.rsplit("/", 1)[0])
     except MedClipSamError as exc:
         _fail(str(exc))
-    _print_table(rows, summary)
-    _finish(records, False, output)
+    _print_records(result.records)
+    _pseudolabel_summary(result, output)
+    click.echo(f"report: {page}")
+
+
+def _print_records(records: list[CaseRecord]) -> None:
+    click.echo(f"{'case_id':<20} {'DSC':>7} {'NSD':>7} {'HD95':>8}  status")
+    for r in records:
+        hd = "inf" if math.isinf(r.hd95) else f"{r.hd95:8.2f}"
+        click.echo(f"{r.case_id:<20} {r.dsc:7.4f} {r.nsd:7.4f} {hd:>8}  {r.status}"
+                   + (f" ({r.error})" if r.error else ""))
 
 
 if __name__ == "__main__":

@@ -106,6 +106,30 @@ class SamConfig(StrictModel):
         return self
 
 
+class ActorPoolConfig(StrictModel):
+    """One model stage of the Ray Data pipeline: a pool of actors that each load the model once."""
+
+    actors: int = Field(1, ge=1)  # pool size
+    num_gpus: float = Field(0.0, ge=0.0)  # per actor; > 0 runs the model on cuda
+    num_cpus: float = Field(0.75, gt=0.0)  # per actor; leaves room for the CPU read/write tasks on small machines
+
+
+class PipelineConfig(StrictModel):
+    """The Ray Data pseudo-labelling pipeline (``medclipsam pseudolabel``); batch sizes are saliency/sam's."""
+
+    saliency: ActorPoolConfig = ActorPoolConfig()
+    sam: ActorPoolConfig = ActorPoolConfig()
+    task_cpus: float = Field(0.25, gt=0.0)  # per read / write task
+    overlays: int = Field(8, ge=0)  # cases drawn as overlay pictures (the first ones by case_id)
+    save_saliency: bool = False  # also write saliency/<case_id>.npy (text mode)
+    nsd_tolerance: float = Field(2.0, gt=0.0)  # pixels for 2D images, millimetres for volumes
+
+
+class TrackingConfig(StrictModel):
+    uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory
+    experiment: str = "medclipsam-pseudolabel"
+
+
 class TaskConfig(StrictModel):
     task: str
     description: str = ""
@@ -117,6 +141,8 @@ class TaskConfig(StrictModel):
     visual_prompts: VisualPromptConfig = VisualPromptConfig()
     oracle: OracleConfig = OracleConfig()
     sam: SamConfig = SamConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
 
 def _describe(error: dict) -> str:

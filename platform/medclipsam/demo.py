@@ -1,28 +1,24 @@
-"""The README's demo: box-prompted LiteMedSAM on the sample volumes, boxes taken from the labels.
+"""The README's demo: the sample volumes as a cohort, and box prompts taken from their labels.
 
-Boxes come from the ground truth, so the scores are an oracle-prompt upper bound for what the
-text-driven path can reach with the same SAM backend, not a zero-shot result.
+The demo pseudo-labels the sample volumes text-driven, each with the prompts of the task config
+that fits it. Where BiomedCLIP cannot be had, it runs the same pipeline with boxes from the labels:
+those scores are an oracle-prompt upper bound for the SAM backend, not a zero-shot result.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
 import numpy as np
 
-from . import storage
-from .evaluation import EvaluationRow, evaluate
+from .config import load_config
 from .images import MedicalImage, read_mask
 from .inputs import list_cases
-from .manifest import CaseRecord
-from .models.sam_backends import PromptableSegmenter
-from .prompted_run import SliceSpec, plan_prompted, run_prompted
 from .prompts.csv_prompts import BOX_COLUMNS
 from .prompts.from_mask import bounding_box
-from .samples import fetch_samples
-from .segmentation import SegmentationParams
 from .slicing import take_slice
 
 
@@ -50,21 +46,18 @@ def oracle_boxes_csv(labels_uri: str, axis: int = 0, margin: float = 0.0) -> str
     return buffer.getvalue()
 
 
-def run_demo(
-    segmenter: PromptableSegmenter,
-    output: str,
-    spec: SliceSpec = SliceSpec(),
-    params: SegmentationParams = SegmentationParams(),
-    box_margin: float = 2.0,
-    samples: Path | None = None,
-    progress=None,
-) -> tuple[list[CaseRecord], list[EvaluationRow], dict[str, float]]:
-    """Fetch the samples, segment them with label-derived boxes, and score the masks."""
-    root = samples or fetch_samples()
-    images, labels = str(Path(root) / "images"), str(Path(root) / "labels")
-    boxes_uri = storage.join(output, "oracle_boxes.csv")
-    storage.write_bytes_atomic(boxes_uri, oracle_boxes_csv(labels, spec.axis, box_margin).encode())
-    plan = plan_prompted(images, boxes_csv=boxes_uri)
-    records = run_prompted(segmenter, plan, output, spec=spec, params=params, progress=progress)
-    rows, summary = evaluate(storage.join(output, "masks"), labels)
-    return records, rows, summary
+# Which task config's prompts fit which sample volume (by case_id prefix).
+SAMPLE_TASKS = {"brain": "brain_tumor_mri.yaml", "breast": "breast_mri.yaml", "lung": "lung_nodule_ct.yaml"}
+
+
+def demo_cohort_csv(samples: Path, configs: Path) -> str:
+    """A cohort manifest of the sample volumes: uri, gt_uri, and the fitting task config's prompts."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["case_id", "uri", "gt_uri", "prompt"])
+    labels = list_cases(str(samples / "labels"))
+    for case_id, uri in list_cases(str(samples / "images")).items():
+        task = next((name for prefix, name in SAMPLE_TASKS.items() if case_id.startswith(prefix)), None)
+        prompts = load_config(configs / task).text.prompts if task else []
+        writer.writerow([case_id, uri, labels.get(case_id, ""), json.dumps(prompts) if prompts else ""])
+    return buffer.getvalue()

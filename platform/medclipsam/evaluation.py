@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .errors import InputError
-from .images import read_mask
+from .images import MedicalImage, read_mask
 from .inputs import list_cases
-from .metrics import case_metrics, summarise
+from .metrics import CaseMetrics, case_metrics, summarise
 
 DEFAULT_TOLERANCE = 2.0  # pixels for 2D images, millimetres for volumes
 
@@ -31,16 +31,20 @@ class EvaluationRow:
     error: str = ""
 
 
+def score_mask(pred: np.ndarray, pred_uri: str, truth: MedicalImage, tolerance: float) -> CaseMetrics:
+    """Metrics of a predicted mask against a ground truth read with ``read_mask`` (its spacing for volumes)."""
+    if pred.shape != truth.array.shape:
+        raise InputError(
+            f"{pred_uri}: shape {pred.shape} does not match ground truth {truth.uri} shape {truth.array.shape}"
+        )
+    spacing = truth.spacing_array_order if truth.is_volume else (1.0, 1.0)
+    return case_metrics(pred > 0, truth.array, tolerance, spacing)
+
+
 def evaluate_case(case_id: str, pred_uri: str, gt_uri: str, tolerance: float) -> EvaluationRow:
     row = EvaluationRow(case_id, pred_uri, gt_uri, tolerance=tolerance)
     try:
-        pred, truth = read_mask(pred_uri), read_mask(gt_uri)
-        if pred.array.shape != truth.array.shape:
-            raise InputError(
-                f"{pred_uri}: shape {pred.array.shape} does not match ground truth {gt_uri} shape {truth.array.shape}"
-            )
-        spacing = truth.spacing_array_order if truth.is_volume else (1.0, 1.0)
-        metrics = case_metrics(pred.array, truth.array, tolerance, spacing)
+        metrics = score_mask(read_mask(pred_uri).array, pred_uri, read_mask(gt_uri), tolerance)
         row.dsc, row.nsd, row.hd95 = metrics.dsc, metrics.nsd, metrics.hd95
     except Exception as exc:  # recorded per case so the rest are still scored
         row.status, row.error = "error", str(exc)

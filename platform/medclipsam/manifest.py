@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
@@ -38,6 +39,12 @@ class CaseRecord:
     n_target_slices: int = 0
     seconds_saliency: float = 0.0
     parameters: str = "{}"  # JSON of every setting used
+    prompt_source: str = ""  # pseudolabel: "text" (saliency) or "labels" (boxes from the ground truth)
+    n_slices: int = 0  # slices the case was cut into (1 for a 2D image)
+    gt_uri: str = ""
+    dsc: float = math.nan  # against gt_uri, when given
+    nsd: float = math.nan
+    hd95: float = math.nan
 
 
 SCHEMA = pa.schema(
@@ -62,8 +69,24 @@ SCHEMA = pa.schema(
         ("n_target_slices", pa.int64()),
         ("seconds_saliency", pa.float64()),
         ("parameters", pa.string()),
+        ("prompt_source", pa.string()),
+        ("n_slices", pa.int64()),
+        ("gt_uri", pa.string()),
+        ("dsc", pa.float64()),
+        ("nsd", pa.float64()),
+        ("hd95", pa.float64()),
     ]
 )
+
+
+COMPLETED = (STATUS_OK, STATUS_NO_TARGET, STATUS_NO_PROMPTS)  # a rerun skips these; errors are retried
+
+
+def record_from_dict(data: dict) -> CaseRecord:
+    """A record read back from JSON; keys this version does not know are ignored."""
+    known = {f for f in CaseRecord.__dataclass_fields__}
+    values = {k: (math.nan if v is None and k in ("dsc", "nsd", "hd95") else v) for k, v in data.items() if k in known}
+    return CaseRecord(**values)
 
 
 def to_table(records: list[CaseRecord]) -> pa.Table:

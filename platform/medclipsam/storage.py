@@ -118,3 +118,22 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
 def upload_file_atomic(local_path: str | Path, uri: str) -> None:
     """Copy a local file to ``uri`` atomically (temporary name, then rename)."""
     write_bytes_atomic(uri, Path(local_path).read_bytes())
+
+
+def read_many(uris: list[str]) -> dict[str, bytes]:
+    """The bytes of several files of one filesystem (fetched concurrently where the filesystem can)."""
+    if not uris:
+        return {}
+    fs, _ = filesystem(uris[0])
+    paths = {filesystem(uri)[1]: uri for uri in uris}
+    found = fs.cat(list(paths))
+    if len(paths) == 1 and not isinstance(found, dict):
+        found = {next(iter(paths)): found}
+    return {paths[p]: data for p, data in found.items()}
+
+
+def remove_tree(uri: str) -> None:
+    """Delete a folder or prefix and everything below it; nothing to do if it is absent."""
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)

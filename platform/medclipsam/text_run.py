@@ -73,6 +73,15 @@ def zero_shot_images(
     maps = saliency_maps(clip, images, list(settings.prompts), settings.m2ib, settings.geometry,
                          settings.saliency_batch_size)
     saliency_seconds = time.perf_counter() - start
+    coarse, prompts = prompts_from_saliency(images, maps, settings)
+    masks, seconds = segment_images(segmenter, images, prompts, params)
+    return ZeroShotResult(masks, maps, coarse, prompts, {"saliency": saliency_seconds, **seconds})
+
+
+def prompts_from_saliency(
+    images: list[np.ndarray], maps: list[SaliencyMap], settings: TextSettings
+) -> tuple[list[np.ndarray], list[SlicePrompts]]:
+    """Coarse masks and SAM prompts from saliency maps (empty prompts where nothing stands out)."""
     coarse, prompts = [], []
     for image, saliency in zip(images, maps, strict=True):
         mask = np.zeros(image.shape[:2], dtype=bool)
@@ -82,8 +91,7 @@ def zero_shot_images(
         coarse.append(mask)
         found = visual_prompts(mask, settings.prompt_type, settings.n_points, settings.n_negative, settings.seed)
         prompts.append(found if found is not None else SlicePrompts())
-    masks, seconds = segment_images(segmenter, images, prompts, params)
-    return ZeroShotResult(masks, maps, coarse, prompts, {"saliency": saliency_seconds, **seconds})
+    return coarse, prompts
 
 
 def _stack_maps(image: MedicalImage, maps: list[np.ndarray], axis: int) -> np.ndarray:

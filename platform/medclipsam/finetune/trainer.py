@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,20 +24,16 @@ import torch
 from .. import storage
 from ..errors import InputError
 from ..models.biomedclip import load_clip, save_clip
+from ..tracking import resolve_tracking_uri
 from .losses import contrastive_loss, gather_features
 from .pairs import read_pairs, split_pairs
 from .retrieval import retrieval_metrics
 from .settings import FinetuneConfig
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-
 
 def tracking_uri(config: FinetuneConfig) -> str:
     """The MLflow store; a relative sqlite path is made absolute, since workers run elsewhere."""
-    uri = config.registry.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
-    return uri
+    return resolve_tracking_uri(config.registry.tracking_uri)
 
 
 def warmup_cosine(total_steps: int, warmup_fraction: float):

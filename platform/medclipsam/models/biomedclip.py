@@ -198,3 +198,29 @@ def save_clip(clip: ClipModel, folder: str | Path) -> Path:
     if text is not None and hasattr(text, "config"):
         text.config.save_pretrained(str(folder))
     return folder
+
+
+def hub_problem(uri: str) -> str | None:
+    """Why an ``hf-hub:`` model cannot be had right now (None when it can, or for other URIs).
+
+    Quick: the local cache first, then one metadata request with a short timeout, so an offline
+    machine learns it in about a second instead of after the downloader's retries.
+    """
+    if not uri.startswith("hf-hub:"):
+        return None
+    from huggingface_hub import HfApi, hf_hub_download
+
+    repo = uri.removeprefix("hf-hub:")
+    try:
+        hf_hub_download(repo, "open_clip_config.json", local_files_only=True)
+        hf_hub_download(repo, "open_clip_pytorch_model.bin", local_files_only=True)
+        return None
+    except Exception:  # not cached: ask the hub
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set and the model is not in the local Hugging Face cache"
+    try:
+        HfApi().model_info(repo, timeout=5)
+    except Exception as exc:
+        return f"the Hugging Face hub cannot be reached ({type(exc).__name__}: {str(exc)[:200]})"
+    return None

@@ -66,6 +66,8 @@ class PromptableSegmenter:
         """``H x W x 3`` uint8 -> ``1 x 3 x T x T`` float, the encoder's input."""
         if image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"expected an H x W x 3 image, got shape {image.shape}")
+        if not image.flags.writeable:  # e.g. arrays handed over by Ray's object store
+            image = image.copy()
         x = torch.as_tensor(image, dtype=torch.float32, device=self.device).permute(2, 0, 1)[None]
         if self.preprocessing.normalisation == "minmax":
             lo, hi = x.amin(), x.amax()

@@ -28,3 +28,12 @@ class SlicePrompts:
             "points": np.asarray(self.points).round(2).tolist(),
             "labels": np.asarray(self.labels).astype(int).tolist(),
         }
+
+    @classmethod
+    def from_record(cls, record: dict) -> SlicePrompts:
+        """The inverse of ``to_record`` (coordinates as recorded, to 0.01 px)."""
+        return cls(
+            boxes=np.asarray(record.get("boxes", []), dtype=float).reshape(-1, 4),
+            points=np.asarray(record.get("points", []), dtype=float).reshape(-1, 2),
+            labels=np.asarray(record.get("labels", []), dtype=np.int64).reshape(-1),
+        )

@@ -1,0 +1,1 @@
+"""Ray Data pipelines and Ray Train trainers that compose the stage functions."""

@@ -1,0 +1,82 @@
+"""A static HTML page of a pseudo-labelling run: summary, per-case table, overlay pictures.
+
+The page embeds the pictures, so it is one self-contained file that can be mailed or archived.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+
+import pyarrow as pa
+
+from . import storage
+from .case_assembly import OVERLAYS
+from .errors import InputError
+from .manifest import read_manifest
+
+COLUMNS = ("case_id", "status", "n_slices", "n_prompted_slices", "dsc", "nsd", "hd95", "seconds", "error")
+
+
+def _seconds(row: dict) -> float:
+    return sum(float(row.get(k) or 0.0) for k in
+               ("seconds_read", "seconds_saliency", "seconds_embed", "seconds_decode", "seconds_write"))
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else ("inf" if math.isinf(value) else f"{value:.4g}")
+    return html.escape(str(value))
+
+
+def _summary(rows: list[dict]) -> list[tuple[str, str]]:
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    scored = [r for r in rows if isinstance(r.get("dsc"), float) and math.isfinite(r["dsc"])]
+    items = [("cases", str(len(rows))), *((f"status {k}", str(v)) for k, v in sorted(counts.items()))]
+    if scored:
+        items += [("mean DSC", f"{sum(r['dsc'] for r in scored) / len(scored):.4f}"),
+                  ("mean NSD", f"{sum(r['nsd'] for r in scored) / len(scored):.4f}"),
+                  ("scored cases", str(len(scored)))]
+    return items
+
+
+def render_report(table: pa.Table, pictures: dict[str, bytes], title: str) -> str:
+    """The HTML text for a manifest table and ``{case_id: png}`` overlays."""
+    rows = table.to_pylist()
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child,th:first-child"
+             "{text-align:left}.error{color:#b00}figure{display:inline-block;margin:6px}"
+             "img{max-width:320px}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1><table>"]
+    parts += [f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _summary(rows)]
+    parts.append("</table><h2>Cases</h2><table><tr>" + "".join(f"<th>{c}</th>" for c in COLUMNS) + "</tr>")
+    for row in rows:
+        shown = {**row, "seconds": _seconds(row)}
+        css = " class='error'" if row["status"] == "error" else ""
+        parts.append(f"<tr{css}>" + "".join(f"<td>{_cell(shown.get(c, ''))}</td>" for c in COLUMNS) + "</tr>")
+    parts.append("</table><h2>Overlays</h2><p>red: mask; green: ground truth (when given)</p>")
+    for case_id, png in sorted(pictures.items()):
+        data = base64.b64encode(png).decode()
+        parts.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(case_id)}'>"
+                     f"<figcaption>{html.escape(case_id)}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(run_output: str, destination: str | None = None) -> str:
+    """Write ``<run_output>/report.html`` (or ``destination``); returns where it went."""
+    manifest = storage.join(run_output, "manifest.parquet")
+    if not storage.exists(manifest):
+        raise InputError(f"{manifest}: no manifest; is {run_output} the output of a pseudolabel run?")
+    table = read_manifest(manifest)
+    folder = storage.join(run_output, OVERLAYS)
+    uris = [u for u in storage.list_files(folder) if u.endswith(".png")] if storage.exists(folder) else []
+    pictures = {storage.basename(u)[: -len(".png")]: data for u, data in storage.read_many(uris).items()}
+    destination = destination or storage.join(run_output, "report.html")
+    page = render_report(table, pictures, f"medclipsam run {storage.basename(run_output)}")
+    storage.write_bytes_atomic(destination, page.encode())
+    return destination

@@ -1,0 +1,222 @@
+"""Cohort pseudo-labelling on Ray Data: real Ray, real LiteMedSAM, moto S3, MLflow sqlite.
+
+The pipeline's masks are compared with the single-process loops over the same stage functions
+(``run_prompted`` with label boxes, ``run_text`` with the small CLIP), case by case.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from pipeline_cohort import CASES, make_cohort
+
+from medclipsam.cli import main
+from medclipsam.config import parse_config
+from medclipsam.demo import oracle_boxes_csv
+from medclipsam.distributed.pseudolabel import PseudolabelJob, run_pseudolabel
+from medclipsam.errors import InputError
+from medclipsam.images import read_image, read_mask
+from medclipsam.metrics import dice
+from medclipsam.prompted_run import SliceSpec, plan_prompted, run_prompted
+from medclipsam.segmentation import SegmentationParams
+from medclipsam.text_run import run_text, text_settings
+
+TIMING = ("seconds_read", "seconds_saliency", "seconds_embed", "seconds_decode", "seconds_write")
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory, samples_root):
+    return make_cohort(samples_root, tmp_path_factory.mktemp("cohort"))
+
+
+def _config(tracking_uri: str, clip_dir=None, **pipeline):
+    return parse_config({
+        "task": "test",
+        "text": {"prompts": ["A brain MRI with a bright tumour."], "clip_model": str(clip_dir or "unused")},
+        "saliency": {"layer": 9, "steps": 2, "copies": 2, "batch_size": 4},
+        "sam": {"backend": "litemedsam", "batch_size": 4},
+        "pipeline": {"overlays": 2, **pipeline},
+        "tracking": {"uri": tracking_uri, "experiment": "pseudolabel-test"},
+    })
+
+
+@pytest.fixture(scope="module")
+def oracle_reference(cohort, litemedsam, tmp_path_factory):
+    """The single-process box-prompted loop on the same cases with the same label boxes."""
+    output = tmp_path_factory.mktemp("reference")
+    boxes = output / "boxes.csv"
+    boxes.write_text(oracle_boxes_csv(str(cohort / "labels"), axis=0, margin=2.0))
+    run_prompted(litemedsam, plan_prompted(str(cohort / "images"), boxes_csv=str(boxes)), str(output))
+    return output
+
+
+def _mask(uri: str) -> np.ndarray:
+    return read_mask(uri).array
+
+
+def _comparable(table) -> list[dict]:
+    """Manifest rows without what legitimately differs between two runs (timings, output folder)."""
+    rows = table.to_pylist()
+    for row in rows:
+        for key in TIMING:
+            row.pop(key)
+        row["mask_uri"] = row["mask_uri"].rsplit("/", 1)[-1]
+    return rows
+
+
+def test_labels_mode_from_and_to_s3(cohort, s3_bucket, ray_session, tracking_uri, oracle_reference):
+    fs = fsspec.filesystem("s3")
+    fs.put(str(cohort) + "/", f"{s3_bucket}/cohort/", recursive=True)
+    output = f"{s3_bucket}/runs/oracle"
+    job = PseudolabelJob(_config(tracking_uri), f"{s3_bucket}/cohort/images", output, "labels",
+                         f"{s3_bucket}/cohort/labels")
+    result = run_pseudolabel(job)
+    assert [r.case_id for r in result.records] == CASES
+    assert all(r.status == "ok" for r in result.records), [r.error for r in result.records]
+    assert result.n_processed == 4 and result.n_skipped == 0
+    for record in result.records:
+        assert record.mask_uri.startswith(output + "/masks/")
+        name = record.mask_uri.rsplit("/", 1)[-1]
+        pred, reference = _mask(record.mask_uri), _mask(str(oracle_reference / "masks" / name))
+        assert pred.shape == reference.shape
+        assert dice(pred, reference) > 0.995, record.case_id  # same boxes, same model, other batching
+        truth = read_mask(record.gt_uri)
+        assert record.dsc == pytest.approx(dice(pred, truth.array), abs=1e-9)
+    volume = next(r for r in result.records if r.case_id == "brain1")
+    source, mask = read_image(volume.source_uri), read_mask(volume.mask_uri)
+    assert volume.n_slices == 8 and volume.n_prompted_slices == int(source.array.shape[0] - 1)
+    assert mask.spacing == pytest.approx(source.spacing) and mask.origin == pytest.approx(source.origin)
+    assert mask.direction == pytest.approx(source.direction)
+    prompts = json.loads(volume.prompts)
+    assert sorted(prompts, key=int) == [str(k) for k in sorted(int(k) for k in prompts)]
+    # Manifest on S3 equals the returned records; the staging area is gone; overlays for the first 2 cases.
+    with fs.open(f"{output}/manifest.parquet", "rb") as handle:
+        manifest = pq.read_table(handle)
+    assert manifest.column("case_id").to_pylist() == CASES
+    assert not fs.exists(f"{output}/.staging")
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{output}/overlays")) == ["brain1.png", "brain2.png"]
+    # MLflow: params, metrics that match the manifest, and the artifacts.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["source"] == "labels" and run.data.params["sam.backend"] == "litemedsam"
+    assert run.data.params["input"] == f"{s3_bucket}/cohort/images"
+    assert run.data.metrics["mean_dsc"] == pytest.approx(np.mean([r.dsc for r in result.records]))
+    assert run.data.metrics["n_ok"] == 4 and run.data.metrics["cases_per_s"] > 0
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"manifest.parquet", "overlays"} <= artifacts
+    assert {a.path for a in client.list_artifacts(result.run_id, "overlays")} == {
+        "overlays/brain1.png", "overlays/brain2.png"}
+    # The HTML report, read from and written to S3.
+    out = CliRunner().invoke(main, ["report", output])
+    assert out.exit_code == 0, out.output
+    page = fs.cat(f"{output}/report.html").decode()
+    for case in CASES:
+        assert f"<td>{case}</td>" in page
+    assert page.count("data:image/png;base64,") == 2
+    assert f"{np.mean([r.dsc for r in result.records]):.4f}" in page
+    overlay = np.asarray(Image.open(io.BytesIO(fs.cat(f"{output}/overlays/brain2.png"))))
+    red = (overlay[..., 0] == 255) & (overlay[..., 1] == 40)
+    brain2 = next(r for r in result.records if r.case_id == "brain2")
+    assert red.any() and _mask(brain2.mask_uri)[red].all()  # the red contour lies on the mask
+
+
+def test_text_mode_matches_the_single_process_loop(cohort, tmp_path, ray_session, tracking_uri, tiny_clip_dir, clip,
+                                                   litemedsam):
+    """Per-case prompts from a manifest; saliency is saved; masks equal ``run_text`` on the same cases."""
+    manifest = tmp_path / "cohort.csv"
+    other = "An ultrasound image of the breast with a dark mass."
+    files = {"brain1": "brain1.nii.gz", "brain2": "brain2.png", "lung2": "lung2.png"}  # 10 slices in all
+    rows = ["uri,gt_uri,prompt"] + [
+        f"{cohort}/images/{f},{cohort}/labels/{f}," + (f'"{other}"' if c == "brain2" else "") for c, f in files.items()]
+    manifest.write_text("\n".join(rows) + "\n")
+    config = _config(tracking_uri, tiny_clip_dir, save_saliency=True)
+    result = run_pseudolabel(PseudolabelJob(config, str(manifest), str(tmp_path / "run"), "text"))
+    records = {r.case_id: r for r in result.records}
+    assert set(records) == set(files) and all(r.status in ("ok", "no_target") for r in records.values())
+    assert json.loads(records["brain2"].text_prompt) == [other]
+    assert json.loads(records["brain1"].text_prompt) == config.text.prompts
+    assert records["brain1"].clip_sha256 == clip.sha256 and records["brain1"].n_target_slices > 0
+
+    spec, params = SliceSpec(), SegmentationParams(batch_size=4)
+    for case, prompts in (("brain1", config.text.prompts), ("lung2", config.text.prompts), ("brain2", [other])):
+        uri = records[case].source_uri
+        reference = run_text(clip, litemedsam, {case: uri}, str(tmp_path / f"ref-{case}"), spec,
+                             text_settings(config, prompts), params)[0]
+        pred, expected = _mask(records[case].mask_uri), _mask(reference.mask_uri)
+        assert pred.shape == expected.shape
+        assert (pred == expected).mean() > 0.995, case
+        assert records[case].n_target_slices == reference.n_target_slices
+        saliency = np.load(tmp_path / "run" / "saliency" / f"{case}.npy")
+        assert saliency.shape == pred.shape and 0.0 <= saliency.min() and saliency.max() <= 1.0
+
+
+def test_resume_after_a_failure_skips_completed_cases(cohort, tmp_path, ray_session, tracking_uri, oracle_reference):
+    config = _config(tracking_uri)
+    output = tmp_path / "run"
+    job = PseudolabelJob(config, str(cohort / "images"), str(output), "labels", str(cohort / "labels"))
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_pseudolabel(job, fail_after_cases=2)
+    done = sorted(p.stem for p in (output / "records").glob("*.json"))
+    assert len(done) >= 2 and not (output / "manifest.parquet").exists()
+    stamps = {c: (output / "masks" / next(p.name for p in (output / "masks").iterdir() if p.name.startswith(c + ".")))
+              .stat().st_mtime_ns for c in done}
+    resumed = run_pseudolabel(job)
+    assert resumed.n_skipped == len(done) and resumed.n_processed == len(CASES) - len(done)
+    for case, stamp in stamps.items():  # completed cases were not recomputed
+        mask = next(p for p in (output / "masks").iterdir() if p.name.startswith(case + "."))
+        assert mask.stat().st_mtime_ns == stamp
+    # The uninterrupted run also loses its SAM actor once: Ray restarts it and retries the batch.
+    marker = tmp_path / "crashed"
+    uninterrupted = run_pseudolabel(PseudolabelJob(config, str(cohort / "images"), str(tmp_path / "whole"),
+                                                   "labels", str(cohort / "labels")), crash_marker=str(marker))
+    assert marker.exists()  # the actor process did die once
+    assert [r.status for r in uninterrupted.records] == ["ok"] * len(CASES)
+    assert _comparable(pq.read_table(output / "manifest.parquet")) == _comparable(
+        pq.read_table(tmp_path / "whole" / "manifest.parquet"))
+    for record in uninterrupted.records:
+        name = record.mask_uri.rsplit("/", 1)[-1]
+        assert np.array_equal(_mask(str(output / "masks" / name)), _mask(record.mask_uri))
+        assert dice(_mask(record.mask_uri), _mask(str(oracle_reference / "masks" / name))) > 0.995
+    from mlflow import MlflowClient
+
+    runs = MlflowClient(tracking_uri).search_runs(
+        [MlflowClient(tracking_uri).get_experiment_by_name("pseudolabel-test").experiment_id])
+    assert len(runs) == 2  # the resumed output kept its MLflow run; the uninterrupted one has its own
+    # Changed settings on the same output are refused rather than mixed into one manifest.
+    changed = parse_config({**config.model_dump(), "sam": {**config.sam.model_dump(), "threshold": 0.6}})
+    with pytest.raises(InputError, match=r"run\.json: this output was written with other settings"):
+        run_pseudolabel(PseudolabelJob(changed, str(cohort / "images"), str(output), "labels", str(cohort / "labels")))
+
+
+def test_corrupt_and_missing_objects_are_error_rows(cohort, s3_bucket, ray_session, tracking_uri, tmp_path):
+    """Through the CLI, from a manifest on S3: the other cases complete and the exit code is 0."""
+    fs = fsspec.filesystem("s3")
+    fs.put(str(cohort) + "/", f"{s3_bucket}/cohort/", recursive=True)
+    fs.pipe(f"{s3_bucket}/cohort/images/corrupt.nii.gz", b"\x1f\x8b this is not a volume")
+    lines = ["case_id,uri,gt_uri", "brain2,images/brain2.png,labels/brain2.png", "corrupt,images/corrupt.nii.gz,",
+             f"missing,{s3_bucket}/cohort/images/missing.png,", "lung2,images/lung2.png,labels/lung2.png"]
+    fs.pipe(f"{s3_bucket}/cohort/manifest.csv", ("\n".join(lines) + "\n").encode())
+    config = tmp_path / "task.yaml"
+    config.write_text(f"task: t\ntracking: {{uri: '{tracking_uri}'}}\npipeline: {{overlays: 0}}\n")
+    output = f"{s3_bucket}/runs/cli"
+    result = CliRunner().invoke(main, ["pseudolabel", "--config", str(config), "--input",
+                                       f"{s3_bucket}/cohort/manifest.csv", "--output", output,
+                                       "--prompt-source", "labels"])
+    assert result.exit_code == 0, result.output
+    assert "4 case(s): ok=2, no_target=0, no_prompts=0, error=2" in result.output
+    with fs.open(f"{output}/manifest.parquet", "rb") as handle:
+        rows = {r["case_id"]: r for r in pq.read_table(handle).to_pylist()}
+    assert rows["brain2"]["status"] == rows["lung2"]["status"] == "ok"
+    assert rows["corrupt"]["status"] == "error" and "corrupt.nii.gz: cannot read image" in rows["corrupt"]["error"]
+    assert rows["missing"]["status"] == "error" and "missing.png: no such file or object" in rows["missing"]["error"]
+    assert rows["lung2"]["gt_uri"] == f"{s3_bucket}/cohort/labels/lung2.png" and rows["lung2"]["dsc"] > 0.5
