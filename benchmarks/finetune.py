@@ -43,7 +43,7 @@ def main() -> None:
     import ray
 
     # Ray Data decodes images on CPUs that the training workers do not hold: leave room for it.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     work = Path(tempfile.mkdtemp(prefix="medclipsam-bench-"))
     model_dir = save_clip(random_clip(vision, layers, hidden, 512, "cpu"), work / "model")

@@ -7,6 +7,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,6 +61,10 @@ def head_node(tmp_path, monkeypatch):
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, 9)
     log.close()
+    # Without `ray stop`, the node's address stays in the file that a bare ray.init() would join.
+    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    if current.is_file() and current.read_text().strip().endswith(f":{gcs}"):
+        current.unlink()
 
 
 def test_submitted_job_labels_the_cohort(head_node, tmp_path, samples_root, tracking_uri):

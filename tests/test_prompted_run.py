@@ -8,7 +8,8 @@ import SimpleITK as sitk
 from click.testing import CliRunner
 
 from medclipsam.cli import main
-from medclipsam.demo import label_boxes, oracle_boxes_csv, run_demo
+from medclipsam.demo import label_boxes, oracle_boxes_csv
+from medclipsam.evaluation import evaluate
 from medclipsam.images import read_mask
 from medclipsam.manifest import read_manifest
 from medclipsam.prompted_run import plan_prompted, run_prompted
@@ -19,7 +20,10 @@ SAMPLE_CASES = ["brain1", "brain2", "breast1", "lung1", "lung2"]
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, litemedsam, samples_root):
     output = tmp_path_factory.mktemp("demo")
-    records, rows, summary = run_demo(litemedsam, str(output), samples=samples_root)
+    boxes = output / "oracle_boxes.csv"
+    boxes.write_text(oracle_boxes_csv(str(samples_root / "labels"), axis=0, margin=2.0))
+    records = run_prompted(litemedsam, plan_prompted(str(samples_root / "images"), boxes_csv=str(boxes)), str(output))
+    rows, summary = evaluate(str(output / "masks"), str(samples_root / "labels"))
     return output, records, rows, summary
 
 

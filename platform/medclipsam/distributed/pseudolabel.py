@@ -1,6 +1,6 @@
 """Cohort-scale pseudo-labelling on Ray Data.
 
-    cases --read (CPU tasks)--> slice rows --saliency (actor pool)--> --prompts (CPU)-->
+    cases --read (CPU tasks)--> slice rows --saliency + prompts (actor pool)-->
           --SAM (actor pool)--> --assemble + write (CPU tasks)--> one record per case
 
 Each stage calls a function of ``slice_rows`` / ``case_assembly``; this module only converts
@@ -86,14 +86,18 @@ def _maybe_crash(marker: str | None) -> None:
 
 
 class SaliencyStage:
-    def __init__(self, clip_uri: str, device: str, settings: TextSettings) -> None:
+    """M2IB saliency, then the coarse mask and SAM prompts (cheap, and the maps need not travel)."""
+
+    def __init__(self, clip_uri: str, device: str, settings: TextSettings, keep_saliency: bool = False) -> None:
         from ..models.biomedclip import load_clip
 
         self.clip = load_clip(clip_uri, device)
         self.settings = settings
+        self.keep_saliency = keep_saliency
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return to_batch(add_saliency(self.clip, to_rows(batch), self.settings))
+        rows = add_saliency(self.clip, to_rows(batch), self.settings)
+        return to_batch(add_text_prompts(rows, self.settings, self.keep_saliency))
 
 
 class SamStage:
@@ -113,10 +117,6 @@ class SamStage:
 # -- the CPU stages ---------------------------------------------------------------------------------
 def _read(row: dict, spec: SliceSpec, source: str, box_margin: float) -> list[dict]:
     return case_slices(CaseTask(**row), spec, source, box_margin)
-
-
-def _prompts(batch: dict[str, np.ndarray], settings: TextSettings, keep_saliency: bool) -> dict[str, np.ndarray]:
-    return to_batch(add_text_prompts(to_rows(batch), settings, keep_saliency))
 
 
 def _write(row: dict, settings: AssemblySettings) -> list[dict]:
@@ -199,11 +199,10 @@ def build_dataset(tasks: list[CaseTask], job: PseudolabelJob, parameters: str, c
     if job.source == SOURCE_TEXT:
         text = job.text
         ds = ds.map_batches(SaliencyStage, fn_constructor_kwargs={
-            "clip_uri": job.clip, "device": _device(pipeline.saliency, sam.device), "settings": text},
+            "clip_uri": job.clip, "device": _device(pipeline.saliency, sam.device), "settings": text,
+            "keep_saliency": pipeline.save_saliency},
             compute=ActorPoolStrategy(size=pipeline.saliency.actors), batch_size=job.config.saliency.batch_size,
             num_gpus=pipeline.saliency.num_gpus, num_cpus=pipeline.saliency.num_cpus)
-        ds = ds.map_batches(_prompts, fn_kwargs={"settings": text, "keep_saliency": pipeline.save_saliency},
-                            batch_size=job.config.saliency.batch_size, num_cpus=pipeline.task_cpus)
     ds = ds.map_batches(SamStage, fn_constructor_kwargs={
         "backend": sam.backend, "checkpoint": sam.checkpoint, "device": _device(pipeline.sam, sam.device),
         "params": job.params, "crash_marker": crash_marker},
@@ -311,6 +310,8 @@ def run_pseudolabel(
     if not ray.is_initialized():
         ray.init()
     run_id = _open_run(job, parameters, resolve_tracking_uri(job.config.tracking.uri))
+    # Slices staged by a killed run are stale: start every unfinished case afresh.
+    storage.remove_tree(storage.join(job.output, STAGING))
     new: dict[str, CaseRecord] = {}
     start = time.perf_counter()
     try:

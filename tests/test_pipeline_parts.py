@@ -1,0 +1,144 @@
+"""The pieces of the pseudo-labelling pipeline, without Ray: cohort manifests, rows and batches,
+slice staging and case assembly, overlays."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from medclipsam.case_assembly import AssemblySettings, _stage_bytes, _unstage, collect_slice, read_records
+from medclipsam.cohort import parse_prompt, read_cohort
+from medclipsam.distributed.pseudolabel import to_batch, to_rows
+from medclipsam.errors import InputError
+from medclipsam.images import read_mask
+from medclipsam.overlays import contour, overlay_slice
+from medclipsam.slice_rows import NO_IMAGE, NO_MAP
+
+
+def test_cohort_manifest_resolves_relative_uris_and_prompt_lists(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "manifest.csv").write_text(
+        "uri,prompt,gt_uri\n"
+        "scans/b.nii.gz,\"[\"\"one\"\", \"\"two\"\"]\",labels/b.nii.gz\n"
+        "a.png,a single sentence,\n"
+        "s3://bucket/c.png,,s3://bucket/c_gt.png\n")
+    cases = {c.case_id: c for c in read_cohort(str(tmp_path / "manifest.csv"))}
+    assert list(cases) == ["a", "b", "c"]  # sorted by case_id
+    assert cases["b"].uri == f"{tmp_path}/scans/b.nii.gz" and cases["b"].gt_uri == f"{tmp_path}/labels/b.nii.gz"
+    assert cases["b"].prompts == ("one", "two") and cases["a"].prompts == ("a single sentence",)
+    assert cases["c"].uri == "s3://bucket/c.png" and cases["c"].prompts == () and cases["a"].gt_uri == ""
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("path,prompt\nx.png,\n", r"manifest\.csv: manifest needs a column named one of uri"),
+    ("uri\nx.png\ny/x.png\n", r"manifest\.csv line 3: case_id 'x' appears twice"),
+    ("uri,prompt\nx.png,\"[1, 2]\"\n", r"manifest\.csv line 2: prompt must be a sentence or a JSON list"),
+    ("uri\n", r"manifest\.csv: manifest has no rows"),
+])
+def test_bad_cohort_manifests_name_the_file_and_line(tmp_path, text, message):
+    (tmp_path / "manifest.csv").write_text(text)
+    with pytest.raises(InputError, match=message):
+        read_cohort(str(tmp_path / "manifest.csv"))
+
+
+def test_prompt_parsing():
+    assert parse_prompt("  ", "x") == ()
+    with pytest.raises(InputError, match="not valid JSON"):
+        parse_prompt('["unterminated', "where")
+
+
+def test_gt_prefix_pairs_by_case_id(tmp_path):
+    for folder in ("images", "labels"):
+        (tmp_path / folder).mkdir()
+    for name in ("b", "a"):
+        sitk.WriteImage(sitk.GetImageFromArray(np.arange(16, dtype=np.uint8).reshape(4, 4)),
+                        str(tmp_path / "images" / f"{name}.png"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((4, 4), np.uint8)), str(tmp_path / "labels" / "b.png"))
+    cases = read_cohort(str(tmp_path / "images"), str(tmp_path / "labels"))
+    assert [(c.case_id, c.gt_uri.rsplit("/", 1)[-1]) for c in cases] == [("a", ""), ("b", "b.png")]
+
+
+def test_rows_and_batches_round_trip_with_ragged_images():
+    rows = [{"case_id": "x", "slice": i, "image": np.full((3 + i, 5, 3), i, np.uint8), "seconds": 0.5 * i,
+             "overlay": i == 1} for i in range(3)]
+    batch = to_batch([dict(r) for r in rows])
+    assert batch["image"].dtype == object and batch["slice"].tolist() == [0, 1, 2]
+    back = to_rows(batch)
+    for row, original in zip(back, rows, strict=True):
+        assert type(row["slice"]) is int and type(row["overlay"]) is bool
+        assert np.array_equal(row["image"], original["image"]) and row["seconds"] == original["seconds"]
+    same = to_batch([{"m": np.zeros((2, 2))}, {"m": np.ones((2, 2))}])
+    assert same["m"].shape == (2, 2, 2)  # equal shapes stack into one tensor column
+
+
+def _slice_row(case_id: str, k: int, n: int, mask: np.ndarray, geometry: str, **extra) -> dict:
+    return {"case_id": case_id, "uri": f"/in/{case_id}.nii.gz", "gt_uri": "", "prompt": "", "slice": k,
+            "n_slices": n, "geometry": geometry, "overlay": False, "image": NO_IMAGE, "error": "",
+            "seconds_read": 0.1, "prompts": json.dumps({"boxes": [[1, 1, 4, 4]], "points": [], "labels": []})
+            if mask.any() else "", "saliency": NO_MAP, "mask": mask, "seconds_embed": 0.2, "seconds_decode": 0.05,
+            "backend": "litemedsam", "checkpoint": "ck", "checkpoint_sha256": "ab", **extra}
+
+
+def test_staged_slice_round_trip():
+    mask = np.random.default_rng(0).random((7, 9)) > 0.5
+    row = _slice_row("c", 3, 10, mask, "{}", image=np.full((7, 9, 3), 9, np.uint8),
+                     saliency=np.linspace(0, 1, 63, dtype=np.float32).reshape(7, 9))
+    back = _unstage(_stage_bytes(row))
+    assert np.array_equal(back["mask"], mask) and np.array_equal(back["image"], row["image"])
+    assert np.allclose(back["saliency"], row["saliency"], atol=1e-3)  # stored as float16
+    assert {k: v for k, v in back.items() if k not in ("mask", "image", "saliency")} == {
+        k: v for k, v in row.items() if k not in ("mask", "image", "saliency")}
+
+
+def test_volume_is_assembled_once_whatever_the_slice_order(tmp_path):
+    """Slices arrive shuffled; only the last one yields the record; the mask has the source geometry."""
+    n = 6
+    volume = np.zeros((n, 8, 10), bool)
+    volume[2:5, 2:6, 3:8] = True
+    geometry = json.dumps({"is_volume": True, "shape": [n, 8, 10], "axis": 0, "spacing": [0.7, 0.8, 2.5],
+                           "origin": [1.0, -2.0, 30.0], "direction": [0, 1, 0, 1, 0, 0, 0, 0, 1]})
+    settings = AssemblySettings(str(tmp_path), "labels", '{"x": 1}')
+    order = list(range(n))
+    random.Random(3).shuffle(order)
+    results = [collect_slice(_slice_row("vol", k, n, volume[k], geometry), settings) for k in order]
+    assert all(r is None for r in results[:-1])
+    record = results[-1]
+    assert record.status == "ok" and record.n_slices == n and record.n_prompted_slices == 3
+    assert sorted(json.loads(record.prompts)) == ["2", "3", "4"]
+    assert record.seconds_read == pytest.approx(0.1 * n) and record.seconds_embed == pytest.approx(0.2 * n)
+    written = read_mask(record.mask_uri)
+    assert np.array_equal(written.array, volume)
+    assert written.spacing == pytest.approx((0.7, 0.8, 2.5)) and written.origin == pytest.approx((1.0, -2.0, 30.0))
+    assert written.direction == pytest.approx((0, 1, 0, 1, 0, 0, 0, 0, 1))
+    from dataclasses import asdict
+
+    back = asdict(read_records(str(tmp_path))["vol"])
+    assert {k: v for k, v in back.items() if k not in ("dsc", "nsd", "hd95")} == {
+        k: v for k, v in asdict(record).items() if k not in ("dsc", "nsd", "hd95")}
+    assert all(np.isnan(back[k]) for k in ("dsc", "nsd", "hd95"))  # no ground truth: NaN survives the JSON
+
+
+def test_an_error_in_one_slice_fails_the_case_with_its_message(tmp_path):
+    geometry = json.dumps({"is_volume": True, "shape": [2, 4, 4], "axis": 0, "spacing": [1, 1, 1],
+                           "origin": [0, 0, 0], "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]})
+    settings = AssemblySettings(str(tmp_path), "text")
+    assert collect_slice(_slice_row("v", 0, 2, np.zeros((4, 4), bool), geometry), settings) is None
+    record = collect_slice(_slice_row("v", 1, 2, np.zeros((0, 0), bool), geometry, error="SAM: out of memory"),
+                           settings)
+    assert record.status == "error" and record.error == "slice 1: SAM: out of memory" and record.mask_uri == ""
+
+
+def test_contour_and_overlay_slice():
+    mask = np.zeros((9, 9), bool)
+    mask[2:7, 2:7] = True
+    ring = contour(mask)
+    assert ring.sum() == 16 and not ring[3:6, 3:6].any() and (ring <= mask).all()
+    assert contour(mask, 2).sum() == 25 - 1
+    masks = {0: np.zeros((4, 4), bool), 1: np.ones((4, 4), bool), 2: np.eye(4, dtype=bool)}
+    assert overlay_slice(masks) == 1
+    empty = {k: np.zeros((4, 4), bool) for k in range(5)}
+    assert overlay_slice(empty, {3: np.ones((4, 4), bool)}) == 3 and overlay_slice(empty) == 2
