@@ -16,6 +16,7 @@ import pytest
 from pipeline_cohort import CASES, make_cohort
 
 REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
 
 
 def _free_port() -> int:
@@ -25,36 +26,32 @@ def _free_port() -> int:
 
 
 @pytest.fixture()
-def head_node(tmp_path, monkeypatch):
+def head_node(tmp_path):
     """A one-node Ray cluster on loopback; ``--block`` ties its processes to ours, so stopping it stops them.
 
-    Ray 2.60 enables token authentication on ``ray start``: the node and this client share a fresh token.
+    Ray 2.60 enables token authentication on ``ray start``. The node and the ``ray job`` commands
+    share a fresh token through their environment only: this process may hold a Ray session of
+    its own, which must not see it. Yields the dashboard address and that environment.
     """
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
     gcs, dashboard = _free_port(), _free_port()
-    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address",
-               "127.0.0.1", "--port", str(gcs), "--num-cpus", "2", "--include-dashboard", "true",
-               "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--disable-usage-stats"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning"}
+    env.pop("RAY_ADDRESS", None)
+    command = [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+               "--num-cpus", "2", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+               "--dashboard-port", str(dashboard), "--disable-usage-stats"]
     log = open(tmp_path / "ray-start.log", "w")  # closed after the node stops
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    from ray.job_submission import JobSubmissionClient
-
     address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + 120
-    client = None
-    while client is None:
-        try:
-            client = JobSubmissionClient(address)
-        except Exception:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                tail = (tmp_path / "ray-start.log").read_text()[-2000:]
-                raise RuntimeError(f"head node did not come up: {tail}") from None
-            time.sleep(2)
-    yield client
+    deadline = time.monotonic() + 180
+    while subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True,
+                         check=False).returncode != 0:
+        if time.monotonic() > deadline or process.poll() is not None:
+            process.kill()
+            tail = (tmp_path / "ray-start.log").read_text()[-2000:]
+            raise RuntimeError(f"head node did not come up: {tail}")
+        time.sleep(3)
+    yield address, env
     process.terminate()
     try:
         process.wait(timeout=60)
@@ -68,23 +65,24 @@ def head_node(tmp_path, monkeypatch):
 
 
 def test_submitted_job_labels_the_cohort(head_node, tmp_path, samples_root, tracking_uri):
-    from ray.job_submission import JobStatus
-
+    address, env = head_node
     cohort = make_cohort(samples_root, tmp_path / "cohort")
     config = tmp_path / "task.yaml"
     config.write_text(f"task: submitted\ntracking: {{uri: '{tracking_uri}'}}\n")
     output = tmp_path / "run"
-    entrypoint = (f"{sys.executable} {REPO / 'jobs' / 'pseudolabel.py'} --config {config} "
-                  f"--input {cohort / 'images'} --gt {cohort / 'labels'} --output {output} --prompt-source labels")
-    job_id = head_node.submit_job(entrypoint=entrypoint)
-    deadline = time.monotonic() + 420
-    while (status := head_node.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,
-                                                                JobStatus.STOPPED}:
-        assert time.monotonic() < deadline, head_node.get_job_logs(job_id)[-3000:]
+    # `ray job submit` waits for the job and prints its logs; its exit code is the job's. The
+    # dashboard answers before its job agent is up, which it reports as "No available agent".
+    command = [RAY, "job", "submit", "--address", address, "--", sys.executable, str(REPO / "jobs" / "pseudolabel.py"),
+               "--config", str(config), "--input", str(cohort / "images"), "--gt", str(cohort / "labels"),
+               "--output", str(output), "--prompt-source", "labels"]
+    for _attempt in range(30):
+        submitted = subprocess.run(command, env=env, capture_output=True, text=True, timeout=480, check=False)
+        logs = submitted.stdout + submitted.stderr
+        if "No available agent" not in logs:
+            break
         time.sleep(3)
-    logs = head_node.get_job_logs(job_id)
-    assert status == JobStatus.SUCCEEDED, logs[-3000:]
-    assert "4 case(s): ok=4" in logs
+    assert submitted.returncode == 0, logs[-3000:]
+    assert "4 case(s): ok=4" in logs and "succeeded" in logs
     rows = pq.read_table(output / "manifest.parquet").to_pylist()
     assert [r["case_id"] for r in rows] == CASES and all(r["status"] == "ok" for r in rows)
     assert all(r["dsc"] > 0.5 for r in rows)
