@@ -116,8 +116,3 @@ def s3_bucket(s3_server):
     s3fs.S3FileSystem.clear_instance_cache()
     return f"s3://{name}"
 
-
-def pytest_collection_modifyitems(config, items):
-    """Run the job-submission test first: its `ray start --head` cluster must not run beside the
-    session's in-process Ray instance (with both up on one machine, the in-process one hung)."""
-    items.sort(key=lambda item: 0 if item.module.__name__.endswith("test_job_submission") else 1)
