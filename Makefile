@@ -20,15 +20,17 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check platform tests jobs benchmarks
+	$(BIN)/lint-imports
 
 # Tests that start Ray clusters get a process each: a second cluster, or the session's Ray reused
 # after Ray Train, left the in-process instance hung in one full-suite run.
-RAY_TESTS := tests/test_pseudolabel.py tests/test_job_submission.py
+RAY_TESTS := tests/test_pseudolabel.py tests/test_job_submission.py tests/test_demo.py
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(addprefix --ignore=,$(RAY_TESTS))
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_pseudolabel.py
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_job_submission.py
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_demo.py
 
 clean:
 	rm -rf $(VENV) demo_output

@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medclipsam.config import SaliencyConfig
 from medclipsam.models.biomedclip import ClipModel
-from medclipsam.saliency.m2ib import M2IBParams, bottleneck_terms, kl_elements, m2ib_maps
+from medclipsam.saliency.m2ib import bottleneck_terms, kl_elements, m2ib_maps
 from medclipsam.saliency.vision_split import VisionSplit
 
 
@@ -57,7 +58,7 @@ def random_clip(vision: str, text_layers: int, text_hidden: int, embed_dim: int,
     return ClipModel(model, tokenizer, "random", "random", 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), config=config)
 
 
-def reference_maps(clip: ClipModel, pixels: torch.Tensor, prompt: str, params: M2IBParams) -> torch.Tensor:
+def reference_maps(clip: ClipModel, pixels: torch.Tensor, prompt: str, params: SaliencyConfig) -> torch.Tensor:
     """One image at a time, the whole model and the text tower run at every step (published structure)."""
     split = VisionSplit(clip.model.visual, params.layer, cls_only_last_block=False)
     maps = []
@@ -85,7 +86,7 @@ def reference_maps(clip: ClipModel, pixels: torch.Tensor, prompt: str, params: M
     return torch.cat(maps)
 
 
-def batched_maps(clip: ClipModel, pixels: torch.Tensor, prompt: str, params: M2IBParams) -> torch.Tensor:
+def batched_maps(clip: ClipModel, pixels: torch.Tensor, prompt: str, params: SaliencyConfig) -> torch.Tensor:
     split = VisionSplit(clip.model.visual, params.layer)
     return m2ib_maps(split, pixels, clip.text_embedding(prompt), params)
 
@@ -111,7 +112,7 @@ def main() -> None:
     args = parser.parse_args()
 
     clip = random_clip(args.vision, args.text_layers, args.text_hidden, args.embed_dim, args.device)
-    params = M2IBParams(layer=args.layer, steps=args.steps, copies=args.copies)
+    params = SaliencyConfig(layer=args.layer, steps=args.steps, copies=args.copies)
     rng = np.random.default_rng(0)
     pixels = torch.as_tensor(rng.normal(0, 1, (args.images, 3, 224, 224)), dtype=torch.float32, device=args.device)
 

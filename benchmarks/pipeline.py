@@ -1,7 +1,7 @@
 """The Ray Data pseudo-labelling pipeline against a single-process loop, and the driver's memory.
 
-Speed: the same synthetic 2D cases go through ``run_text`` (one process, torch given all the
-cores, the stage functions one after another) and through ``run_pseudolabel`` (Ray started with
+Speed: the same synthetic 2D cases go through the single-process runner (one process, torch given
+all the cores, the stage functions one after another) and through the Ray runner (Ray started with
 the same number of CPUs; a saliency actor and a SAM actor pool working at the same time). Both
 timings include loading the models. CPU default: a small BiomedCLIP-shaped CLIP with random
 weights (ViT-Ti/16, 2-layer BERT) and the real LiteMedSAM; ``--gpu``: BiomedCLIP's shapes
@@ -98,7 +98,8 @@ def _start_ray(cpus: int) -> None:
 def memory_run(n_slices: int, work: Path) -> None:
     """One labels-mode run over ``n_slices``; prints the driver's peak RSS in MB as JSON."""
     from medclipsam.config import parse_config
-    from medclipsam.distributed.pseudolabel import PseudolabelJob, run_pseudolabel
+    from medclipsam.pipeline.job import Job
+    from medclipsam.pipeline.run import run_job
 
     data = synthetic_volumes(work / f"volumes{n_slices}", n_slices)
     _start_ray(2)
@@ -106,8 +107,7 @@ def memory_run(n_slices: int, work: Path) -> None:
                                                            "sam": {"actors": 2, "num_cpus": 0.5}},
                            "tracking": {"uri": f"sqlite:///{work / f'mlflow{n_slices}.db'}"}})
     start = time.perf_counter()
-    result = run_pseudolabel(PseudolabelJob(config, str(data / "images"), str(work / f"run{n_slices}"), "labels",
-                                            str(data / "labels")))
+    result = run_job(Job(config, str(data / "images"), str(work / f"run{n_slices}"), "labels", str(data / "labels")))
     assert result.counts["ok"] == n_slices // SLICES_PER_VOLUME, result.counts
     print(json.dumps({"rss_mb": peak_rss_mb(), "seconds": time.perf_counter() - start}))
 
@@ -148,11 +148,9 @@ def main() -> None:
     import torch
     from m2ib import random_clip
 
-    from medclipsam.distributed.pseudolabel import PseudolabelJob, run_pseudolabel
-    from medclipsam.models.biomedclip import load_clip, save_clip
-    from medclipsam.models.sam_backends import build_segmenter
-    from medclipsam.prompted_run import SliceSpec
-    from medclipsam.text_run import run_text, text_settings
+    from medclipsam.models.biomedclip import save_clip
+    from medclipsam.pipeline.job import Job
+    from medclipsam.pipeline.run import run_job
 
     work = Path(tempfile.mkdtemp(prefix="medclipsam-bench-"))
     shapes = ("vit_base_patch16_224", 12, 768) if args.gpu else ("vit_tiny_patch16_224", 2, 128)
@@ -163,22 +161,15 @@ def main() -> None:
 
     MlflowClient(tracking).search_experiments()  # create the store (schema migrations) before timing
     config = _config(clip_dir, tracking, args, args.gpu)
-    device = "cuda" if args.gpu else "cpu"
 
     torch.set_num_threads(args.cpus)
-    start = time.perf_counter()
-    clip, segmenter = load_clip(clip_dir, device), build_segmenter("litemedsam", None, device)
-    from medclipsam.inputs import list_cases
-    from medclipsam.segmentation import SegmentationParams
-
-    loop = run_text(clip, segmenter, list_cases(str(images)), str(work / "loop"), SliceSpec(),
-                    text_settings(config, config.text.prompts), SegmentationParams(batch_size=4))
+    start = time.perf_counter()  # the local runner loads both models, as the Ray actors do
+    loop = run_job(Job(config, str(images), str(work / "loop"), "text"), "local", resume=False, track=False).records
     loop_s = time.perf_counter() - start
-    del clip, segmenter
 
     _start_ray(args.cpus)
     start = time.perf_counter()
-    result = run_pseudolabel(PseudolabelJob(config, str(images), str(work / "ray"), "text"))
+    result = run_job(Job(config, str(images), str(work / "ray"), "text"))
     ray_s = time.perf_counter() - start
     import ray
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from medclipsam.slicing import Window, window_to_uint8
+from medclipsam.ops.slicing import window_to_uint8
 
 CASES = ["brain1", "brain2", "breast1", "lung2"]  # volume (NIfTI), PNG, volume (NRRD), PNG
 
@@ -30,6 +30,6 @@ def make_cohort(samples: Path, root: Path) -> Path:
         volume = sitk.GetArrayFromImage(sitk.ReadImage(str(samples / "images" / f"{case}.nrrd")))
         truth = sitk.GetArrayFromImage(sitk.ReadImage(str(samples / "labels" / f"{case}.nrrd"))) > 0
         k = int(np.argmax(truth.sum(axis=(1, 2))))
-        _png(window_to_uint8(volume[k], Window()), root / "images" / f"{case}.png")
+        _png(window_to_uint8(volume[k]), root / "images" / f"{case}.png")
         _png(truth[k].astype(np.uint8) * 255, root / "labels" / f"{case}.png")
     return root

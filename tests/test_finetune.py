@@ -1,16 +1,50 @@
 """DHN-NCE fine-tuning end to end: Ray Train, an injected failure and resume, MLflow registration."""
 
+import json
+import os
+import signal
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import ray.cloudpickle
 import torch
+from ray.train import UserCallback
 from synthetic_pairs import make_pairs  # tests/ is on sys.path under pytest's default import mode
 
 from medclipsam.finetune.data import clip_pixels
 from medclipsam.finetune.retrieval import retrieval_metrics
 from medclipsam.finetune.settings import FinetuneConfig
 from medclipsam.models.biomedclip import load_clip
+
+# The callback below runs on the Ray Train controller, which cannot import this module: ship it by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class KillWorkersOnce(UserCallback):
+    """Once every worker has reported ``epoch`` (and its checkpoint is registered), SIGKILL them all.
+
+    Runs on the Ray Train controller. ``marker`` records the kill, so it happens once per test, and
+    lets the test check that it did.
+    """
+
+    def __init__(self, epoch: int, marker: Path):
+        self.epoch, self.marker = epoch, marker
+
+    def after_report(self, run_context, metrics, checkpoint):
+        import ray
+        from ray._private import state
+
+        if metrics[0]["epoch"] != self.epoch or self.marker.exists():
+            return
+        job = ray.get_runtime_context().get_job_id()
+        pids = [actor["Pid"] for actor in state.actors(actor_state_name="ALIVE").values()
+                if actor["ActorClassName"] == "RayTrainWorker" and actor["JobID"] == job]
+        self.marker.write_text(json.dumps({"epoch": metrics[0]["epoch"], "pids": pids,
+                                           "checkpoint": checkpoint.path if checkpoint else None}))
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
 
 
 def held_out_retrieval(clip, pairs_csv):
@@ -27,7 +61,7 @@ def held_out_retrieval(clip, pairs_csv):
     return retrieval_metrics(image, text, batch=50, shuffles=1), image, text
 
 
-def test_finetune_learns_resumes_and_registers(tmp_path, ray_session, tiny_clip_dir):
+def test_finetune_learns_resumes_and_registers(tmp_path, ray_session, tiny_clip_dir, monkeypatch):
     from mlflow import MlflowClient
 
     pairs = make_pairs(tmp_path / "pairs", 48, seed=0)
@@ -49,11 +83,17 @@ def test_finetune_learns_resumes_and_registers(tmp_path, ray_session, tiny_clip_
 
     before, _, _ = held_out_retrieval(load_clip(str(tiny_clip_dir)), held_out)
     marker = tmp_path / "failed-once"
+    # The controller sees each report at its next poll of the workers (every 2 s by default), while the
+    # worker trains on: poll often, so that the kill lands well before epoch 2 ends (an epoch takes seconds).
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # passed on to the Ray Train controller
     result = run_finetune(config, str(pairs), workers=1, storage_path=str(tmp_path / "runs"), name="t",
-                          test_hooks={"fail_after_epoch": 1, "fail_marker": str(marker)})
+                          callbacks=[KillWorkersOnce(epoch=1, marker=marker)])
     assert result.skipped_images == 2 and result.dropped_short == 1 and result.pairs_used == 48
-    # the run failed after epoch 1 and the restarted workers continued at epoch 2, not epoch 1
-    assert marker.exists() and result.metrics["start_epoch"] == 2 and result.metrics["epoch"] == 5
+    # the worker was killed once, after epoch 1 was checkpointed, and the restarted worker
+    # continued at epoch 2, not epoch 0 or 1
+    killed = json.loads(marker.read_text())
+    assert killed["epoch"] == 1 and len(killed["pids"]) == 1 and killed["checkpoint"]
+    assert result.metrics["start_epoch"] == 2 and result.metrics["epoch"] == 5
     client = MlflowClient(tracking)
     history = client.get_metric_history(result.run_id, "loss")
     assert sorted(m.step for m in history) == [0, 1, 2, 3, 4, 5]  # each epoch logged once

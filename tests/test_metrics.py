@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from medclipsam.metrics import case_metrics, dice, hausdorff95, normalized_surface_dice, summarise
+from medclipsam.eval.metrics import case_metrics, dice, hausdorff95, normalized_surface_dice, summarise
 
 
 def squares():

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medclipsam.case_assembly import AssemblySettings, _stage_bytes, _unstage, collect_slice, read_records
-from medclipsam.cohort import parse_prompt, read_cohort
-from medclipsam.distributed.pseudolabel import to_batch, to_rows
 from medclipsam.errors import InputError
-from medclipsam.images import read_mask
-from medclipsam.overlays import contour, overlay_slice
-from medclipsam.slice_rows import NO_IMAGE, NO_MAP
+from medclipsam.eval.overlays import contour, overlay_slice
+from medclipsam.io.cohort import parse_prompt, read_cohort
+from medclipsam.io.images import read_mask
+from medclipsam.io.outputs import read_records
+from medclipsam.pipeline.assembly import AssemblySettings, _stage_bytes, _unstage, collect_slice
+from medclipsam.pipeline.ray_runner import to_batch, to_rows
+from medclipsam.pipeline.rows import NO_IMAGE, NO_MAP
 
 
 def test_cohort_manifest_resolves_relative_uris_and_prompt_lists(tmp_path):
@@ -85,13 +86,17 @@ def _slice_row(case_id: str, k: int, n: int, mask: np.ndarray, geometry: str, **
 
 def test_staged_slice_round_trip():
     mask = np.random.default_rng(0).random((7, 9)) > 0.5
+    coarse = np.random.default_rng(1).random((7, 9)) > 0.7
     row = _slice_row("c", 3, 10, mask, "{}", image=np.full((7, 9, 3), 9, np.uint8),
-                     saliency=np.linspace(0, 1, 63, dtype=np.float32).reshape(7, 9))
+                     saliency=np.linspace(0, 1, 63, dtype=np.float32).reshape(7, 9), coarse=coarse)
     back = _unstage(_stage_bytes(row))
     assert np.array_equal(back["mask"], mask) and np.array_equal(back["image"], row["image"])
+    assert np.array_equal(back["coarse"], coarse) and back["coarse"].dtype == bool
     assert np.allclose(back["saliency"], row["saliency"], atol=1e-3)  # stored as float16
-    assert {k: v for k, v in back.items() if k not in ("mask", "image", "saliency")} == {
-        k: v for k, v in row.items() if k not in ("mask", "image", "saliency")}
+    arrays = ("mask", "image", "saliency", "coarse")
+    assert {k: v for k, v in back.items() if k not in arrays} == {k: v for k, v in row.items() if k not in arrays}
+    plain = _unstage(_stage_bytes(_slice_row("c", 3, 10, mask, "{}")))  # no picture, map or coarse mask
+    assert plain["image"].size == plain["saliency"].size == plain["coarse"].size == 0
 
 
 def test_volume_is_assembled_once_whatever_the_slice_order(tmp_path):

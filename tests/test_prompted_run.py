@@ -8,21 +8,25 @@ import SimpleITK as sitk
 from click.testing import CliRunner
 
 from medclipsam.cli import main
-from medclipsam.demo import label_boxes, oracle_boxes_csv
-from medclipsam.evaluation import evaluate
-from medclipsam.images import read_mask
-from medclipsam.manifest import read_manifest
-from medclipsam.prompted_run import plan_prompted, run_prompted
+from medclipsam.config import TaskConfig
+from medclipsam.eval.evaluation import evaluate
+from medclipsam.io.images import read_mask
+from medclipsam.io.manifest import read_manifest
+from medclipsam.pipeline.job import Job, plan
+from medclipsam.pipeline.run import run_job
+from medclipsam.prompts.csv_prompts import oracle_boxes_csv
+from medclipsam.prompts.from_mask import label_boxes
 
 SAMPLE_CASES = ["brain1", "brain2", "breast1", "lung1", "lung2"]
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory, litemedsam, samples_root):
+def demo_run(tmp_path_factory, samples_root):
     output = tmp_path_factory.mktemp("demo")
     boxes = output / "oracle_boxes.csv"
     boxes.write_text(oracle_boxes_csv(str(samples_root / "labels"), axis=0, margin=2.0))
-    records = run_prompted(litemedsam, plan_prompted(str(samples_root / "images"), boxes_csv=str(boxes)), str(output))
+    job = Job(TaskConfig(task="test"), str(samples_root / "images"), str(output), "files", boxes_csv=str(boxes))
+    records = run_job(job, "local", resume=False, track=False).records
     rows, summary = evaluate(str(output / "masks"), str(samples_root / "labels"))
     return output, records, rows, summary
 
@@ -78,9 +82,21 @@ def test_manifest_rows(demo_run):
         assert row["seconds_embed"] > 0 and row["seconds_read"] > 0
         prompts = json.loads(row["prompts"])
         assert len(prompts) == row["n_prompted_slices"] > 0
-    # brain1's recorded boxes are exactly the label boxes (margin 2 pixels)
-    brain1 = json.loads(table[0]["prompts"])
-    assert all(len(p["boxes"]) == 1 for p in brain1.values())
+
+def test_recorded_boxes_are_the_label_boxes(demo_run, samples_root):
+    """brain1's recorded prompts: one box per labelled slice, equal to the label's box widened by 2 px."""
+    output, _records, _, _ = demo_run
+    row = next(r for r in read_manifest(str(output / "manifest.parquet")).to_pylist() if r["case_id"] == "brain1")
+    recorded = {int(k): v for k, v in json.loads(row["prompts"]).items()}
+    label = read_mask(str(samples_root / "labels" / "brain1.nrrd"))
+    labelled = [z for z in range(label.array.shape[0]) if label.array[z].any()]
+    assert sorted(recorded) == labelled and row["n_prompted_slices"] == len(labelled)
+    height, width = label.array.shape[1:]
+    for z, prompts in recorded.items():
+        ys, xs = np.nonzero(label.array[z])
+        expected = [max(xs.min() - 2.0, 0.0), max(ys.min() - 2.0, 0.0), min(xs.max() + 2.0, width - 1.0),
+                    min(ys.max() + 2.0, height - 1.0)]
+        assert prompts["boxes"] == [expected] and prompts["points"] == []
 
 
 def test_oracle_boxes_csv_matches_labels(samples_root):
@@ -90,10 +106,11 @@ def test_oracle_boxes_csv_matches_labels(samples_root):
     label = read_mask(str(samples_root / "labels" / "breast1.nrrd"))
     expected = label_boxes(label, axis=0)
     rows = [line.split(",") for line in lines[1:] if line.startswith("breast1,")]
-    assert [int(r[1]) for r in rows] == [index for index, _ in expected]
-    for row, (index, box) in zip(rows, expected, strict=True):
+    assert [int(r[1]) for r in rows] == sorted(expected)
+    for row in rows:
+        index = int(row[1])
         ys, xs = np.nonzero(label.array[index])
-        assert [float(v) for v in row[2:]] == [xs.min(), ys.min(), xs.max(), ys.max()] == list(box)
+        assert [float(v) for v in row[2:]] == [xs.min(), ys.min(), xs.max(), ys.max()] == list(expected[index].boxes[0])
 
 
 def _png(path, array):
@@ -107,7 +124,7 @@ def _scene(seed):
     return np.clip(np.where(disk, 200, 50) + rng.normal(0, 10, disk.shape), 0, 255), disk
 
 
-def test_failing_cases_are_recorded_and_the_rest_complete(tmp_path, litemedsam):
+def test_failing_cases_are_recorded_and_the_rest_complete(tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
     for name in ("good1", "good2", "outside"):
@@ -120,9 +137,9 @@ def test_failing_cases_are_recorded_and_the_rest_complete(tmp_path, litemedsam):
         "case_id,slice,x0,y0,x1,y1\n"
         "good1,,35,25,65,55\ngood2,,35,25,65,55\noutside,,35,25,150,55\ncorrupt,,1,1,5,5\nflat,,1,1,5,5\n"
     )
-    plan = plan_prompted(str(inputs), str(boxes))
-    assert sorted(plan.cases) == ["corrupt", "flat", "good1", "good2", "outside"]
-    records = {r.case_id: r for r in run_prompted(litemedsam, plan, str(tmp_path / "out"))}
+    job = Job(TaskConfig(task="test"), str(inputs), str(tmp_path / "out"), "files", boxes_csv=str(boxes))
+    assert [t.case_id for t in plan(job)] == ["corrupt", "flat", "good1", "good2", "outside"]
+    records = {r.case_id: r for r in run_job(job, "local", resume=False, track=False).records}
     assert records["good1"].status == records["good2"].status == "ok"
     assert records["outside"].status == "error" and "boxes.csv line 4" in records["outside"].error
     assert "lies outside the image" in records["outside"].error

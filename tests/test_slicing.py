@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from medclipsam.slicing import CT_WINDOWS, Window, stack_slices, take_slice, to_rgb, window_to_uint8
+from medclipsam.config import CT_WINDOWS, WindowConfig
+from medclipsam.ops.slicing import stack_slices, take_slice, to_rgb, window_to_uint8
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
@@ -21,7 +22,7 @@ def test_take_slice_out_of_range():
 
 def test_percentile_window_matches_formula():
     data = np.arange(1001, dtype=np.int16).reshape(7, 143)
-    out = window_to_uint8(data, Window(lower_percentile=10, upper_percentile=90))
+    out = window_to_uint8(data, WindowConfig(lower_percentile=10, upper_percentile=90))
     lo, hi = np.percentile(data, [10, 90])
     expected = np.round((np.clip(data, lo, hi) - lo) / (hi - lo) * 255)
     np.testing.assert_array_equal(out, expected.astype(np.uint8))
@@ -30,7 +31,7 @@ def test_percentile_window_matches_formula():
 
 def test_ct_preset_window():
     hu = np.array([[-2000, -1350, -600, 150, 3000]], dtype=np.int16)
-    out = window_to_uint8(hu, Window(preset="lung"))  # centre -600, width 1500: -1350..150
+    out = window_to_uint8(hu, WindowConfig(preset="lung"))  # centre -600, width 1500: -1350..150
     np.testing.assert_array_equal(out, [[0, 0, 128, 255, 255]])
     assert set(CT_WINDOWS) >= {"lung", "soft_tissue", "brain", "bone"}
 
@@ -43,9 +44,9 @@ def test_uint8_unchanged_and_constant_slice_is_zero():
 
 def test_bad_window_settings():
     with pytest.raises(ValueError, match="unknown CT window preset"):
-        Window(preset="liver-ish")
-    with pytest.raises(ValueError, match="percentiles"):
-        Window(lower_percentile=90, upper_percentile=10)
+        WindowConfig(preset="liver-ish")
+    with pytest.raises(ValueError, match="lower_percentile must be below"):
+        WindowConfig(lower_percentile=90, upper_percentile=10)
 
 
 def test_to_rgb():

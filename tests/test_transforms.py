@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from medclipsam.transforms import LongestSidePad, Stretch
+from medclipsam.ops.transforms import LongestSidePad, Stretch
 
 
 def disk_image(h, w, cy, cx, r):

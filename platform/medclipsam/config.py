@@ -1,7 +1,12 @@
-"""Task configuration: one YAML file per task, validated on load.
+"""Settings: one YAML file per task, validated on load, and the vocabulary the settings name.
 
-Unknown keys and wrong types are errors that name the file and the key, so a typo never
-silently falls back to a default.
+The validated sections are what the stages receive (``ImageConfig`` by the slicing, ``SaliencyConfig``
+by M2IB, ``SamConfig`` by SAM, ...): there is no second set of parameter classes to convert to.
+Unknown keys and wrong types are errors that name the file and the key, so a typo never silently
+falls back to a default.
+
+May import: ``io`` (to read YAML from any URI) and ``errors``; it sits below ``ops`` and ``models``,
+which take their names (windows, merge methods, backends) from here, and imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -12,11 +17,23 @@ from typing import Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from . import storage
 from .errors import InputError
-from .merge import MERGE_METHODS
-from .models.sam_backends import BACKENDS
-from .slicing import CT_WINDOWS, Window
+from .io import storage
+
+#: CT window presets as (centre, width) in Hounsfield units.
+CT_WINDOWS: dict[str, tuple[float, float]] = {
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "soft_tissue": (40.0, 400.0),
+    "brain": (40.0, 80.0),
+    "bone": (400.0, 1800.0),
+    "abdomen": (60.0, 400.0),
+}
+#: How SAM's multimask candidates are merged (``ops.merge``).
+MERGE_METHODS = ("mean", "weighted", "staple")
+#: SAM backends (``models.sam_backends`` maps each name to its builder and preprocessing).
+SAM_BACKENDS = ("litemedsam", "medsam", "vit_b", "vit_h", "vit_l")
+BIOMEDCLIP_HUB = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 
 
 class StrictModel(BaseModel):
@@ -29,6 +46,8 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class WindowConfig(StrictModel):
+    """How slice intensities map to 0..255: a CT preset, or the slice's own percentiles."""
+
     preset: str | None = None
     lower_percentile: float = Field(0.5, ge=0.0, le=100.0)
     upper_percentile: float = Field(99.5, ge=0.0, le=100.0)
@@ -43,21 +62,22 @@ class WindowConfig(StrictModel):
             raise ValueError("lower_percentile must be below upper_percentile")
         return self
 
-    def to_window(self) -> Window:
-        return Window(self.preset, self.lower_percentile, self.upper_percentile)
-
 
 class ImageConfig(StrictModel):
+    """How a case becomes model inputs: the slicing axis of volumes and the intensity window."""
+
     axis: int = Field(0, ge=0, le=2)
     window: WindowConfig = WindowConfig()
 
 
 class TextConfig(StrictModel):
     prompts: list[str] = Field(min_length=1)
-    clip_model: str = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+    clip_model: str = BIOMEDCLIP_HUB
 
 
 class SaliencyConfig(StrictModel):
+    """M2IB saliency (reference defaults) and how images meet CLIP's square input."""
+
     geometry: Literal["crop", "pad", "stretch"] = "crop"  # how images meet CLIP's square input
     batch_size: int = Field(4, ge=1)
     layer: int = Field(9, ge=0)
@@ -66,6 +86,7 @@ class SaliencyConfig(StrictModel):
     copies: int = Field(10, ge=1)
     lr: float = Field(1.0, gt=0.0)
     seed: int = 0
+    init: float = 5.0  # initial alpha of the bottleneck (lambda = sigmoid(alpha))
 
 
 class CoarseMaskConfig(StrictModel):
@@ -88,6 +109,8 @@ class OracleConfig(StrictModel):
 
 
 class SamConfig(StrictModel):
+    """The SAM backend and how its output becomes a binary mask."""
+
     backend: str = "litemedsam"
     checkpoint: str | None = None
     device: str = "cpu"
@@ -99,8 +122,8 @@ class SamConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> SamConfig:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"unknown SAM backend '{self.backend}'; choose from {sorted(BACKENDS)}")
+        if self.backend not in SAM_BACKENDS:
+            raise ValueError(f"unknown SAM backend '{self.backend}'; choose from {sorted(SAM_BACKENDS)}")
         if self.merge not in MERGE_METHODS:
             raise ValueError(f"unknown merge method '{self.merge}'; choose from {list(MERGE_METHODS)}")
         return self

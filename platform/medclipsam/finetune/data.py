@@ -7,9 +7,9 @@ import pyarrow as pa
 import torch
 
 from ..errors import MedClipSamError
-from ..images import read_image
-from ..slicing import to_rgb, window_to_uint8
-from ..transforms import ShortSideCrop
+from ..io.images import read_image
+from ..ops.slicing import to_rgb, window_to_uint8
+from ..ops.transforms import ShortSideCrop
 
 
 def clip_pixels(image: np.ndarray, size: int, mean, std) -> np.ndarray:

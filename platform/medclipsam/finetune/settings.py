@@ -6,8 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..config import StrictModel, load_model
-from ..models.biomedclip import BIOMEDCLIP_HUB
+from ..config import BIOMEDCLIP_HUB, StrictModel, load_model
 
 
 class DataSettings(StrictModel):

@@ -21,10 +21,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .. import storage
 from ..errors import InputError
+from ..io import storage
+from ..io.tracking import flatten, resolve_tracking_uri
 from ..models.biomedclip import load_clip, save_clip
-from ..tracking import resolve_tracking_uri
 from .losses import contrastive_loss, gather_features
 from .pairs import read_pairs, split_pairs
 from .retrieval import retrieval_metrics
@@ -178,9 +178,6 @@ def train_loop(loop_config: dict) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(metrics)
-        if loop_config.get("fail_after_epoch") == epoch and not Path(loop_config["fail_marker"]).exists():
-            Path(loop_config["fail_marker"]).touch()  # test hook: one injected failure, then recovery
-            raise RuntimeError(f"injected failure after epoch {epoch}")
     if rank == 0:
         mlflow.end_run()
 
@@ -199,8 +196,12 @@ class FinetuneResult:
 
 def run_finetune(config: FinetuneConfig, pairs_uri: str, workers: int = 1, use_gpu: bool = False,
                  storage_path: str | None = None, name: str = "finetune", model_dir: str | None = None,
-                 test_hooks: dict | None = None) -> FinetuneResult:
-    """Fine-tune, checkpoint every epoch under ``storage_path/name``, then register the model."""
+                 callbacks: list | None = None) -> FinetuneResult:
+    """Fine-tune, checkpoint every epoch under ``storage_path/name``, then register the model.
+
+    ``callbacks`` (``ray.train.UserCallback`` instances) are handed to Ray Train's ``RunConfig``:
+    they run on the Ray Train controller, e.g. ``after_report`` once every worker has reported an epoch.
+    """
     import mlflow
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -239,20 +240,21 @@ def run_finetune(config: FinetuneConfig, pairs_uri: str, workers: int = 1, use_g
     if run_id is None:
         with mlflow.start_run(run_name=name) as run:
             run_id = run.info.run_id
-            mlflow.log_params(_flat_params(config, workers, use_gpu, pairs_uri))
+            mlflow.log_params(flatten({"pairs": pairs_uri, "workers": workers, "use_gpu": use_gpu,
+                                       **config.model_dump(exclude={"registry"})}))
             mlflow.log_metrics({"pairs_used": usable_table.num_rows, "dropped_short_captions": dropped_short,
                                 "skipped_images": skipped, "train_pairs": train_table.num_rows,
                                 "val_pairs": val_table.num_rows})
         storage.write_bytes_atomic(run_file, run_id.encode())
 
     loop_config = {"config": config.model_dump(), "model_dir": model_dir, "tracking_uri": uri, "run_id": run_id,
-                   "batches_per_epoch": batches_per_epoch, "has_val": "val" in datasets, **(test_hooks or {})}
+                   "batches_per_epoch": batches_per_epoch, "has_val": "val" in datasets}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         run_config=RunConfig(name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=2),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks or [])),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
@@ -286,11 +288,3 @@ def register_model(model_dir: Path, run_id: str, config: FinetuneConfig, metrics
     if config.registry.alias:
         client.set_registered_model_alias(config.registry.model_name, config.registry.alias, version)
     return version
-
-
-def _flat_params(config: FinetuneConfig, workers: int, use_gpu: bool, pairs_uri: str) -> dict:
-    flat = {"pairs": pairs_uri, "workers": workers, "use_gpu": use_gpu, "model": config.model, "seed": config.seed}
-    for section in ("data", "loss", "optim", "freeze", "eval"):
-        for key, value in getattr(config, section).model_dump().items():
-            flat[f"{section}.{key}"] = value
-    return flat

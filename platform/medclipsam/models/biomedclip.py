@@ -13,7 +13,6 @@ directory, so a copy works with no network at all.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -22,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from .. import storage
+from ..config import BIOMEDCLIP_HUB
 from ..errors import ModelError
-from .checkpoints import CACHE_DIR, sha256_of
+from ..io.fetch import fetch_folder, fetch_registered
+from .checkpoints import sha256_of
 
-BIOMEDCLIP_HUB = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 WEIGHT_NAMES = (
     "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
     "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "model.pth",
@@ -74,27 +73,12 @@ class ClipModel:
 
 
 def _local_dir(uri: str) -> Path:
-    if uri.startswith("local-dir:"):
-        uri = uri.removeprefix("local-dir:")
-    if not storage.is_remote(uri):
-        path = Path(uri.removeprefix("file://"))
-        if not path.is_dir():
-            raise ModelError(f"model {uri}: no such directory. {OFFLINE_HELP}")
-        return path
-    target = CACHE_DIR / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if not (target / "open_clip_config.json").is_file():
-        try:
-            if not storage.isdir(uri):
-                raise ModelError(f"model {uri}: no such directory")
-            fs, path = storage.filesystem(uri)
-            partial = Path(str(target) + ".part")
-            fs.get(path.rstrip("/") + "/", str(partial) + "/", recursive=True)
-            os.replace(partial, target)
-        except ModelError:
-            raise
-        except Exception as exc:
-            raise ModelError(f"model {uri}: cannot fetch ({exc}). {OFFLINE_HELP}") from exc
-    return target
+    try:
+        if uri.startswith("models:/"):
+            return _registered_dir(uri)
+        return fetch_folder(uri.removeprefix("local-dir:"), "model", marker="open_clip_config.json")
+    except ModelError as exc:
+        raise ModelError(f"{exc}. {OFFLINE_HELP}") from exc
 
 
 def _weights_file(folder: Path) -> Path:
@@ -145,7 +129,7 @@ def load_clip(uri: str = BIOMEDCLIP_HUB, device: str = "cpu") -> ClipModel:
             weights = hf_hub_download(uri.removeprefix("hf-hub:"), "open_clip_pytorch_model.bin")
             config = json.loads(Path(hf_hub_download(uri.removeprefix("hf-hub:"), "open_clip_config.json")).read_text())
         else:
-            folder = _registry_dir(uri) if uri.startswith("models:/") else _local_dir(uri)
+            folder = _local_dir(uri)
             config = json.loads((folder / "open_clip_config.json").read_text()) if (
                 folder / "open_clip_config.json").is_file() else {}
             weights = str(_weights_file(folder))
@@ -166,17 +150,9 @@ def load_clip(uri: str = BIOMEDCLIP_HUB, device: str = "cpu") -> ClipModel:
     )
 
 
-def _registry_dir(uri: str) -> Path:
-    """``models:/name@alias`` or ``models:/name/version`` from the MLflow registry (downloaded into the cache)."""
-    import mlflow
-
-    target = CACHE_DIR / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
-    except Exception as exc:
-        raise ModelError(f"model {uri}: cannot be fetched from the MLflow registry at "
-                         f"{mlflow.get_tracking_uri()} ({exc})") from exc
-    found = sorted(local.rglob("open_clip_config.json"))
+def _registered_dir(uri: str) -> Path:
+    """``models:/name@alias`` or ``models:/name/version``: the folder of the registered model."""
+    found = sorted(fetch_registered(uri).rglob("open_clip_config.json"))
     if not found:
         raise ModelError(f"model {uri}: the registered model holds no open_clip_config.json")
     return found[0].parent

@@ -5,43 +5,18 @@ from __future__ import annotations
 import hashlib
 import os
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 
-from .. import storage
 from ..errors import ModelError
-
-CACHE_DIR = Path(os.environ.get("MEDCLIPSAM_CACHE", Path.home() / ".cache" / "medclipsam"))
+from ..io.fetch import fetch_file
 
 
 def resolve_checkpoint(uri: str) -> str:
     """A local path for ``uri``: local files as they are; remote files fetched once into the cache."""
     if not uri:
         raise ModelError("no checkpoint given: pass --checkpoint PATH_OR_URI")
-    if not storage.is_remote(uri):
-        path = uri.removeprefix("file://")
-        if not os.path.isfile(path):
-            raise ModelError(f"checkpoint {uri}: no such file")
-        return path
-    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    target = CACHE_DIR / "checkpoints" / digest / storage.basename(uri)
-    if not target.exists():
-        try:
-            if not storage.exists(uri):
-                raise ModelError(f"checkpoint {uri}: no such object")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".part")
-            fs, path = storage.filesystem(uri)
-            fs.get(path, str(tmp))
-            tmp.replace(target)
-        except ModelError:
-            raise
-        except Exception as exc:  # network, permission, credentials
-            raise ModelError(
-                f"checkpoint {uri}: cannot fetch ({exc}); download it and pass its local path instead"
-            ) from exc
-    return str(target)
+    return fetch_file(uri, "checkpoint")
 
 
 @lru_cache(maxsize=32)

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..config import SAM_BACKENDS
 from ..errors import ModelError
-from ..transforms import LongestSidePad, Stretch
+from ..ops.transforms import LongestSidePad, Stretch
 from .checkpoints import load_into, resolve_checkpoint, sha256_of
 
 # SAM's published pixel statistics (0..255 RGB).
@@ -227,3 +228,7 @@ def build_segmenter(backend: str, checkpoint: str | None = None, device: str = "
         checkpoint_sha256=sha256_of(path),
         device=device,
     )
+
+
+if set(BACKENDS) != set(SAM_BACKENDS):  # the config's vocabulary and this registry name the same backends
+    raise RuntimeError(f"SAM backend registry {sorted(BACKENDS)} does not match config.SAM_BACKENDS")

@@ -14,8 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import storage
 from ..errors import PromptError
+from ..io import storage
+from ..io.images import read_mask
+from ..io.inputs import list_cases
+from .from_mask import label_boxes
 from .types import SlicePrompts
 
 BOX_COLUMNS = ("case_id", "slice", "x0", "y0", "x1", "y1")
@@ -158,3 +161,14 @@ def prompts_for_case(
         labels = np.array([r.values[2] for r in points.get(key, [])], dtype=np.int64)
         out[key] = SlicePrompts(box_array, point_array, labels)
     return out
+
+
+def oracle_boxes_csv(labels_uri: str, axis: int = 0, margin: float = 0.0) -> str:
+    """A boxes CSV (``case_id,slice,x0,y0,x1,y1``) with one box per labelled slice of every label."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(BOX_COLUMNS)
+    for case_id, uri in list_cases(labels_uri).items():
+        for index, prompts in label_boxes(read_mask(uri), axis, margin).items():
+            writer.writerow([case_id, "" if index is None else index, *(f"{v:g}" for v in prompts.boxes[0])])
+    return buffer.getvalue()

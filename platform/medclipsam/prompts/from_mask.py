@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..io.images import MedicalImage
+from ..ops.slicing import take_slice
 from .types import SlicePrompts
 
 
@@ -36,3 +38,15 @@ def box_prompts_from_mask(mask: np.ndarray, margin: float = 0.0) -> SlicePrompts
     if box is None:
         return None
     return SlicePrompts(boxes=box[None])
+
+
+def label_boxes(label: MedicalImage, axis: int = 0, margin: float = 0.0) -> dict[int | None, SlicePrompts]:
+    """One box per labelled slice of a volume (or of a labelled 2D image, key None): oracle prompts."""
+    planes = {None: label.array} if not label.is_volume else {
+        index: take_slice(label.array, index, axis) for index in range(label.array.shape[axis])}
+    out: dict[int | None, SlicePrompts] = {}
+    for key, plane in planes.items():
+        box = bounding_box(plane, margin, min_size=1.0)
+        if box is not None:
+            out[key] = SlicePrompts(boxes=box[None])
+    return out

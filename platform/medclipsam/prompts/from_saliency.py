@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from ..postprocess import keep_largest_components
+from ..config import CoarseMaskConfig, VisualPromptConfig
+from ..ops.postprocess import keep_largest_components
 from .from_mask import bounding_box
 from .types import SlicePrompts
 
@@ -93,3 +94,18 @@ def visual_prompts(
         prompts.points = np.concatenate([positive, negative])
         prompts.labels = np.concatenate([np.ones(len(positive), np.int64), np.zeros(len(negative), np.int64)])
     return prompts
+
+
+def prompts_from_saliency(
+    image: np.ndarray, saliency: np.ndarray | None, coarse: CoarseMaskConfig, visual: VisualPromptConfig
+) -> tuple[np.ndarray, SlicePrompts]:
+    """The coarse mask and SAM prompts of one ``H x W x 3`` image from its saliency map.
+
+    ``saliency`` is None where M2IB gave no contrast at all: an empty mask and no prompts, as
+    where the coarse mask finds nothing.
+    """
+    mask = np.zeros(image.shape[:2], dtype=bool)
+    if saliency is not None:
+        mask = coarse_mask(saliency, coarse.method, coarse.threshold, coarse.keep_components, visual.seed, image)
+    found = visual_prompts(mask, visual.type, visual.n_points, visual.n_negative, visual.seed)
+    return mask, found if found is not None else SlicePrompts()

@@ -22,16 +22,18 @@ class SlicePrompts:
     def is_empty(self) -> bool:
         return len(self.boxes) == 0 and len(self.points) == 0
 
-    def to_record(self) -> dict:
+    def to_record(self, precise: bool = False) -> dict:
+        """JSON-ready lists; coordinates to 0.01 px for people, or exact (``precise``) between stages."""
+        digits = 17 if precise else 2
         return {
-            "boxes": np.asarray(self.boxes).round(2).tolist(),
-            "points": np.asarray(self.points).round(2).tolist(),
+            "boxes": np.asarray(self.boxes, dtype=float).round(digits).tolist(),
+            "points": np.asarray(self.points, dtype=float).round(digits).tolist(),
             "labels": np.asarray(self.labels).astype(int).tolist(),
         }
 
     @classmethod
     def from_record(cls, record: dict) -> SlicePrompts:
-        """The inverse of ``to_record`` (coordinates as recorded, to 0.01 px)."""
+        """The inverse of ``to_record`` (coordinates as recorded)."""
         return cls(
             boxes=np.asarray(record.get("boxes", []), dtype=float).reshape(-1, 4),
             points=np.asarray(record.get("points", []), dtype=float).reshape(-1, 2),

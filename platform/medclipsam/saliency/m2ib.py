@@ -19,23 +19,11 @@ does not depend on the batch it is in.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
+from ..config import SaliencyConfig
 from .vision_split import VisionSplit
-
-
-@dataclass(frozen=True)
-class M2IBParams:
-    layer: int = 9
-    beta: float = 1.0
-    steps: int = 10
-    copies: int = 10
-    lr: float = 1.0
-    seed: int = 0
-    init: float = 5.0
 
 
 def kl_elements(lam: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +49,7 @@ def bottleneck_terms(
     return kl, cos, loss
 
 
-def m2ib_maps(split: VisionSplit, pixels: torch.Tensor, text: torch.Tensor, params: M2IBParams) -> torch.Tensor:
+def m2ib_maps(split: VisionSplit, pixels: torch.Tensor, text: torch.Tensor, params: SaliencyConfig) -> torch.Tensor:
     """Saliency on the patch grid, ``B x gh x gw`` (not normalised), for normalised pixels ``Bx3xSxS``."""
     with torch.no_grad():
         tokens = split.prefix(pixels)

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..config import SaliencyConfig
 from ..models.biomedclip import ClipModel
-from ..transforms import LongestSidePad, ShortSideCrop, Stretch
-from .m2ib import M2IBParams, m2ib_maps
+from ..ops.transforms import LongestSidePad, ShortSideCrop, Stretch
+from .m2ib import m2ib_maps
 from .vision_split import VisionSplit
 
 GEOMETRIES = ("crop", "pad", "stretch")
@@ -57,13 +58,13 @@ def saliency_maps(
     clip: ClipModel,
     images: Sequence[np.ndarray],
     text: str | list[str],
-    params: M2IBParams = M2IBParams(),
-    geometry: str = "crop",
-    batch_size: int = 4,
+    settings: SaliencyConfig | None = None,
 ) -> list[SaliencyMap]:
     """M2IB maps for ``H x W x 3`` uint8 images, upsampled bilinearly and mapped back to each image."""
+    params = settings or SaliencyConfig()
     split = VisionSplit(clip.model.visual, params.layer)
-    transform = clip_geometry(geometry, clip.image_size)
+    transform = clip_geometry(params.geometry, clip.image_size)
+    batch_size = params.batch_size
     text_embedding = clip.text_embedding(text)
     out: list[SaliencyMap] = []
     for start in range(0, len(images), batch_size):

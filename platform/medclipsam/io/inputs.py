@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from ..errors import InputError
 from . import storage
-from .errors import InputError
 from .images import DICOM_EXTENSIONS, case_id_from_uri, extension_of, is_supported
 
 log = logging.getLogger(__name__)

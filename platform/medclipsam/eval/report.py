@@ -11,10 +11,10 @@ import math
 
 import pyarrow as pa
 
-from . import storage
-from .case_assembly import OVERLAYS
-from .errors import InputError
-from .manifest import read_manifest
+from ..errors import InputError
+from ..io import storage
+from ..io.manifest import read_manifest, status_counts
+from ..io.outputs import MANIFEST, OVERLAYS
 
 COLUMNS = ("case_id", "status", "n_slices", "n_prompted_slices", "dsc", "nsd", "hd95", "seconds", "error")
 
@@ -31,11 +31,9 @@ def _cell(value) -> str:
 
 
 def _summary(rows: list[dict]) -> list[tuple[str, str]]:
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    counts = status_counts(rows)
     scored = [r for r in rows if isinstance(r.get("dsc"), float) and math.isfinite(r["dsc"])]
-    items = [("cases", str(len(rows))), *((f"status {k}", str(v)) for k, v in sorted(counts.items()))]
+    items = [("cases", str(len(rows))), *((f"status {k}", str(v)) for k, v in counts.items())]
     if scored:
         items += [("mean DSC", f"{sum(r['dsc'] for r in scored) / len(scored):.4f}"),
                   ("mean NSD", f"{sum(r['nsd'] for r in scored) / len(scored):.4f}"),
@@ -69,7 +67,7 @@ def render_report(table: pa.Table, pictures: dict[str, bytes], title: str) -> st
 
 def write_report(run_output: str, destination: str | None = None) -> str:
     """Write ``<run_output>/report.html`` (or ``destination``); returns where it went."""
-    manifest = storage.join(run_output, "manifest.parquet")
+    manifest = storage.join(run_output, MANIFEST)
     if not storage.exists(manifest):
         raise InputError(f"{manifest}: no manifest; is {run_output} the output of a pseudolabel run?")
     table = read_manifest(manifest)

@@ -89,6 +89,15 @@ def record_from_dict(data: dict) -> CaseRecord:
     return CaseRecord(**values)
 
 
+def status_counts(statuses) -> dict[str, int]:
+    """How many cases ended in each status (records, or manifest rows as dicts), sorted by status."""
+    counts: dict[str, int] = {}
+    for item in statuses:
+        status = item["status"] if isinstance(item, dict) else item.status
+        counts[status] = counts.get(status, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def to_table(records: list[CaseRecord]) -> pa.Table:
     return pa.Table.from_pylist([asdict(record) for record in records], schema=SCHEMA)
 

@@ -4,7 +4,8 @@ Slices of a volume may reach different writer tasks in any order. Each slice is 
 ``<output>/.staging/<case_id>/`` (atomically); the writer that sees the last slice arrive
 assembles the case. Writers that race to the last slice write identical files, so the outcome
 is the same whoever wins. A case is complete when ``<output>/records/<case_id>.json`` exists; it
-is written last, after the mask, so a killed run never leaves a record without its mask.
+is written last, after the mask, so a killed run never leaves a record without its mask. The
+single-process runner has every row of a case at once and calls ``finish_case`` directly.
 """
 
 from __future__ import annotations
@@ -12,22 +13,21 @@ from __future__ import annotations
 import io
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
-from . import storage
-from .evaluation import score_mask
-from .images import mask_extension, read_mask, write_mask
-from .manifest import STATUS_ERROR, STATUS_NO_PROMPTS, STATUS_NO_TARGET, STATUS_OK, CaseRecord, record_from_dict
-from .overlays import overlay_png, overlay_slice
-from .prompted_run import assemble_mask, prompt_record
-from .prompts.types import SlicePrompts
-from .slice_rows import SOURCE_TEXT, Row, reference_image
-from .slicing import take_slice
+from ..eval.evaluation import score_mask
+from ..eval.overlays import overlay_png, overlay_slice
+from ..io import storage
+from ..io.images import MedicalImage, mask_extension, read_mask, write_mask
+from ..io.manifest import STATUS_ERROR, STATUS_NO_PROMPTS, STATUS_NO_TARGET, STATUS_OK, CaseRecord
+from ..io.outputs import COARSE, MASKS, OVERLAYS, PROMPTS, SALIENCY, STAGING, write_record
+from ..ops.slicing import assemble_mask, take_slice
+from ..prompts.types import SlicePrompts
+from .rows import NO_IMAGE, NO_MAP, NO_MASK, SOURCE_TEXT, Row, reference_image
 
-MASKS, RECORDS, STAGING, OVERLAYS, SALIENCY = "masks", "records", ".staging", "overlays", "saliency"
-ARRAY_COLUMNS = ("image", "saliency", "mask")
+ARRAY_COLUMNS = ("image", "saliency", "coarse", "mask")
 
 
 @dataclass(frozen=True)
@@ -36,27 +36,13 @@ class AssemblySettings:
     source: str  # slice_rows.SOURCE_TEXT or SOURCE_LABELS
     parameters: str = "{}"  # JSON of every setting, recorded per case
     tolerance: float = 2.0  # NSD tolerance: pixels (2D) or millimetres (volumes)
+    save_prompts: bool = False  # also write prompts/<case_id>.json
 
 
-def record_uri(output: str, case_id: str) -> str:
-    return storage.join(output, RECORDS, f"{case_id}.json")
-
-
-def write_record(record: CaseRecord, output: str) -> None:
-    storage.write_bytes_atomic(record_uri(output, record.case_id), json.dumps(asdict(record)).encode())
-
-
-def read_records(output: str) -> dict[str, CaseRecord]:
-    """Every case record already written under ``output`` (an empty dict for a new output)."""
-    folder = storage.join(output, RECORDS)
-    if not storage.exists(folder):
-        return {}
-    uris = [u for u in storage.list_files(folder) if u.endswith(".json") and not storage.basename(u).startswith(".")]
-    records = {}
-    for data in storage.read_many(uris).values():
-        record = record_from_dict(json.loads(data))
-        records[record.case_id] = record
-    return records
+def prompt_record(prompts: dict[int | None, SlicePrompts]) -> str:
+    """JSON of the prompts per slice ("" for a 2D image), as recorded in the manifest."""
+    ordered = sorted(prompts.items(), key=lambda item: -1 if item[0] is None else item[0])
+    return json.dumps({("" if k is None else str(k)): p.to_record() for k, p in ordered})
 
 
 def _stage_bytes(row: Row) -> bytes:
@@ -65,6 +51,8 @@ def _stage_bytes(row: Row) -> bytes:
         arrays["image"] = row["image"]
     if row.get("saliency") is not None and row["saliency"].size:
         arrays["saliency"] = row["saliency"].astype(np.float16)
+    if row.get("coarse") is not None and row["coarse"].size:
+        arrays["coarse"] = np.packbits(row["coarse"].astype(bool))
     meta = {k: v.item() if isinstance(v, np.generic) else v for k, v in row.items() if k not in ARRAY_COLUMNS}
     buffer = io.BytesIO()
     np.savez_compressed(buffer, meta=np.asarray(json.dumps(meta)), **arrays)
@@ -76,8 +64,10 @@ def _unstage(data: bytes) -> Row:
         row = json.loads(str(npz["meta"]))
         shape = tuple(int(v) for v in npz["mask_shape"])
         row["mask"] = np.unpackbits(npz["mask"], count=int(np.prod(shape))).reshape(shape).astype(bool)
-        row["image"] = npz["image"] if "image" in npz else np.zeros((0, 0, 3), np.uint8)
-        row["saliency"] = npz["saliency"].astype(np.float32) if "saliency" in npz else np.zeros((0, 0), np.float32)
+        row["image"] = npz["image"] if "image" in npz else NO_IMAGE
+        row["saliency"] = npz["saliency"].astype(np.float32) if "saliency" in npz else NO_MAP
+        row["coarse"] = (np.unpackbits(npz["coarse"], count=int(np.prod(shape))).reshape(shape).astype(bool)
+                         if "coarse" in npz else NO_MASK)
     return row
 
 
@@ -145,11 +135,7 @@ def _write_outputs(rows: list[Row], record: CaseRecord, settings: AssemblySettin
     mask = assemble_mask(image, masks, axis)
     record.mask_uri = storage.join(settings.output, MASKS, record.case_id + mask_extension(image))
     write_mask(mask, image, record.mask_uri)
-    if any(r["saliency"].size for r in rows if r.get("saliency") is not None):
-        maps = [r["saliency"] if r["saliency"].size else np.zeros(r["mask"].shape, np.float32) for r in rows]
-        buffer = io.BytesIO()
-        np.save(buffer, np.stack(maps, axis=axis) if image.is_volume else maps[0])
-        storage.write_bytes_atomic(storage.join(settings.output, SALIENCY, f"{record.case_id}.npy"), buffer.getvalue())
+    _write_intermediates(rows, record, image, axis, settings)
     truth = None
     if record.gt_uri:
         try:
@@ -163,6 +149,28 @@ def _write_outputs(rows: list[Row], record: CaseRecord, settings: AssemblySettin
         _write_overlay(record, masks, pictures, truth, axis, settings.output)
     record.status = STATUS_OK if prompted else (STATUS_NO_TARGET if settings.source == SOURCE_TEXT
                                                 else STATUS_NO_PROMPTS)
+
+
+def _stacked(image: MedicalImage, planes: list[np.ndarray], axis: int) -> np.ndarray:
+    return np.stack(planes, axis=axis) if image.is_volume else planes[0]
+
+
+def _write_intermediates(rows: list[Row], record: CaseRecord, image: MedicalImage, axis: int,
+                         settings: AssemblySettings) -> None:
+    """saliency/<case>.npy (float32, image-shaped), coarse/<case>.png|.nii.gz, prompts/<case>.json."""
+    if any(r.get("saliency") is not None and r["saliency"].size for r in rows):
+        maps = [r["saliency"] if r["saliency"].size else np.zeros(r["mask"].shape, np.float32) for r in rows]
+        buffer = io.BytesIO()
+        np.save(buffer, _stacked(image, maps, axis).astype(np.float32))
+        storage.write_bytes_atomic(storage.join(settings.output, SALIENCY, f"{record.case_id}.npy"), buffer.getvalue())
+    if any(r.get("coarse") is not None and r["coarse"].size for r in rows):
+        coarse = _stacked(image, [r["coarse"] if r["coarse"].size else np.zeros(r["mask"].shape, bool) for r in rows],
+                          axis)
+        write_mask(coarse.astype(np.uint8) if image.is_volume else coarse, image,
+                   storage.join(settings.output, COARSE, record.case_id + mask_extension(image)))
+    if settings.save_prompts:
+        storage.write_bytes_atomic(storage.join(settings.output, PROMPTS, f"{record.case_id}.json"),
+                                   record.prompts.encode())
 
 
 def _write_overlay(record: CaseRecord, masks: dict, pictures: dict, truth, axis: int, output: str) -> None:

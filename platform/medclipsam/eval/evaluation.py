@@ -9,10 +9,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import storage
-from .errors import InputError
-from .images import MedicalImage, read_mask
-from .inputs import list_cases
+from ..errors import InputError
+from ..io import storage
+from ..io.images import MedicalImage, read_mask
+from ..io.inputs import list_cases
 from .metrics import CaseMetrics, case_metrics, summarise
 
 DEFAULT_TOLERANCE = 2.0  # pixels for 2D images, millimetres for volumes

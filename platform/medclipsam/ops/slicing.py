@@ -2,42 +2,16 @@
 
 A volume ``Z x Y x X`` is cut along ``axis`` (0 = SimpleITK's first array axis); slice ``i``
 is ``np.take(volume, i, axis)``, whose rows and columns are the remaining axes in order.
-``stack_slices`` is the exact inverse of ``take_slice`` over all indices.
+``stack_slices`` is the exact inverse of ``take_slice`` over all indices; ``model_inputs`` and
+``assemble_mask`` are the same pair for a whole case (image -> windowed RGB slices -> masks -> mask).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-#: CT window presets as (centre, width) in Hounsfield units.
-CT_WINDOWS: dict[str, tuple[float, float]] = {
-    "lung": (-600.0, 1500.0),
-    "mediastinum": (50.0, 350.0),
-    "soft_tissue": (40.0, 400.0),
-    "brain": (40.0, 80.0),
-    "bone": (400.0, 1800.0),
-    "abdomen": (60.0, 400.0),
-}
-
-
-@dataclass(frozen=True)
-class Window:
-    """How to map intensities to 0..255: a CT preset, or per-slice percentiles."""
-
-    preset: str | None = None
-    lower_percentile: float = 0.5
-    upper_percentile: float = 99.5
-
-    def __post_init__(self) -> None:
-        if self.preset is not None and self.preset not in CT_WINDOWS:
-            raise ValueError(f"unknown CT window preset '{self.preset}'; choose from {sorted(CT_WINDOWS)}")
-        if not 0.0 <= self.lower_percentile < self.upper_percentile <= 100.0:
-            raise ValueError(
-                f"percentiles must satisfy 0 <= lower < upper <= 100, got "
-                f"{self.lower_percentile}, {self.upper_percentile}"
-            )
+from ..config import CT_WINDOWS, ImageConfig, WindowConfig
+from ..io.images import MedicalImage
 
 
 def num_slices(volume: np.ndarray, axis: int) -> int:
@@ -56,7 +30,7 @@ def stack_slices(slices: list[np.ndarray], axis: int = 0) -> np.ndarray:
     return np.stack(slices, axis=axis)
 
 
-def window_to_uint8(image: np.ndarray, window: Window = Window()) -> np.ndarray:
+def window_to_uint8(image: np.ndarray, window: WindowConfig | None = None) -> np.ndarray:
     """Map an image (2D, or 2D with channels) to uint8.
 
     8-bit input is returned unchanged: its display range is already fixed. Otherwise the
@@ -65,6 +39,7 @@ def window_to_uint8(image: np.ndarray, window: Window = Window()) -> np.ndarray:
     """
     if image.dtype == np.uint8:
         return image
+    window = window or WindowConfig()
     data = image.astype(np.float64)
     if window.preset is not None:
         centre, width = CT_WINDOWS[window.preset]
@@ -86,3 +61,27 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     if image.ndim == 3 and image.shape[-1] == 3:
         return image
     raise ValueError(f"expected H x W or H x W x 3, got shape {image.shape}")
+
+
+def slice_keys(image: MedicalImage, axis: int) -> list[int | None]:
+    """Every slice index of a volume along ``axis``, or ``[None]`` for a 2D image."""
+    return list(range(image.array.shape[axis])) if image.is_volume else [None]
+
+
+def model_inputs(image: MedicalImage, keys: list[int | None], settings: ImageConfig) -> list[np.ndarray]:
+    """``H x W x 3`` uint8 inputs for the given slice indices (None: the 2D image itself)."""
+    if not image.is_volume:
+        return [to_rgb(window_to_uint8(image.array, settings.window)) for _ in keys]
+    return [to_rgb(window_to_uint8(take_slice(image.array, k, settings.axis), settings.window)) for k in keys]
+
+
+def assemble_mask(image: MedicalImage, masks: dict[int | None, np.ndarray], axis: int) -> np.ndarray:
+    """Full-size mask: the given slices from ``masks``, empty elsewhere (inverse of ``model_inputs``)."""
+    if not image.is_volume:
+        return masks.get(None, np.zeros(image.array.shape[:2], dtype=bool))
+    out = np.zeros(image.array.shape, dtype=np.uint8)
+    for index, mask in masks.items():
+        selector: list[slice | int] = [slice(None)] * 3
+        selector[axis] = index
+        out[tuple(selector)] = mask
+    return out

@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from ..errors import InputError
 from . import storage
-from .errors import InputError
 from .images import case_id_from_uri
 from .inputs import list_cases
 

@@ -15,8 +15,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from .errors import InputError
-from .models.checkpoints import CACHE_DIR
+from ..errors import InputError
+from .fetch import CACHE_DIR
 
 PACKAGE = "pyradiomics-bhklab"
 VERSION = "3.1.4"

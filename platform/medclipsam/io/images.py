@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from ..errors import InputError
 from . import storage
-from .errors import InputError
 
 IMAGE_2D_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 VOLUME_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import SimpleITK as sitk
 
-MERGE_METHODS = ("mean", "weighted", "staple")
+from ..config import MERGE_METHODS
 
 
 def merge_candidates(probs: np.ndarray, scores: np.ndarray, method: str = "mean", threshold: float = 0.5) -> np.ndarray:
@@ -26,6 +25,8 @@ def merge_candidates(probs: np.ndarray, scores: np.ndarray, method: str = "mean"
             weights = np.ones_like(weights)
         return np.tensordot(weights / weights.sum(), probs, axes=1).astype(probs.dtype)
     if method == "staple":
+        import SimpleITK as sitk
+
         binaries = [(p > threshold).astype(np.uint8) for p in probs]
         if not any(b.any() for b in binaries):
             return np.zeros(probs.shape[1:], dtype=probs.dtype)

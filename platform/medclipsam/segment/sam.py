@@ -7,33 +7,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
-from .merge import MERGE_METHODS, merge_candidates
-from .models.sam_backends import PromptableSegmenter
-from .postprocess import binarise
-from .prompts.types import SlicePrompts
-
-
-@dataclass(frozen=True)
-class SegmentationParams:
-    multimask: bool = False
-    merge: str = "mean"
-    threshold: float = 0.5
-    keep_components: int = 0  # 0 keeps every connected component
-    batch_size: int = 4
-
-    def __post_init__(self) -> None:
-        if self.merge not in MERGE_METHODS:
-            raise ValueError(f"unknown merge method '{self.merge}'; choose from {', '.join(MERGE_METHODS)}")
-        if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"threshold must lie in (0, 1), got {self.threshold}")
+from ..config import SamConfig
+from ..models.sam_backends import PromptableSegmenter
+from ..ops.merge import merge_candidates
+from ..ops.postprocess import binarise
+from ..prompts.types import SlicePrompts
 
 
 def probability_for_prompts(
-    segmenter: PromptableSegmenter, embedding, prompts: SlicePrompts, params: SegmentationParams
+    segmenter: PromptableSegmenter, embedding, prompts: SlicePrompts, params: SamConfig
 ) -> np.ndarray:
     """``H x W`` foreground probability: each box (with all points) decoded, candidates merged, union by max."""
     points = labels = None
@@ -54,7 +39,7 @@ def segment_images(
     segmenter: PromptableSegmenter,
     images: Sequence[np.ndarray],
     prompts: Sequence[SlicePrompts],
-    params: SegmentationParams = SegmentationParams(),
+    params: SamConfig | None = None,
 ) -> tuple[list[np.ndarray], dict[str, float]]:
     """Binary masks (``H x W`` bool) for ``H x W x 3`` uint8 images, one prompt set each.
 
@@ -62,6 +47,7 @@ def segment_images(
     """
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompt sets")
+    params = params or SamConfig()
     start = time.perf_counter()
     prompted = [i for i, prompt in enumerate(prompts) if not prompt.is_empty()]  # only these need the encoder
     embeddings = dict(zip(prompted, segmenter.embed([images[i] for i in prompted], params.batch_size), strict=True))

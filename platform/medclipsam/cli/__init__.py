@@ -1,0 +1,38 @@
+"""The ``medclipsam`` command line: one module per command group, each a thin layer over
+``pipeline``, ``finetune`` and ``eval``. Importing it loads neither torch nor Ray; each command
+imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from .data import data
+from .demo import demo
+from .evaluate import evaluate
+from .finetune import finetune
+from .pseudolabel import pseudolabel, report
+from .segment import segment
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages, and show Ray's own progress and logs.")
+@click.pass_context
+def main(context: click.Context, verbose: bool) -> None:
+    """Text-driven and prompted medical image segmentation (MedCLIP-SAMv2)."""
+    context.obj = {"verbose": verbose}
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if verbose:  # only this package's debug messages, not every library's
+        logging.getLogger("medclipsam").setLevel(logging.DEBUG)
+    else:  # MLflow logs its store migrations and new experiments at INFO through a handler of its own
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+for command in (segment, evaluate, finetune, data, pseudolabel, report, demo):
+    main.add_command(command)
+
+
+if __name__ == "__main__":
+    main()

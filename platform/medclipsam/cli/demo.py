@@ -1,0 +1,49 @@
+"""``medclipsam demo``: the sample volumes through the Ray pipeline, with the embedded defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..config import TaskConfig
+from ..errors import MedClipSamError
+from .common import CaseProgress, fail, print_scores, sam_options, start_ray, summarise_run, task_config
+
+
+@click.command()
+@click.option("--output", default="demo_output", show_default=True, help="Output folder or URI.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Sample data cache folder.")
+@click.option("--clip-model", default=None,
+              help="CLIP model URI for the text-driven run, e.g. a local BiomedCLIP copy "
+                   "[default: the config's text.clip_model, BiomedCLIP from the hub].")
+@click.option("--address", default=None, help="Ray cluster address [default: a local Ray].")
+@sam_options
+def demo(output: str, cache_dir: str | None, clip_model: str | None, address: str | None, config_path: str | None,
+         **overrides) -> None:
+    """Pseudo-label the sample volumes with the Ray pipeline, text-driven (box prompts from labels if offline)."""
+    from ..eval.report import write_report
+    from ..models.biomedclip import OFFLINE_HELP
+    from ..pipeline.demo import DEMO_CONFIG, demo_job
+    from ..pipeline.run import run_job
+
+    progress = CaseProgress(every_case=True)
+    try:
+        if config_path is None and DEMO_CONFIG.is_file():
+            config_path = str(DEMO_CONFIG)
+        config = task_config(config_path, TaskConfig(task="demo"), **overrides)
+        job, problem = demo_job(config, output, Path(cache_dir) if cache_dir else None, clip_model)
+        if problem:
+            click.echo(f"BiomedCLIP is not available ({problem}): running the same Ray pipeline with box prompts "
+                       f"from the labels instead (an oracle upper bound, not zero-shot). {OFFLINE_HELP} "
+                       "Then: medclipsam demo --clip-model /path/to/that/folder")
+        start_ray(address)
+        result = run_job(job, "ray", progress)
+        page = write_report(result.manifest_uri.rsplit("/", 1)[0])
+    except MedClipSamError as exc:
+        fail(str(exc))
+    finally:
+        progress.close()
+    print_scores(result.records)
+    summarise_run(result)
+    click.echo(f"report: {page}")

@@ -1,0 +1,80 @@
+"""``medclipsam pseudolabel`` (a cohort on Ray Data, resumable, tracked) and ``medclipsam report``."""
+
+from __future__ import annotations
+
+import click
+
+from ..errors import MedClipSamError
+from .common import (
+    CaseProgress,
+    exit_for_errors,
+    fail,
+    sam_options,
+    start_ray,
+    strict_option,
+    summarise_run,
+    task_config,
+    text_options,
+)
+
+
+@click.command()
+@click.option("--input", "input_uri", required=True,
+              help="Cohort: a folder or URI prefix of images/volumes (s3://bucket/cohort/), or a manifest "
+                   "(.csv/.parquet: uri, optional case_id, prompt, gt_uri).")
+@click.option("--output", required=True,
+              help="Run folder or URI: masks/, overlays/, records/, manifest.parquet; rerun to resume.")
+@click.option("--gt", "gt_uri", default=None,
+              help="Folder or prefix of ground-truth masks, paired by case_id: scores each case (DSC, NSD) "
+                   "and is where --prompt-source labels takes its boxes.")
+@text_options
+@click.option("--prompt-source", type=click.Choice(["text", "labels"]), default="text", show_default=True,
+              help="text: M2IB saliency of the text prompts gives SAM its prompts (zero-shot); labels: box "
+                   "prompts from the ground truth (--gt or the manifest's gt_uri), an oracle upper bound.")
+@click.option("--save-saliency", is_flag=True, default=None, help="Also write saliency/<case_id>.npy (text mode).")
+@click.option("--address", default=None,
+              help="Ray cluster address (ray://host:10001 or auto) [default: the job's cluster, else a local Ray].")
+@click.option("--tracking-uri", default=None,
+              help="MLflow tracking URI [default: the config's tracking.uri, $MLFLOW_TRACKING_URI, else "
+                   "sqlite:///mlflow.db in the working directory].")
+@click.option("--experiment", default=None, help="MLflow experiment [default: the config's, medclipsam-pseudolabel].")
+@strict_option
+@sam_options
+def pseudolabel(input_uri: str, output: str, gt_uri, text_prompts, clip_model, prompt_source: str,
+                save_saliency: bool | None, address, tracking_uri, experiment, strict: bool, config_path,
+                **overrides) -> None:
+    """Pseudo-label a cohort on Ray Data: saliency and SAM actor pools, resumable, tracked in MLflow.
+
+    Cases already completed under --output are skipped, so a killed run continues where it stopped.
+    """
+    from ..pipeline.job import Job
+    from ..pipeline.run import run_job
+
+    progress = CaseProgress()
+    try:
+        config = task_config(config_path, pipeline={"save_saliency": save_saliency or None},
+                             tracking={"uri": tracking_uri, "experiment": experiment}, **overrides)
+        job = Job(config, input_uri, output, prompt_source, gt_uri, tuple(text_prompts), clip_model)
+        start_ray(address)
+        result = run_job(job, "ray", progress)
+    except MedClipSamError as exc:
+        fail(str(exc))
+    finally:
+        progress.close()
+    summarise_run(result)
+    exit_for_errors(result.counts, len(result.records), strict)
+
+
+@click.command()
+@click.argument("run_output")
+@click.option("--output", "destination", default=None,
+              help="Where to write the page [default: RUN_OUTPUT/report.html].")
+def report(run_output: str, destination: str | None) -> None:
+    """Write a static HTML page of a pseudolabel run: summary, per-case metrics and overlay pictures."""
+    from ..eval.report import write_report
+
+    try:
+        written = write_report(run_output, destination)
+    except MedClipSamError as exc:
+        fail(str(exc))
+    click.echo(f"report: {written}")

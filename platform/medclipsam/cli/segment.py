@@ -1,0 +1,65 @@
+"""``medclipsam segment``: one process, no Ray or MLflow: prompts from CSV files, or text-driven."""
+
+from __future__ import annotations
+
+import click
+
+from ..errors import MedClipSamError
+from .common import (
+    CaseProgress,
+    exit_for_errors,
+    fail,
+    sam_options,
+    strict_option,
+    summarise_run,
+    task_config,
+    text_options,
+)
+
+
+@click.command()
+@click.option("--input", "input_uri", required=True,
+              help="Image file, folder, DICOM series folder, URI prefix (s3://bucket/cohort/), or a cohort "
+                   "manifest (.csv/.parquet: uri, optional case_id, prompt, gt_uri).")
+@click.option("--output", required=True, help="Output folder or URI: masks/<case_id>.png|.nii.gz and manifest.parquet.")
+@click.option("--boxes", default=None, help="Box prompts CSV: case_id,slice,x0,y0,x1,y1 (x column, y row, pixels).")
+@click.option("--points", default=None, help="Point prompts CSV: case_id,slice,x,y,label (1 foreground, 0 background).")
+@text_options
+@click.option("--save-intermediates", is_flag=True,
+              help="Text-driven mode: also write saliency maps (saliency/<case_id>.npy), coarse masks (coarse/) "
+                   "and prompts (prompts/<case_id>.json).")
+@strict_option
+@sam_options
+def segment(input_uri: str, output: str, boxes: str | None, points: str | None, text_prompts: tuple[str, ...],
+            clip_model: str | None, save_intermediates: bool, strict: bool, config_path: str | None,
+            **overrides) -> None:
+    """Segment every image or volume given by --input.
+
+    With --boxes and/or --points, SAM segments the given prompts. Without them, the text-driven
+    zero-shot mode runs: the sentence(s) of --prompt or of the config's text.prompts go through
+    BiomedCLIP and M2IB saliency to a coarse mask, whose boxes or points prompt SAM.
+    """
+    from ..io.cohort import is_manifest
+    from ..pipeline.job import Job
+    from ..pipeline.rows import SOURCE_FILES, SOURCE_TEXT
+    from ..pipeline.run import run_job
+
+    progress = CaseProgress(every_case=True)
+    try:
+        config = task_config(config_path, **overrides)
+        prompted = bool(boxes or points)
+        if prompted and (text_prompts or clip_model or save_intermediates):
+            fail("--prompt, --clip-model and --save-intermediates belong to the text-driven mode; "
+                 "drop them or drop --boxes/--points")
+        if not (prompted or text_prompts or config.text or is_manifest(input_uri)):
+            fail("give --boxes/--points, or a text prompt (--prompt, a config with text.prompts, or a prompt "
+                 "column in an input manifest)")
+        job = Job(config, input_uri, output, SOURCE_FILES if prompted else SOURCE_TEXT, prompts=tuple(text_prompts),
+                  clip_uri=clip_model, boxes_csv=boxes, points_csv=points, save_intermediates=save_intermediates)
+        result = run_job(job, "local", progress, resume=False, track=False)
+    except MedClipSamError as exc:
+        fail(str(exc))
+    finally:
+        progress.close()
+    summarise_run(result)
+    exit_for_errors(result.counts, len(result.records), strict)

@@ -1,1 +1,0 @@
-"""Ray Data pipelines and Ray Train trainers that compose the stage functions."""

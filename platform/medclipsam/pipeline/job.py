@@ -1,0 +1,103 @@
+"""What a run is asked to do, and its plan: the cases, their prompts, and the settings that decide
+the masks. Everything here is checked before any model loads, so a bad input costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+
+from ..config import BIOMEDCLIP_HUB, TaskConfig
+from ..errors import InputError
+from ..io.cohort import CohortCase, read_cohort
+from ..io.outputs import absolute_output
+from ..prompts.csv_prompts import check_case_ids, read_box_rows, read_point_rows
+from .assembly import AssemblySettings
+from .rows import SOURCE_FILES, SOURCE_LABELS, SOURCE_TEXT, SOURCES, CaseTask, rows_to_json
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a run needs, from the task config and the command line."""
+
+    config: TaskConfig
+    input_uri: str
+    output: str
+    source: str = SOURCE_TEXT  # where SAM's prompts come from: text, labels or files
+    gt_uri: str | None = None  # ground truth to score against (and the boxes of the labels source)
+    prompts: tuple[str, ...] = ()  # overrides the config's text prompts
+    clip_uri: str | None = None  # overrides the config's text.clip_model
+    boxes_csv: str | None = None  # files source
+    points_csv: str | None = None
+    save_intermediates: bool = False  # saliency maps, coarse masks and prompts of every case
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise InputError(f"unknown prompt source '{self.source}'; choose from {', '.join(SOURCES)}")
+        if self.source == SOURCE_FILES and not (self.boxes_csv or self.points_csv):
+            raise InputError("prompts from files need a boxes or a points CSV")
+
+    @property
+    def text_prompts(self) -> tuple[str, ...]:
+        return self.prompts or tuple(self.config.text.prompts if self.config.text else ())
+
+    @property
+    def clip(self) -> str:
+        return self.clip_uri or (self.config.text.clip_model if self.config.text else BIOMEDCLIP_HUB)
+
+    def resolved(self) -> Job:
+        """The same job with a local output folder made absolute (mask URIs must stand on their own)."""
+        return replace(self, output=absolute_output(self.output))
+
+    def settings_record(self) -> dict:
+        """What determines the masks: recorded per case, logged to MLflow, checked on resume."""
+        c = self.config
+        settings: dict = {"source": self.source, "image": c.image.model_dump(),
+                          "sam": c.sam.model_dump(exclude={"device", "batch_size"})}
+        if self.source == SOURCE_TEXT:
+            settings["text"] = {"prompts": list(self.text_prompts), "clip_model": self.clip,
+                                "saliency": c.saliency.model_dump(exclude={"batch_size"}),
+                                "coarse": c.coarse.model_dump(), "visual_prompts": c.visual_prompts.model_dump()}
+        elif self.source == SOURCE_LABELS:
+            settings["labels"] = c.oracle.model_dump()
+        else:
+            settings["files"] = {"boxes": self.boxes_csv or "", "points": self.points_csv or ""}
+        return settings
+
+    def parameters(self) -> str:
+        return json.dumps(self.settings_record(), sort_keys=True)
+
+    def assembly(self) -> AssemblySettings:
+        return AssemblySettings(self.output, self.source, self.parameters(), self.config.pipeline.nsd_tolerance,
+                                save_prompts=self.save_intermediates)
+
+    @property
+    def keep_saliency(self) -> bool:
+        return self.save_intermediates or self.config.pipeline.save_saliency
+
+
+def plan(job: Job) -> list[CaseTask]:
+    """The job's cases with their prompts, sorted by case_id; input errors are raised here."""
+    cases = read_cohort(job.input_uri, job.gt_uri)
+    rows: dict[str, str] = {}
+    if job.source == SOURCE_FILES:
+        boxes = read_box_rows(job.boxes_csv) if job.boxes_csv else []
+        points = read_point_rows(job.points_csv) if job.points_csv else []
+        check_case_ids(boxes, points, {c.case_id for c in cases})
+        by_case: dict[str, tuple[list, list]] = {c.case_id: ([], []) for c in cases}
+        for kind, found in enumerate((boxes, points)):
+            for row in found:
+                by_case[row.case_id][kind].append(row)
+        rows = {case_id: rows_to_json(*lists) for case_id, lists in by_case.items()}
+    if job.source == SOURCE_TEXT:
+        unprompted = [c.case_id for c in cases if not (c.prompts or job.text_prompts)]
+        if unprompted:
+            raise InputError(f"no text prompt for case(s) {', '.join(unprompted[:5])}: give --prompt, a config "
+                             "with text.prompts, or a prompt column in the input manifest")
+    drawn = {c.case_id for c in cases[: job.config.pipeline.overlays]}
+
+    def sentences(case: CohortCase) -> str:
+        return json.dumps(list(case.prompts or job.text_prompts)) if job.source == SOURCE_TEXT else ""
+
+    return [CaseTask(c.case_id, c.uri, c.gt_uri, sentences(c), c.case_id in drawn, rows.get(c.case_id, ""))
+            for c in cases]

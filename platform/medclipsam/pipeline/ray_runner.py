@@ -1,0 +1,160 @@
+"""The Ray Data runner: the case stages wired into one streaming chain.
+
+    cases --read (CPU tasks)--> slice rows --saliency + prompts (actor pool)-->
+          --SAM (actor pool)--> --assemble + write (CPU tasks)--> one record per case
+
+Each stage calls a function of ``rows`` / ``assembly``, exactly as the single-process runner
+does; this module only converts Ray batches to rows and back and holds the models in actors
+(each loads its model once). Pool sizes, GPUs and CPUs per actor come from the config.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import asdict
+
+import numpy as np
+
+from ..config import ActorPoolConfig, CoarseMaskConfig, SaliencyConfig, SamConfig, VisualPromptConfig
+from ..io.manifest import CaseRecord, record_from_dict
+from .assembly import AssemblySettings, collect_slice
+from .job import Job
+from .rows import SOURCE_TEXT, CaseTask, add_masks, add_saliency, add_text_prompts, case_slices
+
+log = logging.getLogger(__name__)
+
+
+# -- Ray batches <-> rows ------------------------------------------------------------------------
+def to_rows(batch: dict[str, np.ndarray]) -> list[dict]:
+    """A Ray Data numpy batch as a list of row dicts (numpy scalars made Python values)."""
+    names = list(batch)
+    n = len(batch[names[0]]) if names else 0
+    rows = []
+    for i in range(n):
+        row = {}
+        for name in names:
+            value = batch[name][i]
+            row[name] = value.item() if isinstance(value, np.generic) else value
+        rows.append(row)
+    return rows
+
+
+def to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Rows back into columns; arrays of differing shapes become an object column (Ray's ragged tensors)."""
+    out: dict[str, np.ndarray] = {}
+    for name in rows[0] if rows else []:
+        values = [row[name] for row in rows]
+        if isinstance(values[0], np.ndarray):
+            if len({(v.shape, v.dtype) for v in values}) == 1:
+                out[name] = np.stack(values)
+            else:
+                column = np.empty(len(values), dtype=object)
+                column[:] = values
+                out[name] = column
+        else:
+            out[name] = np.asarray(values)
+    return out
+
+
+# -- the model stages: actors that load their model once ------------------------------------------
+class SaliencyStage:
+    """M2IB saliency, then the coarse mask and SAM prompts (cheap, and the maps need not travel)."""
+
+    def __init__(self, clip_uri: str, device: str, saliency: SaliencyConfig, coarse: CoarseMaskConfig,
+                 visual: VisualPromptConfig, keep_saliency: bool = False, keep_coarse: bool = False) -> None:
+        from ..models.biomedclip import load_clip
+
+        self.clip = load_clip(clip_uri, device)
+        self.saliency, self.coarse, self.visual = saliency, coarse, visual
+        self.keep_saliency, self.keep_coarse = keep_saliency, keep_coarse
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = add_saliency(self.clip, to_rows(batch), self.saliency)
+        return to_batch(add_text_prompts(rows, self.coarse, self.visual, self.keep_saliency, self.keep_coarse))
+
+
+class SamStage:
+    def __init__(self, settings: SamConfig, device: str) -> None:
+        from ..models.sam_backends import build_segmenter
+
+        self.segmenter = build_segmenter(settings.backend, settings.checkpoint, device)
+        self.settings = settings
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return to_batch(add_masks(self.segmenter, to_rows(batch), self.settings))
+
+
+def _device(pool: ActorPoolConfig, configured: str) -> str:
+    return "cuda" if pool.num_gpus > 0 else configured
+
+
+# -- the CPU stages ---------------------------------------------------------------------------------
+def _read(row: dict, job: Job) -> list[dict]:
+    return case_slices(CaseTask(**row), job.config.image, job.source, job.config.oracle.box_margin)
+
+
+def _write(row: dict, settings: AssemblySettings) -> list[dict]:
+    try:
+        record = collect_slice(row, settings)
+    except Exception:  # a slice that cannot be staged leaves its case incomplete; the driver reports it
+        log.exception("case %s slice %s could not be staged", row["case_id"], row["slice"])
+        return []
+    return [] if record is None else [asdict(record)]
+
+
+def build_dataset(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = SamStage):
+    """The Ray Data chain for ``tasks``; lazy until iterated. ``sam_stage`` may be a subclass."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    c = job.config
+    pipeline = c.pipeline
+    ds = ray.data.from_items([asdict(t) for t in tasks], override_num_blocks=max(1, min(len(tasks), 1000)))
+    ds = ds.flat_map(_read, fn_kwargs={"job": job}, num_cpus=pipeline.task_cpus)
+    if job.source == SOURCE_TEXT:
+        ds = ds.map_batches(SaliencyStage, fn_constructor_kwargs={
+            "clip_uri": job.clip, "device": _device(pipeline.saliency, c.sam.device), "saliency": c.saliency,
+            "coarse": c.coarse, "visual": c.visual_prompts, "keep_saliency": job.keep_saliency,
+            "keep_coarse": job.save_intermediates},
+            compute=ActorPoolStrategy(size=pipeline.saliency.actors), batch_size=c.saliency.batch_size,
+            num_gpus=pipeline.saliency.num_gpus, num_cpus=pipeline.saliency.num_cpus)
+    ds = ds.map_batches(sam_stage, fn_constructor_kwargs={
+        "settings": c.sam, "device": _device(pipeline.sam, c.sam.device)},
+        compute=ActorPoolStrategy(size=pipeline.sam.actors), batch_size=c.sam.batch_size,
+        num_gpus=pipeline.sam.num_gpus, num_cpus=pipeline.sam.num_cpus)
+    return ds.flat_map(_write, fn_kwargs={"settings": job.assembly()}, num_cpus=pipeline.task_cpus)
+
+
+def quiet_ray_data(verbose: bool = False) -> None:
+    """Ray Data's own progress bars, execution log and periodic advice off unless verbose.
+
+    The CLI draws one progress bar per run. Ray Data's issue detectors repeat a 14-line memory
+    advice every 30 s for as long as a run lasts; with -v they are back.
+    """
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = verbose
+    context.print_on_execution_start = verbose
+    if not verbose:
+        context.issue_detectors_config.detectors = []
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
+    # "Progress bars disabled": we disabled them on purpose.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+def run_ray(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = SamStage) -> Iterator[CaseRecord]:
+    """Yield each case's record as its last slice is written (on the Ray this process is connected to)."""
+    import ray
+
+    if not tasks:
+        return
+    if not ray.is_initialized():
+        ray.init()
+    seen: set[str] = set()
+    for row in build_dataset(tasks, job, sam_stage).iter_rows():
+        record = record_from_dict(row)
+        if record.case_id not in seen:  # two writers raced to the last slice: same files, one record
+            seen.add(record.case_id)
+            yield record

@@ -1,0 +1,200 @@
+"""The case stages as functions on slice rows (plain dicts), free of Ray, MLflow and storage layout.
+
+A case becomes one row per 2D slice (a 2D image is one row, ``slice = -1``); each stage adds
+columns; ``assembly`` puts a case's rows back together. A failure is recorded in the row's
+``error`` column and the row travels on untouched, so one bad case never stops a batch. The
+single-process runner and the Ray runner call exactly these functions.
+
+Columns: case_id, uri, gt_uri, prompt (JSON list of sentences, text mode), slice, n_slices,
+geometry (JSON), overlay (keep the picture for an overlay), image (``H x W x 3`` uint8), error,
+seconds_read, prompts (JSON of the slice's SAM prompts, "" for none); then saliency (``H x W``
+float32), coarse (``H x W`` bool), seconds_saliency, clip_model, clip_sha256 (text mode); then
+mask (``H x W`` bool), seconds_embed, seconds_decode, backend, checkpoint, checkpoint_sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import CoarseMaskConfig, ImageConfig, SaliencyConfig, SamConfig, VisualPromptConfig
+from ..io.images import MedicalImage, read_image, read_mask
+from ..models.biomedclip import ClipModel
+from ..models.sam_backends import PromptableSegmenter
+from ..ops.slicing import model_inputs, slice_keys
+from ..prompts.csv_prompts import PromptRow, prompts_for_case
+from ..prompts.from_mask import label_boxes
+from ..prompts.from_saliency import prompts_from_saliency
+from ..prompts.types import SlicePrompts
+from ..saliency.maps import saliency_maps
+from ..segment.sam import segment_images
+
+SOURCE_TEXT = "text"  # prompts from M2IB saliency of the text prompts (zero-shot)
+SOURCE_LABELS = "labels"  # box prompts from the ground-truth labels (oracle)
+SOURCE_FILES = "files"  # box/point prompts from CSV files
+SOURCES = (SOURCE_TEXT, SOURCE_LABELS, SOURCE_FILES)
+NO_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
+NO_MAP = np.zeros((0, 0), dtype=np.float32)
+NO_MASK = np.zeros((0, 0), dtype=bool)
+
+Row = dict
+
+
+@dataclass(frozen=True)
+class CaseTask:
+    """One case as the first stage receives it (plain values, so it travels through Ray Data)."""
+
+    case_id: str
+    uri: str
+    gt_uri: str = ""
+    prompt: str = ""  # JSON list of sentences (text mode)
+    overlay: bool = False  # keep the pictures for an overlay
+    prompt_rows: str = ""  # JSON: {"boxes": [...], "points": [...]} CSV rows of this case (files mode)
+
+
+def rows_to_json(boxes: list[PromptRow], points: list[PromptRow]) -> str:
+    """A case's prompt CSV rows as ``CaseTask.prompt_rows``."""
+    def plain(rows: list[PromptRow]) -> list[list]:
+        return [[r.source, r.line, r.case_id, r.slice_index, list(r.values)] for r in rows]
+
+    return json.dumps({"boxes": plain(boxes), "points": plain(points)})
+
+
+def _prompts_from_rows(text: str, image: MedicalImage, axis: int) -> dict[int | None, SlicePrompts]:
+    data = json.loads(text) if text else {"boxes": [], "points": []}
+    grouped: tuple[dict, dict] = (defaultdict(list), defaultdict(list))
+    for kind, by_slice in zip(("boxes", "points"), grouped, strict=True):
+        for source, line, case_id, index, values in data[kind]:
+            by_slice[index].append(PromptRow(source, line, case_id, index, tuple(values)))
+    return prompts_for_case(grouped[0], grouped[1], image.array.shape, image.is_volume, axis)
+
+
+def geometry_of(image: MedicalImage, axis: int) -> str:
+    return json.dumps({"is_volume": image.is_volume, "shape": list(image.array.shape), "axis": axis,
+                       "spacing": list(image.spacing), "origin": list(image.origin),
+                       "direction": list(image.direction)})
+
+
+def reference_image(geometry: str) -> MedicalImage:
+    """A stand-in for the source image that carries its geometry but no pixels (for ``write_mask``)."""
+    g = json.loads(geometry)
+    pixels = np.broadcast_to(np.zeros((), dtype=np.uint8), tuple(g["shape"]))
+    return MedicalImage(pixels, g["is_volume"], tuple(g["spacing"]), tuple(g["origin"]), tuple(g["direction"]))
+
+
+def _base_row(task: CaseTask) -> Row:
+    return {"case_id": task.case_id, "uri": task.uri, "gt_uri": task.gt_uri, "prompt": task.prompt,
+            "slice": -1, "n_slices": 1, "geometry": "", "overlay": task.overlay, "image": NO_IMAGE,
+            "error": "", "seconds_read": 0.0, "prompts": ""}
+
+
+def _given_prompts(task: CaseTask, image: MedicalImage, source: str, settings: ImageConfig,
+                   box_margin: float) -> dict[int | None, SlicePrompts]:
+    """The prompts a case brings with it: boxes from its labels, or rows of the prompt files."""
+    if source == SOURCE_FILES:
+        return _prompts_from_rows(task.prompt_rows, image, settings.axis)
+    if source != SOURCE_LABELS:
+        return {}
+    if not task.gt_uri:
+        raise ValueError("box prompts from labels need a ground truth (gt_uri) for this case")
+    label = read_mask(task.gt_uri)
+    expected = image.array.shape if image.is_volume else image.array.shape[:2]
+    if label.array.shape != expected:
+        raise ValueError(f"ground truth {task.gt_uri} has shape {label.array.shape}, image {expected}")
+    return label_boxes(label, settings.axis, box_margin)
+
+
+def case_slices(task: CaseTask, settings: ImageConfig, source: str, box_margin: float = 2.0) -> list[Row]:
+    """Read a case and cut it into windowed ``H x W x 3`` slices; one error row if it cannot be read.
+
+    With ``source`` labels or files, the slices' SAM prompts are attached here.
+    """
+    start = time.perf_counter()
+    try:
+        image = read_image(task.uri)
+        keys = slice_keys(image, settings.axis)
+        prompts = _given_prompts(task, image, source, settings, box_margin)
+        inputs = model_inputs(image, keys, settings)
+        geometry = geometry_of(image, settings.axis)
+    except Exception as exc:  # recorded in the row: the case ends as an error row of the manifest
+        return [{**_base_row(task), "error": str(exc), "seconds_read": time.perf_counter() - start}]
+    share = (time.perf_counter() - start) / len(keys)
+    rows = []
+    for key, pixels in zip(keys, inputs, strict=True):
+        prompt = prompts.get(key)
+        given = prompt is not None and not prompt.is_empty()
+        rows.append({**_base_row(task), "slice": -1 if key is None else key, "n_slices": len(keys),
+                     "geometry": geometry, "image": pixels, "seconds_read": share,
+                     "prompts": json.dumps(prompt.to_record(precise=True)) if given else ""})
+    return rows
+
+
+def add_saliency(clip: ClipModel, rows: list[Row], settings: SaliencyConfig) -> list[Row]:
+    """M2IB saliency for every readable row; rows sharing a prompt are optimised as one batch."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for index, row in enumerate(rows):
+        row.update(saliency=NO_MAP, seconds_saliency=0.0, clip_model=clip.uri, clip_sha256=clip.sha256)
+        if not row["error"]:
+            groups[row["prompt"]].append(index)
+    for prompt, members in groups.items():
+        start = time.perf_counter()
+        try:
+            maps = saliency_maps(clip, [rows[i]["image"] for i in members], json.loads(prompt), settings)
+        except Exception as exc:  # e.g. out of memory: the rows carry the error on
+            for i in members:
+                rows[i]["error"] = f"saliency: {exc}"
+            continue
+        share = (time.perf_counter() - start) / len(members)
+        for i, saliency in zip(members, maps, strict=True):
+            rows[i]["saliency"] = saliency.values if not saliency.constant else NO_MAP
+            rows[i]["seconds_saliency"] = share
+    return rows
+
+
+def add_text_prompts(rows: list[Row], coarse: CoarseMaskConfig, visual: VisualPromptConfig,
+                     keep_saliency: bool = False, keep_coarse: bool = False) -> list[Row]:
+    """SAM prompts from each row's saliency map (coarse mask, components, boxes/points).
+
+    Constant maps travel as an empty array: no coarse mask, no prompts.
+    """
+    for row in rows:
+        row["coarse"] = NO_MASK
+        if not row["error"]:
+            values = row["saliency"] if row["saliency"].size else None
+            mask, found = prompts_from_saliency(row["image"], values, coarse, visual)
+            row["prompts"] = "" if found.is_empty() else json.dumps(found.to_record(precise=True))
+            if keep_coarse:
+                row["coarse"] = mask
+        if not keep_saliency:
+            row["saliency"] = NO_MAP
+    return rows
+
+
+def add_masks(segmenter: PromptableSegmenter, rows: list[Row], settings: SamConfig) -> list[Row]:
+    """SAM masks for the prompted rows (others get an empty mask); images are dropped unless drawn."""
+    todo = [i for i, row in enumerate(rows) if not row["error"] and row["prompts"]]
+    seconds = {"embed": 0.0, "decode": 0.0}
+    masks: list[np.ndarray] = []
+    try:
+        if todo:
+            prompts = [SlicePrompts.from_record(json.loads(rows[i]["prompts"])) for i in todo]
+            masks, seconds = segment_images(segmenter, [rows[i]["image"] for i in todo], prompts, settings)
+    except Exception as exc:
+        for i in todo:
+            rows[i]["error"] = f"SAM: {exc}"
+        todo, masks = [], []
+    found = dict(zip(todo, masks, strict=True))
+    for index, row in enumerate(rows):
+        shape = row["image"].shape[:2]
+        row["mask"] = found.get(index, np.zeros(shape, dtype=bool) if not row["error"] else NO_MASK)
+        row["seconds_embed"] = seconds["embed"] / len(todo) if index in found else 0.0
+        row["seconds_decode"] = seconds["decode"] / len(todo) if index in found else 0.0
+        row.update(backend=segmenter.name, checkpoint=segmenter.checkpoint,
+                   checkpoint_sha256=segmenter.checkpoint_sha256)
+        if not row["overlay"]:
+            row["image"] = NO_IMAGE
+    return rows

@@ -1,0 +1,103 @@
+"""A run, top to bottom: plan the cases, skip those an earlier run completed, open the MLflow run,
+stream every remaining case through the stages (in this process or on Ray), then write the
+manifest and log the figures. ``segment`` runs it in-process and untracked; ``pseudolabel`` and
+the demo run it on Ray, tracked and resumable.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from ..io import storage
+from ..io.manifest import COMPLETED, STATUS_ERROR, CaseRecord, status_counts, write_manifest
+from ..io.outputs import MANIFEST, STAGING, read_records
+from . import tracking
+from .job import Job, plan
+from .rows import CaseTask
+
+Progress = Callable[[int, int, CaseRecord], None]
+Runner = Literal["local", "ray"]
+
+
+@dataclass
+class RunResult:
+    records: list[CaseRecord]  # one per planned case, in case_id order
+    n_skipped: int  # completed by an earlier run of the same output
+    n_processed: int
+    seconds: float
+    run_id: str  # MLflow run ("" when untracked)
+    manifest_uri: str
+    counts: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def run_job(job: Job, runner: Runner = "ray", progress: Progress | None = None, *, resume: bool = True,
+            track: bool = True, **runner_options) -> RunResult:
+    """Segment every planned case of ``job`` not yet completed under its output; write the manifest.
+
+    ``runner_options`` go to the runner (``sam_stage`` for Ray: a ``SamStage`` subclass).
+    """
+    job = job.resolved()
+    tasks = plan(job)  # a bad input fails here, before any model loads
+    parameters = job.parameters()
+    previous = tracking.check_settings(job, parameters) if resume else None
+    done = _completed(job, tasks) if resume else {}
+    todo = [t for t in tasks if t.case_id not in done]
+    run_id = tracking.open_run(job, parameters, previous) if track else ""
+    storage.remove_tree(storage.join(job.output, STAGING))  # slices staged by a killed run are stale
+    new: dict[str, CaseRecord] = {}
+    start = time.perf_counter()
+    try:
+        for record in _stream(todo, job, runner, runner_options):
+            new[record.case_id] = record
+            if progress is not None:
+                progress(len(done) + len(new), len(tasks), record)
+        seconds = time.perf_counter() - start
+        for task in todo:  # a case whose slices never all arrived: report it, a rerun retries it
+            if task.case_id not in new:
+                new[task.case_id] = CaseRecord(task.case_id, task.uri, gt_uri=task.gt_uri, status=STATUS_ERROR,
+                                               error="incomplete: not every slice reached the writer")
+        records = [({**done, **new})[t.case_id] for t in tasks]
+        manifest_uri = storage.join(job.output, MANIFEST)
+        write_manifest(records, manifest_uri)
+        storage.remove_tree(storage.join(job.output, STAGING))
+        metrics = summary_metrics(records, seconds, len(todo), sum(r.n_slices for r in new.values()))
+        if track:
+            tracking.close_run(metrics, job.output, manifest_uri)
+    except BaseException:
+        if track:
+            tracking.fail_run()
+        raise
+    return RunResult(records, len(done), len(todo), seconds, run_id, manifest_uri, status_counts(records), metrics)
+
+
+def _completed(job: Job, tasks: list[CaseTask]) -> dict[str, CaseRecord]:
+    planned = {t.case_id for t in tasks}
+    return {k: r for k, r in read_records(job.output).items() if r.status in COMPLETED and k in planned}
+
+
+def _stream(tasks: list[CaseTask], job: Job, runner: Runner, options: dict):
+    if runner == "local":
+        from .local import run_local
+
+        return run_local(tasks, job, **options)
+    from .ray_runner import run_ray
+
+    return run_ray(tasks, job, **options)
+
+
+def summary_metrics(records: list[CaseRecord], seconds: float, n_processed: int, n_slices: int) -> dict[str, float]:
+    metrics = {f"n_{status}": float(n) for status, n in status_counts(records).items()}
+    metrics.update(n_cases=float(len(records)), n_processed=float(n_processed), wall_seconds=seconds,
+                   cases_per_s=n_processed / seconds if seconds > 0 else 0.0,
+                   slices_per_s=n_slices / seconds if seconds > 0 else 0.0)
+    scored = [r for r in records if r.gt_uri and np.isfinite(r.dsc)]
+    if scored:
+        metrics.update(mean_dsc=float(np.mean([r.dsc for r in scored])),
+                       mean_nsd=float(np.mean([r.nsd for r in scored])), n_scored=float(len(scored)))
+    return metrics

@@ -1,0 +1,79 @@
+"""The MLflow run of an output folder: opened on the first run, reopened on resume, and the guard
+that a resume uses the settings the output was written with (``run.json``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+from ..errors import InputError
+from ..io import storage
+from ..io.outputs import OVERLAYS, RUN_FILE
+from ..io.tracking import flatten, resolve_tracking_uri
+from .job import Job
+
+
+def check_settings(job: Job, parameters: str) -> dict | None:
+    """The previous ``run.json`` of this output (None for a new one); changed settings are refused."""
+    run_file = storage.join(job.output, RUN_FILE)
+    previous = json.loads(storage.read_bytes(run_file)) if storage.exists(run_file) else None
+    if previous and previous.get("settings_sha256") != _digest(parameters):
+        raise InputError(f"{run_file}: this output was written with other settings ({previous.get('settings')}); "
+                         f"use a new --output, or the same settings to resume")
+    return previous
+
+
+def _digest(parameters: str) -> str:
+    return hashlib.sha256(parameters.encode()).hexdigest()
+
+
+def open_run(job: Job, parameters: str, previous: dict | None) -> str:
+    """Start (or, on resume, reopen) the MLflow run of this output; record it in ``run.json``."""
+    import mlflow
+
+    tracking_uri = resolve_tracking_uri(job.config.tracking.uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(job.config.tracking.experiment)
+    run_id = previous.get("mlflow_run_id") if previous and previous.get("tracking_uri") == tracking_uri else None
+    if run_id is not None:
+        try:
+            mlflow.get_run(run_id)
+        except Exception:  # the store was reset: start a new run
+            run_id = None
+    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else storage.basename(job.output))
+    if run_id is None:
+        mlflow.log_params({**flatten(json.loads(parameters)), "task": job.config.task, "input": job.input_uri,
+                           "output": job.output, "gt": job.gt_uri or ""})
+    storage.write_bytes_atomic(storage.join(job.output, RUN_FILE), json.dumps({
+        "mlflow_run_id": run.info.run_id, "tracking_uri": tracking_uri, "settings_sha256": _digest(parameters),
+        "settings": json.loads(parameters)}, indent=2).encode())
+    return run.info.run_id
+
+
+def close_run(metrics: dict[str, float], output: str, manifest_uri: str) -> None:
+    """Log the run's figures, its manifest and overlay pictures, and end it."""
+    import mlflow
+
+    mlflow.log_metrics(metrics)
+    with tempfile.TemporaryDirectory(prefix="medclipsam-artifacts-") as tmp:
+        local = Path(tmp) / storage.basename(manifest_uri)
+        local.write_bytes(storage.read_bytes(manifest_uri))
+        mlflow.log_artifact(str(local))
+        folder = storage.join(output, OVERLAYS)
+        if storage.exists(folder):
+            pictures = storage.read_many([u for u in storage.list_files(folder) if u.endswith(".png")])
+            (Path(tmp) / OVERLAYS).mkdir()
+            for uri, data in pictures.items():
+                (Path(tmp) / OVERLAYS / storage.basename(uri)).write_bytes(data)
+            mlflow.log_artifacts(str(Path(tmp) / OVERLAYS), OVERLAYS)
+    mlflow.end_run()
+
+
+def fail_run() -> None:
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.end_run(status="FAILED")
