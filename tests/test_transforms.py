@@ -43,3 +43,16 @@ def test_coords_follow_the_image(transform):
 def test_longest_side_shape():
     assert LongestSidePad(256).resized_shape(120, 45) == (256, 96)
     assert LongestSidePad(1024).resized_shape(512, 300) == (1024, 600)
+
+
+def test_segment_anything_coordinate_convention():
+    """pixel_centres=False scales prompts as segment_anything's ResizeLongestSide does (x * scale)."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    points = np.array([[[0.0, 0.0], [37.5, 12.0], [119.0, 89.0]]])
+    boxes = np.array([[10.0, 20.0, 100.0, 80.0]])
+    ours, theirs = LongestSidePad(1024, pixel_centres=False), ResizeLongestSide(1024)
+    np.testing.assert_allclose(ours.apply_coords(points, (90, 120)), theirs.apply_coords(points, (90, 120)))
+    np.testing.assert_allclose(ours.apply_boxes(boxes, (90, 120)), theirs.apply_boxes(boxes, (90, 120)))
+    centred = LongestSidePad(1024).apply_coords(points, (90, 120))  # the default maps pixel centres
+    np.testing.assert_allclose(centred, (points + 0.5) * (1024 / 120) - 0.5)

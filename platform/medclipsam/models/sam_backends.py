@@ -169,6 +169,10 @@ def _litemedsam_default_checkpoint() -> str:
     return get_asset_path()
 
 
+# segment_anything's ResizeLongestSide: prompts scaled as x * scale, as SamPredictor does.
+SAM_GEOMETRY = LongestSidePad(1024, pixel_centres=False)
+
+
 @dataclass(frozen=True)
 class BackendSpec:
     build: Callable[[], torch.nn.Module]
@@ -179,15 +183,15 @@ class BackendSpec:
 
 BACKENDS: dict[str, BackendSpec] = {
     "vit_b": BackendSpec(
-        _segment_anything_builder("vit_b"), Preprocessing(LongestSidePad(1024), "sam"),
+        _segment_anything_builder("vit_b"), Preprocessing(SAM_GEOMETRY, "sam"),
         note="SAM ViT-B; checkpoint e.g. https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
     ),
     "vit_l": BackendSpec(
-        _segment_anything_builder("vit_l"), Preprocessing(LongestSidePad(1024), "sam"),
+        _segment_anything_builder("vit_l"), Preprocessing(SAM_GEOMETRY, "sam"),
         note="SAM ViT-L; checkpoint e.g. https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
     ),
     "vit_h": BackendSpec(
-        _segment_anything_builder("vit_h"), Preprocessing(LongestSidePad(1024), "sam"),
+        _segment_anything_builder("vit_h"), Preprocessing(SAM_GEOMETRY, "sam"),
         note="SAM ViT-H; checkpoint e.g. https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
     ),
     "medsam": BackendSpec(

@@ -6,6 +6,8 @@ target (MedSAM's published preprocessing). Coordinates are ``x`` (column), ``y``
 pixels of the original image, with integer values at pixel centres. Resizing with
 ``align_corners=False`` maps a pixel centre ``x`` to ``(x + 0.5) * scale - 0.5``; the coordinate
 transforms use exactly that, so a prompt lands on the same anatomy the resized image shows there.
+segment_anything's own ``ResizeLongestSide`` scales coordinates as ``x * scale`` instead; the SAM
+ViT backends were trained that way, so ``LongestSidePad(pixel_centres=False)`` reproduces it.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import torch
 import torch.nn.functional as F
 
 
-def _scale_centres(coords: np.ndarray, scale_x: float, scale_y: float) -> np.ndarray:
-    """Pixel-centre coordinates ``...x2`` (x, y) after resizing by (scale_x, scale_y)."""
+def _scale_centres(coords: np.ndarray, scale_x: float, scale_y: float, pixel_centres: bool = True) -> np.ndarray:
+    """Coordinates ``...x2`` (x, y) after resizing by (scale_x, scale_y): pixel centre to pixel centre,
+    or (``pixel_centres=False``) plainly multiplied, as segment_anything does."""
+    shift = 0.5 if pixel_centres else 0.0
     out = np.asarray(coords, dtype=np.float64).copy()
-    out[..., 0] = (out[..., 0] + 0.5) * scale_x - 0.5
-    out[..., 1] = (out[..., 1] + 0.5) * scale_y - 0.5
+    out[..., 0] = (out[..., 0] + shift) * scale_x - shift
+    out[..., 1] = (out[..., 1] + shift) * scale_y - shift
     return out
 
 
@@ -30,6 +34,7 @@ class LongestSidePad:
     """Resize so the longest side is ``target``, then pad bottom/right to ``target x target``."""
 
     target: int
+    pixel_centres: bool = True  # False: prompt coordinates as segment_anything scales them (x * scale)
 
     def resized_shape(self, height: int, width: int) -> tuple[int, int]:
         scale = self.target / max(height, width)
@@ -46,7 +51,7 @@ class LongestSidePad:
         """``...x2`` (x, y) in original pixels -> model input pixels."""
         h, w = original_size
         nh, nw = self.resized_shape(h, w)
-        return _scale_centres(coords, nw / w, nh / h)
+        return _scale_centres(coords, nw / w, nh / h, self.pixel_centres)
 
     def apply_boxes(self, boxes: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
         """``Nx4`` (x0, y0, x1, y1) -> model input pixels."""
