@@ -6,6 +6,7 @@ imports what it needs when it runs.
 from __future__ import annotations
 
 import logging
+import os
 
 import click
 
@@ -27,7 +28,7 @@ def main(context: click.Context, verbose: bool) -> None:
     if verbose:  # only this package's debug messages, not every library's
         logging.getLogger("medclipsam").setLevel(logging.DEBUG)
     else:  # MLflow logs its store migrations and new experiments at INFO through a handler of its own
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 for command in (segment, evaluate, finetune, data, pseudolabel, report, demo):
