@@ -33,7 +33,7 @@ ARRAY_COLUMNS = ("image", "saliency", "coarse", "mask")
 @dataclass(frozen=True)
 class AssemblySettings:
     output: str
-    source: str  # slice_rows.SOURCE_TEXT or SOURCE_LABELS
+    source: str  # rows.SOURCE_TEXT, SOURCE_LABELS or SOURCE_FILES
     parameters: str = "{}"  # JSON of every setting, recorded per case
     tolerance: float = 2.0  # NSD tolerance: pixels (2D) or millimetres (volumes)
     save_prompts: bool = False  # also write prompts/<case_id>.json
