@@ -9,6 +9,7 @@ import random
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from PIL import Image
 
 from medclipsam.errors import InputError
 from medclipsam.eval.overlays import contour, overlay_slice
@@ -147,3 +148,70 @@ def test_contour_and_overlay_slice():
     assert overlay_slice(masks) == 1
     empty = {k: np.zeros((4, 4), bool) for k in range(5)}
     assert overlay_slice(empty, {3: np.ones((4, 4), bool)}) == 3 and overlay_slice(empty) == 2
+
+
+# -- actor pools sized to the cluster ------------------------------------------------------------------
+@pytest.mark.parametrize(("pools", "text", "cpus", "gpus", "expected"), [
+    ({}, False, 2, 0, {"sam": 2}),  # labels mode on 2 cores: 1.75 CPUs left after a task -> 2 x 0.75
+    ({}, True, 2, 0, {"saliency": 1, "sam": 1}),  # text mode: the two pools share them
+    ({}, False, 16, 0, {"sam": 21}),  # (16 - 0.25) / 0.75
+    ({}, True, 16, 0, {"saliency": 10, "sam": 10}),
+    ({"sam": {"num_gpus": 1, "num_cpus": 1}}, False, 16, 4, {"sam": 4}),  # GPUs bound a GPU pool
+    ({"saliency": {"num_gpus": 0.5}, "sam": {"num_gpus": 0.5}}, True, 16, 1, {"saliency": 1, "sam": 1}),
+    ({"sam": {"actors": 3}}, True, 4, 0, {"saliency": 2, "sam": 3}),  # explicit wins; auto gets the rest
+    ({"sam": {"actors": 3}}, True, 2, 0, {"saliency": 1, "sam": 3}),  # never fewer than one actor
+    ({}, False, 0.5, 0, {"sam": 1}),
+])
+def test_auto_pool_sizes(pools, text, cpus, gpus, expected):
+    from medclipsam.config import PipelineConfig
+    from medclipsam.pipeline.pools import pool_sizes
+
+    assert pool_sizes(PipelineConfig.model_validate(pools), text, cpus, gpus) == expected
+
+
+# -- attempts in tracking ---------------------------------------------------------------------------
+def test_reruns_are_attempts_that_keep_earlier_figures(tmp_path, tracking_uri):
+    """First run, a no-op rerun that needs no Ray, and a rerun after one record was deleted."""
+    from mlflow import MlflowClient
+
+    from medclipsam.config import parse_config
+    from medclipsam.pipeline.job import Job
+    from medclipsam.pipeline.run import run_job
+
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    for i in range(3):
+        image = np.full((40, 48), 40, np.uint8)
+        image[10 + i : 25 + i, 12:30] = 200
+        Image.fromarray(image).save(images / f"c{i}.png")
+        Image.fromarray(((image > 100) * 255).astype(np.uint8)).save(labels / f"c{i}.png")
+    config = parse_config({"task": "t", "pipeline": {"overlays": 0},
+                           "tracking": {"uri": tracking_uri, "experiment": "attempts"}})
+    job = Job(config, str(images), str(tmp_path / "out"), "labels", str(labels))
+
+    def no_ray():
+        raise AssertionError("a rerun with nothing to do must not start Ray")
+
+    first = run_job(job, "local")
+    assert first.n_processed == 3 and first.counts == {"ok": 3}
+    again = run_job(job, "ray", connect=no_ray)  # every case has its record: nothing to run
+    assert again.n_processed == 0 and again.n_skipped == 3 and again.counts == {"ok": 3}
+    (tmp_path / "out" / "records" / "c1.json").unlink()
+    third = run_job(job, "local")
+    assert third.n_processed == 1 and third.n_skipped == 2 and third.run_id == first.run_id
+
+    client = MlflowClient(tracking_uri)
+    history = {m.step: m.value for m in client.get_metric_history(first.run_id, "attempt_cases_per_s")}
+    assert sorted(history) == [1, 2, 3]
+    assert history[1] == pytest.approx(first.metrics["attempt_cases_per_s"]) and history[1] > 0  # kept
+    assert history[2] == 0.0 and history[3] == pytest.approx(third.metrics["attempt_cases_per_s"])
+    processed = {m.step: m.value for m in client.get_metric_history(first.run_id, "attempt_n_processed")}
+    assert processed == {1: 3.0, 2: 0.0, 3: 1.0}
+    latest = client.get_run(first.run_id).data.metrics  # the latest step: the whole output
+    assert latest["n_cases"] == 3 and latest["n_ok"] == 3 and latest["attempts"] == 3
+    assert latest["n_processed"] == 4  # the attempts that processed cases: 3 + 1
+    seconds = first.metrics["attempt_wall_seconds"] + third.metrics["attempt_wall_seconds"]
+    assert latest["cases_per_s"] == pytest.approx(4 / seconds)
+    run_file = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert [a["n_processed"] for a in run_file["attempts"]] == [3, 0, 1]

@@ -12,7 +12,7 @@ which take their names (windows, merge methods, backends) from here, and imports
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -132,7 +132,7 @@ class SamConfig(StrictModel):
 class ActorPoolConfig(StrictModel):
     """One model stage of the Ray Data pipeline: a pool of actors that each load the model once."""
 
-    actors: int = Field(1, ge=1)  # pool size
+    actors: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"  # pool size; auto: fit the cluster
     num_gpus: float = Field(0.0, ge=0.0)  # per actor; > 0 runs the model on cuda
     num_cpus: float = Field(0.75, gt=0.0)  # per actor; leaves room for the CPU read/write tasks on small machines
 

@@ -194,7 +194,7 @@ def summarise_run(result) -> None:
                   f"over {int(result.metrics['n_scored'])}")
     tracked = f"; MLflow run {result.run_id}" if result.run_id else ""
     click.echo(f"{len(result.records)} case(s): {counts} ({result.n_skipped} done earlier, {result.n_processed} "
-               f"now in {result.seconds:.0f} s, {result.metrics.get('cases_per_s', 0.0):.3g} cases/s){scores}; "
+               f"now in {result.seconds:.0f} s, {result.metrics.get('attempt_cases_per_s', 0.0):.3g} cases/s){scores}; "
                f"manifest: {result.manifest_uri}{tracked}")
 
 

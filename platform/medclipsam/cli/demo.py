@@ -37,8 +37,7 @@ def demo(output: str, cache_dir: str | None, clip_model: str | None, address: st
             click.echo(f"BiomedCLIP is not available ({problem}): running the same Ray pipeline with box prompts "
                        f"from the labels instead (an oracle upper bound, not zero-shot). {OFFLINE_HELP} "
                        "Then: medclipsam demo --clip-model /path/to/that/folder")
-        start_ray(address)
-        result = run_job(job, "ray", progress)
+        result = run_job(job, "ray", progress, connect=lambda: start_ray(address))
         page = write_report(result.manifest_uri.rsplit("/", 1)[0])
     except MedClipSamError as exc:
         fail(str(exc))

@@ -55,8 +55,7 @@ def pseudolabel(input_uri: str, output: str, gt_uri, text_prompts, clip_model, p
         config = task_config(config_path, pipeline={"save_saliency": save_saliency or None},
                              tracking={"uri": tracking_uri, "experiment": experiment}, **overrides)
         job = Job(config, input_uri, output, prompt_source, gt_uri, tuple(text_prompts), clip_model)
-        start_ray(address)
-        result = run_job(job, "ray", progress)
+        result = run_job(job, "ray", progress, connect=lambda: start_ray(address))
     except MedClipSamError as exc:
         fail(str(exc))
     finally:

@@ -20,6 +20,7 @@ from ..config import ActorPoolConfig, CoarseMaskConfig, SaliencyConfig, SamConfi
 from ..io.manifest import CaseRecord, record_from_dict
 from .assembly import AssemblySettings, collect_slice
 from .job import Job
+from .pools import pool_sizes
 from .rows import SOURCE_TEXT, CaseTask, add_masks, add_saliency, add_text_prompts, case_slices
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,15 @@ def _write(row: dict, settings: AssemblySettings) -> list[dict]:
     return [] if record is None else [asdict(record)]
 
 
+def cluster_pool_sizes(job: Job) -> dict[str, int]:
+    """Actors per pool for the Ray this process is connected to (``actors: auto`` sized to it)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    return pool_sizes(job.config.pipeline, job.source == SOURCE_TEXT, float(resources.get("CPU", 1.0)),
+                      float(resources.get("GPU", 0.0)))
+
+
 def build_dataset(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = SamStage):
     """The Ray Data chain for ``tasks``; lazy until iterated. ``sam_stage`` may be a subclass."""
     import ray
@@ -110,6 +120,8 @@ def build_dataset(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = S
 
     c = job.config
     pipeline = c.pipeline
+    sizes = cluster_pool_sizes(job)
+    log.info("actor pools: %s", sizes)
     ds = ray.data.from_items([asdict(t) for t in tasks], override_num_blocks=max(1, min(len(tasks), 1000)))
     ds = ds.flat_map(_read, fn_kwargs={"job": job}, num_cpus=pipeline.task_cpus)
     if job.source == SOURCE_TEXT:
@@ -117,11 +129,11 @@ def build_dataset(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = S
             "clip_uri": job.clip, "device": _device(pipeline.saliency, c.sam.device), "saliency": c.saliency,
             "coarse": c.coarse, "visual": c.visual_prompts, "keep_saliency": job.keep_saliency,
             "keep_coarse": job.save_intermediates},
-            compute=ActorPoolStrategy(size=pipeline.saliency.actors), batch_size=c.saliency.batch_size,
+            compute=ActorPoolStrategy(size=sizes["saliency"]), batch_size=c.saliency.batch_size,
             num_gpus=pipeline.saliency.num_gpus, num_cpus=pipeline.saliency.num_cpus)
     ds = ds.map_batches(sam_stage, fn_constructor_kwargs={
         "settings": c.sam, "device": _device(pipeline.sam, c.sam.device)},
-        compute=ActorPoolStrategy(size=pipeline.sam.actors), batch_size=c.sam.batch_size,
+        compute=ActorPoolStrategy(size=sizes["sam"]), batch_size=c.sam.batch_size,
         num_gpus=pipeline.sam.num_gpus, num_cpus=pipeline.sam.num_cpus)
     return ds.flat_map(_write, fn_kwargs={"settings": job.assembly()}, num_cpus=pipeline.task_cpus)
 
@@ -146,10 +158,10 @@ def quiet_ray_data(verbose: bool = False) -> None:
 
 def run_ray(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = SamStage) -> Iterator[CaseRecord]:
     """Yield each case's record as its last slice is written (on the Ray this process is connected to)."""
-    import ray
-
     if not tasks:
         return
+    import ray
+
     if not ray.is_initialized():
         ray.init()
     seen: set[str] = set()

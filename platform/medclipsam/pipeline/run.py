@@ -37,10 +37,12 @@ class RunResult:
 
 
 def run_job(job: Job, runner: Runner = "ray", progress: Progress | None = None, *, resume: bool = True,
-            track: bool = True, **runner_options) -> RunResult:
+            track: bool = True, connect: Callable[[], None] | None = None, **runner_options) -> RunResult:
     """Segment every planned case of ``job`` not yet completed under its output; write the manifest.
 
-    ``runner_options`` go to the runner (``sam_stage`` for Ray: a ``SamStage`` subclass).
+    ``connect`` (e.g. start or join Ray) is called only when there is a case left to run, so a rerun
+    over a finished output starts nothing. ``runner_options`` go to the runner (``sam_stage`` for
+    Ray: a ``SamStage`` subclass).
     """
     job = job.resolved()
     tasks = plan(job)  # a bad input fails here, before any model loads
@@ -49,6 +51,8 @@ def run_job(job: Job, runner: Runner = "ray", progress: Progress | None = None, 
     done = _completed(job, tasks) if resume else {}
     todo = [t for t in tasks if t.case_id not in done]
     run_id = tracking.open_run(job, parameters, previous) if track else ""
+    if todo and connect is not None:
+        connect()
     storage.remove_tree(storage.join(job.output, STAGING))  # slices staged by a killed run are stale
     new: dict[str, CaseRecord] = {}
     start = time.perf_counter()
@@ -66,9 +70,11 @@ def run_job(job: Job, runner: Runner = "ray", progress: Progress | None = None, 
         manifest_uri = storage.join(job.output, MANIFEST)
         write_manifest(records, manifest_uri)
         storage.remove_tree(storage.join(job.output, STAGING))
-        metrics = summary_metrics(records, seconds, len(todo), sum(r.n_slices for r in new.values()))
+        attempts = [*tracking.previous_attempts(previous), {
+            "n_processed": len(todo), "seconds": seconds, "n_slices": sum(r.n_slices for r in new.values())}]
+        metrics = summary_metrics(records, attempts)
         if track:
-            tracking.close_run(metrics, job.output, manifest_uri)
+            tracking.close_run(job, parameters, attempts, metrics, manifest_uri)
     except BaseException:
         if track:
             tracking.fail_run()
@@ -91,11 +97,23 @@ def _stream(tasks: list[CaseTask], job: Job, runner: Runner, options: dict):
     return run_ray(tasks, job, **options)
 
 
-def summary_metrics(records: list[CaseRecord], seconds: float, n_processed: int, n_slices: int) -> dict[str, float]:
+def _rates(n_processed: float, n_slices: float, seconds: float) -> tuple[float, float]:
+    return (n_processed / seconds, n_slices / seconds) if seconds > 0 else (0.0, 0.0)
+
+
+def summary_metrics(records: list[CaseRecord], attempts: list[dict]) -> dict[str, float]:
+    """Figures of the whole output (counts, scores, throughput of the attempts that processed cases)
+    and of the latest attempt (``attempt_*``)."""
     metrics = {f"n_{status}": float(n) for status, n in status_counts(records).items()}
-    metrics.update(n_cases=float(len(records)), n_processed=float(n_processed), wall_seconds=seconds,
-                   cases_per_s=n_processed / seconds if seconds > 0 else 0.0,
-                   slices_per_s=n_slices / seconds if seconds > 0 else 0.0)
+    working = [a for a in attempts if a["n_processed"] > 0]
+    processed, slices, seconds = (sum(a[k] for a in working) for k in ("n_processed", "n_slices", "seconds"))
+    cases_per_s, slices_per_s = _rates(processed, slices, seconds)
+    metrics.update(n_cases=float(len(records)), n_processed=float(processed), wall_seconds=float(seconds),
+                   cases_per_s=cases_per_s, slices_per_s=slices_per_s, attempts=float(len(attempts)))
+    last = attempts[-1]
+    last_cases, last_slices = _rates(last["n_processed"], last["n_slices"], last["seconds"])
+    metrics.update(attempt_n_processed=float(last["n_processed"]), attempt_wall_seconds=float(last["seconds"]),
+                   attempt_cases_per_s=last_cases, attempt_slices_per_s=last_slices)
     scored = [r for r in records if r.gt_uri and np.isfinite(r.dsc)]
     if scored:
         metrics.update(mean_dsc=float(np.mean([r.dsc for r in scored])),

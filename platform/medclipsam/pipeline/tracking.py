@@ -1,5 +1,8 @@
 """The MLflow run of an output folder: opened on the first run, reopened on resume, and the guard
 that a resume uses the settings the output was written with (``run.json``).
+
+Each invocation on an output is an attempt, numbered in ``run.json``. Its figures are logged with
+the attempt number as the MLflow step, so a rerun never overwrites what an earlier attempt measured.
 """
 
 from __future__ import annotations
@@ -47,17 +50,29 @@ def open_run(job: Job, parameters: str, previous: dict | None) -> str:
     if run_id is None:
         mlflow.log_params({**flatten(json.loads(parameters)), "task": job.config.task, "input": job.input_uri,
                            "output": job.output, "gt": job.gt_uri or ""})
-    storage.write_bytes_atomic(storage.join(job.output, RUN_FILE), json.dumps({
-        "mlflow_run_id": run.info.run_id, "tracking_uri": tracking_uri, "settings_sha256": _digest(parameters),
-        "settings": json.loads(parameters)}, indent=2).encode())
+    _write_run_file(job, parameters, run.info.run_id, tracking_uri, previous_attempts(previous))
     return run.info.run_id
 
 
-def close_run(metrics: dict[str, float], output: str, manifest_uri: str) -> None:
-    """Log the run's figures, its manifest and overlay pictures, and end it."""
+def previous_attempts(previous: dict | None) -> list[dict]:
+    """The figures of the earlier attempts on this output, oldest first."""
+    return list((previous or {}).get("attempts", []))
+
+
+def _write_run_file(job: Job, parameters: str, run_id: str, tracking_uri: str, attempts: list[dict]) -> None:
+    storage.write_bytes_atomic(storage.join(job.output, RUN_FILE), json.dumps({
+        "mlflow_run_id": run_id, "tracking_uri": tracking_uri, "settings_sha256": _digest(parameters),
+        "settings": json.loads(parameters), "attempts": attempts}, indent=2).encode())
+
+
+def close_run(job: Job, parameters: str, attempts: list[dict], metrics: dict[str, float], manifest_uri: str) -> None:
+    """Record the attempts in ``run.json``; log the figures at this attempt's step, the manifest and overlays."""
     import mlflow
 
-    mlflow.log_metrics(metrics)
+    run = mlflow.active_run()
+    _write_run_file(job, parameters, run.info.run_id, mlflow.get_tracking_uri(), attempts)
+    mlflow.log_metrics(metrics, step=len(attempts))
+    output = job.output
     with tempfile.TemporaryDirectory(prefix="medclipsam-artifacts-") as tmp:
         local = Path(tmp) / storage.basename(manifest_uri)
         local.write_bytes(storage.read_bytes(manifest_uri))
