@@ -51,12 +51,12 @@ def run_job(job: Job, runner: Runner = "ray", progress: Progress | None = None, 
     done = _completed(job, tasks) if resume else {}
     todo = [t for t in tasks if t.case_id not in done]
     run_id = tracking.open_run(job, parameters, previous) if track else ""
-    if todo and connect is not None:
-        connect()
-    storage.remove_tree(storage.join(job.output, STAGING))  # slices staged by a killed run are stale
     new: dict[str, CaseRecord] = {}
-    start = time.perf_counter()
     try:
+        if todo and connect is not None:
+            connect()
+        storage.remove_tree(storage.join(job.output, STAGING))  # slices staged by a killed run are stale
+        start = time.perf_counter()
         for record in _stream(todo, job, runner, runner_options):
             new[record.case_id] = record
             if progress is not None:
