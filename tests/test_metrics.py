@@ -93,3 +93,81 @@ def test_shape_mismatch_is_an_error():
 def test_summarise_skips_infinite():
     assert summarise([1.0, math.inf, 3.0]) == 2.0
     assert math.isnan(summarise([math.inf]))
+
+
+def random_blobs(rng, shape, n=2):
+    """Masks of a few smoothed-noise blobs, some touching the image border."""
+    from scipy import ndimage
+
+    masks = []
+    for _ in range(n):
+        noise = ndimage.gaussian_filter(rng.random(shape), 1.5)
+        masks.append(noise > np.quantile(noise, 0.7))
+    return masks
+
+
+def brute_force_distances(a, b, spacing):
+    """Boundary by checking every voxel's face neighbours (outside = background); all-pairs distances."""
+    def boundary(mask):
+        padded = np.pad(mask, 1)
+        points = []
+        for index in np.argwhere(mask):
+            p = tuple(index + 1)
+            for axis in range(mask.ndim):
+                for step in (-1, 1):
+                    q = list(p)
+                    q[axis] += step
+                    if not padded[tuple(q)]:
+                        points.append(index)
+                        break
+                else:
+                    continue
+                break
+        return np.asarray(points, dtype=float) * np.asarray(spacing)
+
+    pa_, pb = boundary(a), boundary(b)
+    d = np.sqrt(((pa_[:, None, :] - pb[None, :, :]) ** 2).sum(-1))
+    return d.min(axis=1), d.min(axis=0)
+
+
+@pytest.mark.parametrize("shape,spacing", [((24, 30), (1.0, 1.0)), ((24, 30), (0.7, 1.9)),
+                                           ((9, 14, 12), (4.0, 0.8, 0.8))])
+def test_surface_metrics_match_brute_force(shape, spacing):
+    rng = np.random.default_rng(len(shape) * 10 + int(spacing[1] * 10))
+    for _ in range(3):
+        a, b = random_blobs(rng, shape)
+        to_b, to_a = brute_force_distances(a, b, spacing)
+        m = case_metrics(a, b, tolerance=1.5, spacing=spacing)
+        within = (to_b <= 1.5).sum() + (to_a <= 1.5).sum()
+        assert m.nsd == pytest.approx(within / (len(to_b) + len(to_a)), abs=1e-9)
+        assert m.hd95 == pytest.approx(max(np.percentile(to_b, 95), np.percentile(to_a, 95)), rel=1e-5)
+
+
+@pytest.mark.parametrize("shape,spacing", [((40, 52), None), ((40, 52), (1.3, 0.6)),
+                                           ((12, 20, 18), (3.0, 0.9, 1.1))])
+def test_surface_metrics_equal_monai(shape, spacing):
+    """The scipy path gives MONAI's numbers (compute_surface_dice / compute_hausdorff_distance)."""
+    import torch
+    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+
+    rng = np.random.default_rng(7)
+    for tolerance in (1.0, 2.0, 3.5):
+        a, b = random_blobs(rng, shape)
+        pred, truth = torch.as_tensor(a)[None, None], torch.as_tensor(b)[None, None]
+        kwargs = {"spacing": list(spacing)} if spacing else {}
+        nsd = float(compute_surface_dice(pred, truth, [tolerance], include_background=True, **kwargs)[0, 0])
+        hd95 = float(compute_hausdorff_distance(pred, truth, include_background=True, percentile=95,
+                                                **kwargs)[0, 0])
+        m = case_metrics(a, b, tolerance, spacing)
+        assert m.nsd == pytest.approx(nsd, abs=1e-6)
+        assert m.hd95 == pytest.approx(hd95, rel=1e-5)
+
+
+def test_metrics_module_loads_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, medclipsam.eval.metrics, medclipsam.eval.evaluation; "
+            "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -18,7 +18,7 @@ from medclipsam.io.images import read_mask
 from medclipsam.io.outputs import read_records
 from medclipsam.pipeline.assembly import AssemblySettings, _stage_bytes, _unstage, collect_slice
 from medclipsam.pipeline.ray_runner import to_batch, to_rows
-from medclipsam.pipeline.rows import NO_IMAGE, NO_MAP
+from medclipsam.pipeline.slices import NO_IMAGE, NO_MAP
 
 
 def test_cohort_manifest_resolves_relative_uris_and_prompt_lists(tmp_path):

@@ -252,3 +252,42 @@ def test_corrupt_and_missing_objects_are_error_rows(cohort, s3_bucket, ray_sessi
     assert rows["corrupt"]["status"] == "error" and "corrupt.nii.gz: cannot read image" in rows["corrupt"]["error"]
     assert rows["missing"]["status"] == "error" and "missing.png: no such file or object" in rows["missing"]["error"]
     assert rows["lung2"]["gt_uri"] == f"{s3_bucket}/cohort/labels/lung2.png" and rows["lung2"]["dsc"] > 0.5
+
+
+def test_read_and_write_tasks_load_no_model_code(cohort, ray_session, tmp_path):
+    """In a fresh Ray worker, the CPU stages read a volume, stage and assemble it, and score it
+    against its truth without torch or MONAI ever being imported."""
+    import ray
+
+    def read_then_write(task: dict, output: str) -> tuple[list[dict], list[str]]:
+        import sys
+
+        import numpy as np
+
+        from medclipsam.config import parse_config
+        from medclipsam.io.images import read_mask
+        from medclipsam.pipeline.assembly import AssemblySettings
+        from medclipsam.pipeline.cpu_tasks import read_case, write_slice
+        from medclipsam.pipeline.job import Job
+
+        job = Job(parse_config({"task": "probe"}), "unused", output, "labels")
+        truth = read_mask(task["gt_uri"]).array > 0
+        records = []
+        for row in read_case(task, job):
+            row["mask"] = np.roll(truth[row["slice"]], 2, axis=1)  # a prediction two pixels off
+            records += write_slice(row, AssemblySettings(output, "labels"))
+        heavy = ("torch", "torchvision", "monai", "open_clip", "timm", "transformers", "segment_anything")
+        return records, [name for name in heavy if name in sys.modules]
+
+    task = {"case_id": "brain1", "uri": str(cohort / "images" / "brain1.nii.gz"),
+            "gt_uri": str(cohort / "labels" / "brain1.nii.gz")}
+    fresh = {"env_vars": {"HF_HUB_OFFLINE": "1", "MEDCLIPSAM_FRESH_WORKER": "writer-probe"}}
+    records, loaded = ray.get(ray.remote(read_then_write).options(runtime_env=fresh).remote(task, str(tmp_path)))
+    assert loaded == []
+    truth = read_mask(task["gt_uri"])
+    expected = np.roll(truth.array > 0, 2, axis=2)
+    assert [r["status"] for r in records] == ["ok"] and records[0]["n_slices"] == truth.array.shape[0]
+    assert np.array_equal(read_mask(records[0]["mask_uri"]).array > 0, expected)
+    assert records[0]["dsc"] == pytest.approx(dice(expected, truth.array > 0))
+    # A shift of 2 pixels (spacing < 1 mm in-plane) keeps every boundary voxel within 2 mm.
+    assert 0.0 < records[0]["hd95"] <= 2 * max(truth.spacing[:2]) + 1e-6

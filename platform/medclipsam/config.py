@@ -143,6 +143,10 @@ class PipelineConfig(StrictModel):
     saliency: ActorPoolConfig = ActorPoolConfig()
     sam: ActorPoolConfig = ActorPoolConfig()
     task_cpus: float = Field(0.25, gt=0.0)  # per read / write task
+    # Ray memory request per write task, MiB (0: none). A writer holds one case: its staged slices,
+    # mask and truth; benchmarks/labels_run.py measured a 257 MiB peak for 256 x 256 images and a
+    # 60-slice volume of them. Raise it for large volumes.
+    write_memory_mb: int = Field(512, ge=0)
     overlays: int = Field(8, ge=0)  # cases drawn as overlay pictures (the first ones by case_id)
     save_saliency: bool = False  # also write saliency/<case_id>.npy (text mode)
     nsd_tolerance: float = Field(2.0, gt=0.0)  # pixels for 2D images, millimetres for volumes

@@ -41,8 +41,8 @@ def segment(input_uri: str, output: str, boxes: str | None, points: str | None, 
     """
     from ..io.cohort import is_manifest
     from ..pipeline.job import Job
-    from ..pipeline.rows import SOURCE_FILES, SOURCE_TEXT
     from ..pipeline.run import run_job
+    from ..pipeline.slices import SOURCE_FILES, SOURCE_TEXT
 
     progress = CaseProgress(every_case=True)
     try:

@@ -25,7 +25,7 @@ from ..io.manifest import STATUS_ERROR, STATUS_NO_PROMPTS, STATUS_NO_TARGET, STA
 from ..io.outputs import COARSE, MASKS, OVERLAYS, PROMPTS, SALIENCY, STAGING, write_record
 from ..ops.slicing import assemble_mask, take_slice
 from ..prompts.types import SlicePrompts
-from .rows import NO_IMAGE, NO_MAP, NO_MASK, SOURCE_TEXT, Row, reference_image
+from .slices import NO_IMAGE, NO_MAP, NO_MASK, SOURCE_TEXT, Row, reference_image
 
 ARRAY_COLUMNS = ("image", "saliency", "coarse", "mask")
 

@@ -16,7 +16,7 @@ from ..io.inputs import list_cases
 from ..io.samples import fetch_samples
 from ..models.biomedclip import hub_problem
 from .job import Job
-from .rows import SOURCE_LABELS, SOURCE_TEXT
+from .slices import SOURCE_LABELS, SOURCE_TEXT
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 DEMO_CONFIG = CONFIGS / "demo.yaml"

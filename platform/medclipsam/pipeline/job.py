@@ -13,7 +13,7 @@ from ..io.cohort import CohortCase, read_cohort
 from ..io.outputs import absolute_output
 from ..prompts.csv_prompts import check_case_ids, read_box_rows, read_point_rows
 from .assembly import AssemblySettings
-from .rows import SOURCE_FILES, SOURCE_LABELS, SOURCE_TEXT, SOURCES, CaseTask, rows_to_json
+from .slices import SOURCE_FILES, SOURCE_LABELS, SOURCE_TEXT, SOURCES, CaseTask, rows_to_json
 
 
 @dataclass(frozen=True)

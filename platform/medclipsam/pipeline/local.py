@@ -13,7 +13,8 @@ from ..models.biomedclip import load_clip
 from ..models.sam_backends import build_segmenter
 from .assembly import finish_case
 from .job import Job
-from .rows import SOURCE_TEXT, CaseTask, add_masks, add_saliency, add_text_prompts, case_slices
+from .slices import SOURCE_TEXT, CaseTask, case_slices
+from .stages import add_masks, add_saliency, add_text_prompts
 
 
 def run_local(tasks: list[CaseTask], job: Job) -> Iterator[CaseRecord]:

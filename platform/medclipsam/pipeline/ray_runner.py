@@ -18,10 +18,11 @@ import numpy as np
 
 from ..config import ActorPoolConfig, CoarseMaskConfig, SaliencyConfig, SamConfig, VisualPromptConfig
 from ..io.manifest import CaseRecord, record_from_dict
-from .assembly import AssemblySettings, collect_slice
+from .cpu_tasks import read_case, write_slice
 from .job import Job
 from .pools import pool_sizes
-from .rows import SOURCE_TEXT, CaseTask, add_masks, add_saliency, add_text_prompts, case_slices
+from .slices import SOURCE_TEXT, CaseTask
+from .stages import add_masks, add_saliency, add_text_prompts
 
 log = logging.getLogger(__name__)
 
@@ -90,20 +91,6 @@ def _device(pool: ActorPoolConfig, configured: str) -> str:
     return "cuda" if pool.num_gpus > 0 else configured
 
 
-# -- the CPU stages ---------------------------------------------------------------------------------
-def _read(row: dict, job: Job) -> list[dict]:
-    return case_slices(CaseTask(**row), job.config.image, job.source, job.config.oracle.box_margin)
-
-
-def _write(row: dict, settings: AssemblySettings) -> list[dict]:
-    try:
-        record = collect_slice(row, settings)
-    except Exception:  # a slice that cannot be staged leaves its case incomplete; the driver reports it
-        log.exception("case %s slice %s could not be staged", row["case_id"], row["slice"])
-        return []
-    return [] if record is None else [asdict(record)]
-
-
 def cluster_pool_sizes(job: Job) -> dict[str, int]:
     """Actors per pool for the Ray this process is connected to (``actors: auto`` sized to it)."""
     import ray
@@ -123,7 +110,7 @@ def build_dataset(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = S
     sizes = cluster_pool_sizes(job)
     log.info("actor pools: %s", sizes)
     ds = ray.data.from_items([asdict(t) for t in tasks], override_num_blocks=max(1, min(len(tasks), 1000)))
-    ds = ds.flat_map(_read, fn_kwargs={"job": job}, num_cpus=pipeline.task_cpus)
+    ds = ds.flat_map(read_case, fn_kwargs={"job": job}, num_cpus=pipeline.task_cpus)
     if job.source == SOURCE_TEXT:
         ds = ds.map_batches(SaliencyStage, fn_constructor_kwargs={
             "clip_uri": job.clip, "device": _device(pipeline.saliency, c.sam.device), "saliency": c.saliency,
@@ -135,7 +122,8 @@ def build_dataset(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = S
         "settings": c.sam, "device": _device(pipeline.sam, c.sam.device)},
         compute=ActorPoolStrategy(size=sizes["sam"]), batch_size=c.sam.batch_size,
         num_gpus=pipeline.sam.num_gpus, num_cpus=pipeline.sam.num_cpus)
-    return ds.flat_map(_write, fn_kwargs={"settings": job.assembly()}, num_cpus=pipeline.task_cpus)
+    memory = {"memory": pipeline.write_memory_mb * 2**20} if pipeline.write_memory_mb else {}
+    return ds.flat_map(write_slice, fn_kwargs={"settings": job.assembly()}, num_cpus=pipeline.task_cpus, **memory)
 
 
 def quiet_ray_data(verbose: bool = False) -> None:

@@ -18,7 +18,7 @@ from ..io.manifest import COMPLETED, STATUS_ERROR, CaseRecord, status_counts, wr
 from ..io.outputs import MANIFEST, STAGING, read_records
 from . import tracking
 from .job import Job, plan
-from .rows import CaseTask
+from .slices import CaseTask
 
 Progress = Callable[[int, int, CaseRecord], None]
 Runner = Literal["local", "ray"]

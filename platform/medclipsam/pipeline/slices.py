@@ -1,9 +1,12 @@
-"""The case stages as functions on slice rows (plain dicts), free of Ray, MLflow and storage layout.
+"""A case as slice rows (plain dicts): the columns, and the read stage that makes them.
 
-A case becomes one row per 2D slice (a 2D image is one row, ``slice = -1``); each stage adds
-columns; ``assembly`` puts a case's rows back together. A failure is recorded in the row's
-``error`` column and the row travels on untouched, so one bad case never stops a batch. The
-single-process runner and the Ray runner call exactly these functions.
+A case becomes one row per 2D slice (a 2D image is one row, ``slice = -1``); the model stages
+(``stages``) add columns; ``assembly`` puts a case's rows back together. A failure is recorded in
+the row's ``error`` column and the row travels on untouched, so one bad case never stops a batch.
+The single-process runner and the Ray runner call exactly these functions.
+
+This module and ``assembly`` load no model code (no torch): Ray's read and write tasks import
+them, and a task's memory is taken from the model actors.
 
 Columns: case_id, uri, gt_uri, prompt (JSON list of sentences, text mode), slice, n_slices,
 geometry (JSON), overlay (keep the picture for an overlay), image (``H x W x 3`` uint8), error,
@@ -21,17 +24,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import CoarseMaskConfig, ImageConfig, SaliencyConfig, SamConfig, VisualPromptConfig
+from ..config import ImageConfig
 from ..io.images import MedicalImage, read_image, read_mask
-from ..models.biomedclip import ClipModel
-from ..models.sam_backends import PromptableSegmenter
 from ..ops.slicing import model_inputs, slice_keys
 from ..prompts.csv_prompts import PromptRow, prompts_for_case
 from ..prompts.from_mask import label_boxes
-from ..prompts.from_saliency import prompts_from_saliency
 from ..prompts.types import SlicePrompts
-from ..saliency.maps import saliency_maps
-from ..segment.sam import segment_images
 
 SOURCE_TEXT = "text"  # prompts from M2IB saliency of the text prompts (zero-shot)
 SOURCE_LABELS = "labels"  # box prompts from the ground-truth labels (oracle)
@@ -130,71 +128,4 @@ def case_slices(task: CaseTask, settings: ImageConfig, source: str, box_margin: 
         rows.append({**_base_row(task), "slice": -1 if key is None else key, "n_slices": len(keys),
                      "geometry": geometry, "image": pixels, "seconds_read": share,
                      "prompts": json.dumps(prompt.to_record(precise=True)) if given else ""})
-    return rows
-
-
-def add_saliency(clip: ClipModel, rows: list[Row], settings: SaliencyConfig) -> list[Row]:
-    """M2IB saliency for every readable row; rows sharing a prompt are optimised as one batch."""
-    groups: dict[str, list[int]] = defaultdict(list)
-    for index, row in enumerate(rows):
-        row.update(saliency=NO_MAP, seconds_saliency=0.0, clip_model=clip.uri, clip_sha256=clip.sha256)
-        if not row["error"]:
-            groups[row["prompt"]].append(index)
-    for prompt, members in groups.items():
-        start = time.perf_counter()
-        try:
-            maps = saliency_maps(clip, [rows[i]["image"] for i in members], json.loads(prompt), settings)
-        except Exception as exc:  # e.g. out of memory: the rows carry the error on
-            for i in members:
-                rows[i]["error"] = f"saliency: {exc}"
-            continue
-        share = (time.perf_counter() - start) / len(members)
-        for i, saliency in zip(members, maps, strict=True):
-            rows[i]["saliency"] = saliency.values if not saliency.constant else NO_MAP
-            rows[i]["seconds_saliency"] = share
-    return rows
-
-
-def add_text_prompts(rows: list[Row], coarse: CoarseMaskConfig, visual: VisualPromptConfig,
-                     keep_saliency: bool = False, keep_coarse: bool = False) -> list[Row]:
-    """SAM prompts from each row's saliency map (coarse mask, components, boxes/points).
-
-    Constant maps travel as an empty array: no coarse mask, no prompts.
-    """
-    for row in rows:
-        row["coarse"] = NO_MASK
-        if not row["error"]:
-            values = row["saliency"] if row["saliency"].size else None
-            mask, found = prompts_from_saliency(row["image"], values, coarse, visual)
-            row["prompts"] = "" if found.is_empty() else json.dumps(found.to_record(precise=True))
-            if keep_coarse:
-                row["coarse"] = mask
-        if not keep_saliency:
-            row["saliency"] = NO_MAP
-    return rows
-
-
-def add_masks(segmenter: PromptableSegmenter, rows: list[Row], settings: SamConfig) -> list[Row]:
-    """SAM masks for the prompted rows (others get an empty mask); images are dropped unless drawn."""
-    todo = [i for i, row in enumerate(rows) if not row["error"] and row["prompts"]]
-    seconds = {"embed": 0.0, "decode": 0.0}
-    masks: list[np.ndarray] = []
-    try:
-        if todo:
-            prompts = [SlicePrompts.from_record(json.loads(rows[i]["prompts"])) for i in todo]
-            masks, seconds = segment_images(segmenter, [rows[i]["image"] for i in todo], prompts, settings)
-    except Exception as exc:
-        for i in todo:
-            rows[i]["error"] = f"SAM: {exc}"
-        todo, masks = [], []
-    found = dict(zip(todo, masks, strict=True))
-    for index, row in enumerate(rows):
-        shape = row["image"].shape[:2]
-        row["mask"] = found.get(index, np.zeros(shape, dtype=bool) if not row["error"] else NO_MASK)
-        row["seconds_embed"] = seconds["embed"] / len(todo) if index in found else 0.0
-        row["seconds_decode"] = seconds["decode"] / len(todo) if index in found else 0.0
-        row.update(backend=segmenter.name, checkpoint=segmenter.checkpoint,
-                   checkpoint_sha256=segmenter.checkpoint_sha256)
-        if not row["overlay"]:
-            row["image"] = NO_IMAGE
     return rows
