@@ -1,50 +1,18 @@
 """DHN-NCE fine-tuning end to end: Ray Train, an injected failure and resume, MLflow registration."""
 
 import json
-import os
-import signal
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray.cloudpickle
 import torch
-from ray.train import UserCallback
-from synthetic_pairs import make_pairs  # tests/ is on sys.path under pytest's default import mode
+from ray_faults import KillWorkersOnce  # tests/ is on sys.path under pytest's default import mode
+from synthetic_pairs import make_pairs
 
 from medclipsam.finetune.data import clip_pixels
 from medclipsam.finetune.retrieval import retrieval_metrics
 from medclipsam.finetune.settings import FinetuneConfig
 from medclipsam.models.biomedclip import load_clip
-
-# The callback below runs on the Ray Train controller, which cannot import this module: ship it by value.
-ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-class KillWorkersOnce(UserCallback):
-    """Once every worker has reported ``epoch`` (and its checkpoint is registered), SIGKILL them all.
-
-    Runs on the Ray Train controller. ``marker`` records the kill, so it happens once per test, and
-    lets the test check that it did.
-    """
-
-    def __init__(self, epoch: int, marker: Path):
-        self.epoch, self.marker = epoch, marker
-
-    def after_report(self, run_context, metrics, checkpoint):
-        import ray
-        from ray._private import state
-
-        if metrics[0]["epoch"] != self.epoch or self.marker.exists():
-            return
-        job = ray.get_runtime_context().get_job_id()
-        pids = [actor["Pid"] for actor in state.actors(actor_state_name="ALIVE").values()
-                if actor["ActorClassName"] == "RayTrainWorker" and actor["JobID"] == job]
-        self.marker.write_text(json.dumps({"epoch": metrics[0]["epoch"], "pids": pids,
-                                           "checkpoint": checkpoint.path if checkpoint else None}))
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
 
 
 def held_out_retrieval(clip, pairs_csv):

@@ -1,5 +1,5 @@
 """The ``medclipsam`` command line: one module per command group, each a thin layer over
-``pipeline``, ``finetune`` and ``eval``. Importing it loads neither torch nor Ray; each command
+``pipeline``, ``finetune``, ``weak`` and ``eval``. Importing it loads neither torch nor Ray; each command
 imports what it needs when it runs.
 """
 
@@ -16,6 +16,7 @@ from .evaluate import evaluate
 from .finetune import finetune
 from .pseudolabel import pseudolabel, report
 from .segment import segment
+from .weak import weak
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,9 +30,10 @@ def main(context: click.Context, verbose: bool) -> None:
         logging.getLogger("medclipsam").setLevel(logging.DEBUG)
     else:  # MLflow logs its store migrations and new experiments at INFO through a handler of its own
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # our own progress only
 
 
-for command in (segment, evaluate, finetune, data, pseudolabel, report, demo):
+for command in (segment, evaluate, finetune, data, pseudolabel, report, weak, demo):
     main.add_command(command)
 
 

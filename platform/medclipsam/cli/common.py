@@ -157,7 +157,7 @@ class CaseProgress:
 
     def _line(self, number: int, total: int, record: CaseRecord) -> str:
         seconds = (record.seconds_read + record.seconds_saliency + record.seconds_embed + record.seconds_decode
-                   + record.seconds_write)
+                   + record.seconds_predict + record.seconds_write)
         detail = f": {record.error}" if record.error else ""
         return f"[{number}/{total}] {record.case_id}: {record.status}{detail} ({seconds:.1f} s)"
 

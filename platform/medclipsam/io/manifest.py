@@ -45,6 +45,8 @@ class CaseRecord:
     dsc: float = math.nan  # against gt_uri, when given
     nsd: float = math.nan
     hd95: float = math.nan
+    uncertainty: float = math.nan  # weak predict: the ensemble's per-case uncertainty score
+    seconds_predict: float = 0.0  # weak predict: the ensemble's inference time
 
 
 SCHEMA = pa.schema(
@@ -75,6 +77,8 @@ SCHEMA = pa.schema(
         ("dsc", pa.float64()),
         ("nsd", pa.float64()),
         ("hd95", pa.float64()),
+        ("uncertainty", pa.float64()),
+        ("seconds_predict", pa.float64()),
     ]
 )
 
@@ -85,7 +89,8 @@ COMPLETED = (STATUS_OK, STATUS_NO_TARGET, STATUS_NO_PROMPTS)  # a rerun skips th
 def record_from_dict(data: dict) -> CaseRecord:
     """A record read back from JSON; keys this version does not know are ignored."""
     known = {f for f in CaseRecord.__dataclass_fields__}
-    values = {k: (math.nan if v is None and k in ("dsc", "nsd", "hd95") else v) for k, v in data.items() if k in known}
+    floats = ("dsc", "nsd", "hd95", "uncertainty")
+    values = {k: (math.nan if v is None and k in floats else v) for k, v in data.items() if k in known}
     return CaseRecord(**values)
 
 

@@ -1,0 +1,102 @@
+"""The trained ensemble: its folder, and the mean foreground probability of its members.
+
+The folder is nnU-Net's trained-model layout plus a list of members:
+    plans.json  dataset.json  dataset_fingerprint.json  ensemble.json
+    fold_all/checkpoint_epochNNNN.pth ...  fold_all/checkpoint_final.pth
+Each member predicts as ``nnUNetPredictor`` does for a single checkpoint (sliding window with
+Gaussian weighting, mirroring, softmax after resampling to the image); the members' foreground
+**probabilities** are averaged. (Handing several parameter sets to one predictor would average
+their logits instead.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError, ModelError
+from ..io import storage
+from ..io.fetch import fetch_folder, fetch_registered
+from .nnunet_env import FOLD, nnunet_environment, stdout_to
+
+ENSEMBLE_FILE = "ensemble.json"
+FINAL = "checkpoint_final.pth"
+
+
+@dataclass(frozen=True)
+class EnsembleFolder:
+    path: Path
+    manifest: dict
+    uri: str  # as the user named it
+
+    @property
+    def sha256(self) -> str:
+        """Identifies the weights: the hash of ensemble.json, which lists every member's SHA-256."""
+        return hashlib.sha256((self.path / ENSEMBLE_FILE).read_bytes()).hexdigest()
+
+    def members(self, which: str = "cycles") -> list[str]:
+        names = list(self.manifest["members"])
+        return [*names, FINAL] if which == "cycles+final" else names
+
+
+def resolve_ensemble(uri: str) -> EnsembleFolder:
+    """A local ensemble folder for a path, an fsspec URI or ``models:/NAME@alias`` (MLflow registry)."""
+    if uri.startswith("models:/"):
+        found = sorted(fetch_registered(uri).rglob(ENSEMBLE_FILE))
+        if not found:
+            raise ModelError(f"model {uri}: the registered model holds no {ENSEMBLE_FILE} (not a weak ensemble?)")
+        folder = found[0].parent
+    else:
+        if not storage.exists(storage.join(uri, ENSEMBLE_FILE)):
+            raise InputError(f"{uri}: no {ENSEMBLE_FILE}; pass the ensemble/ folder written by medclipsam weak train")
+        folder = fetch_folder(uri, "weak ensemble", marker=ENSEMBLE_FILE)
+    manifest = json.loads((folder / ENSEMBLE_FILE).read_text())
+    missing = [m for m in [*manifest["members"], FINAL] if not (folder / f"fold_{FOLD}" / m).exists()]
+    if missing:
+        raise ModelError(f"weak ensemble {uri}: missing member checkpoint(s) {', '.join(missing[:3])}")
+    return EnsembleFolder(folder, manifest, uri)
+
+
+class Ensemble:
+    """The members' weights held in memory and one nnU-Net predictor that runs each in turn."""
+
+    def __init__(self, folder: EnsembleFolder, members: str = "cycles", device: str = "cpu",
+                 tile_step_size: float = 0.5, use_gaussian: bool = True, use_mirroring: bool = True) -> None:
+        import torch
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        self.folder, self.names = folder, folder.members(members)
+        torch_device = torch.device(device)
+        self.predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=use_gaussian,
+                                         use_mirroring=use_mirroring,
+                                         perform_everything_on_device=torch_device.type == "cuda",
+                                         device=torch_device, verbose=False, verbose_preprocessing=False,
+                                         allow_tqdm=False)
+        # nnU-Net's trainer lookup finds our trainer class (and narrates its search on stdout)
+        with nnunet_environment(None), stdout_to(os.devnull):
+            self.predictor.initialize_from_trained_model_folder(str(folder.path), (FOLD,), self.names[0])
+        self.weights = [torch.load(folder.path / f"fold_{FOLD}" / name, map_location="cpu",
+                                   weights_only=False)["network_weights"] for name in self.names]
+
+    def member_probabilities(self, array: np.ndarray, properties: dict, is_volume: bool) -> Iterator[np.ndarray]:
+        """Each member's foreground probability at the image's own resolution (``H x W`` or ``Z x Y x X``);
+        ``array`` and ``properties`` as ``dataset.nnunet_input`` makes them."""
+        for weights in self.weights:
+            self.predictor.list_of_parameters = [weights]
+            _, probabilities = self.predictor.predict_single_npy_array(
+                array, dict(properties), None, None, True)  # nnU-Net adds keys to the properties
+            foreground = np.asarray(probabilities[1], dtype=np.float32)
+            yield foreground if is_volume else foreground[0]
+
+    def probability(self, array: np.ndarray, properties: dict, is_volume: bool) -> np.ndarray:
+        """The mean of the members' foreground probabilities."""
+        total = None
+        for p in self.member_probabilities(array, properties, is_volume):
+            total = p.astype(np.float64) if total is None else total + p
+        return (total / len(self.weights)).astype(np.float32)

@@ -1,0 +1,174 @@
+"""``weak predict``: every case of a cohort through the ensemble, on Ray Data or in one process.
+
+Per case (``predict_case``, the one stage both runners call): read the image, the mean foreground
+probability of the members, mask = p > threshold written with the source geometry as ``segment``
+writes masks, the binary entropy and the case's uncertainty, optional ``prob/`` and ``entropy/``
+maps (``.npy``, image-shaped float32), DSC/NSD/HD95 against the ground truth when there is one,
+and the case's record, written last. Cases whose record exists are skipped on a rerun; the
+manifest (with an ``uncertainty`` column) is rewritten from all records at the end.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..errors import InputError
+from ..eval.evaluation import score_mask
+from ..io import storage
+from ..io.cohort import CohortCase, read_cohort
+from ..io.images import mask_extension, read_image, read_mask, write_mask
+from ..io.manifest import COMPLETED, STATUS_ERROR, CaseRecord, record_from_dict, status_counts, write_manifest
+from ..io.outputs import MANIFEST, MASKS, absolute_output, read_records, write_record
+from .dataset import nnunet_input
+from .ensemble import Ensemble, EnsembleFolder, resolve_ensemble
+from .settings import WeakConfig
+from .uncertainty import binary_entropy, case_uncertainty
+
+PROB, ENTROPY = "prob", "entropy"
+BACKEND = "nnunet-ensemble"
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    output: str
+    threshold: float
+    members: str
+    save_maps: bool
+    tolerance: float
+    parameters: str  # JSON, recorded per case
+
+
+def _save_array(array: np.ndarray, uri: str) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array.astype(np.float32))
+    storage.write_bytes_atomic(uri, buffer.getvalue())
+
+
+def predict_case(ensemble: Ensemble, case: CohortCase, settings: PredictSettings) -> CaseRecord:
+    """One case through the ensemble; a failure becomes an error record (the run goes on)."""
+    folder = ensemble.folder
+    record = CaseRecord(case_id=case.case_id, source_uri=case.uri, gt_uri=case.gt_uri, backend=BACKEND,
+                        checkpoint=folder.uri, checkpoint_sha256=folder.sha256, parameters=settings.parameters)
+    try:
+        start = time.perf_counter()
+        image = read_image(case.uri)
+        record.n_slices = image.array.shape[0] if image.is_volume else 1
+        record.seconds_read = time.perf_counter() - start
+        start = time.perf_counter()
+        p = ensemble.probability(*nnunet_input(image), image.is_volume)
+        record.seconds_predict = time.perf_counter() - start
+        start = time.perf_counter()
+        mask = p > settings.threshold
+        entropy = binary_entropy(p)
+        record.uncertainty = case_uncertainty(entropy, mask)
+        record.mask_uri = storage.join(settings.output, MASKS, case.case_id + mask_extension(image))
+        write_mask(mask, image, record.mask_uri)
+        if settings.save_maps:
+            _save_array(p, storage.join(settings.output, PROB, f"{case.case_id}.npy"))
+            _save_array(entropy, storage.join(settings.output, ENTROPY, f"{case.case_id}.npy"))
+        if case.gt_uri:
+            try:
+                scores = score_mask(mask, record.mask_uri, read_mask(case.gt_uri), settings.tolerance)
+                record.dsc, record.nsd, record.hd95 = scores.dsc, scores.nsd, scores.hd95
+            except Exception as exc:  # the mask stands; only its scores are missing
+                record.error = f"ground truth: {exc}"
+        record.n_prompted_slices = int(mask.reshape(record.n_slices, -1).any(axis=1).sum())
+        record.seconds_write = time.perf_counter() - start
+    except Exception as exc:
+        record.status, record.error = STATUS_ERROR, str(exc)
+    write_record(record, settings.output)
+    return record
+
+
+class EnsembleStage:
+    """A Ray Data actor: loads the ensemble once, then predicts one case per row."""
+
+    def __init__(self, model: str, tracking_uri: str, config: dict, settings: PredictSettings, device: str) -> None:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)  # models:/ URIs resolve against the driver's registry
+        p = WeakConfig.model_validate(config).prediction
+        self.ensemble = Ensemble(resolve_ensemble(model), settings.members, device, p.tile_step_size,
+                                 p.use_gaussian, p.use_mirroring)
+        self.settings = settings
+
+    def __call__(self, row: dict) -> dict:
+        case = CohortCase(row["case_id"], row["uri"], (), row["gt_uri"])
+        return asdict(predict_case(self.ensemble, case, self.settings))
+
+
+@dataclass
+class WeakPredictResult:
+    output: str
+    model: str
+    records: list[CaseRecord]  # this run's
+    counts: dict[str, int]  # the whole output's
+    n_skipped: int
+    seconds: float
+
+
+def _settings(folder: EnsembleFolder, output: str, config: WeakConfig, threshold: float | None,
+              members: str | None, save_maps: bool) -> PredictSettings:
+    chosen = members or folder.manifest.get("default_members", config.ensemble.members)
+    t = float(threshold if threshold is not None else config.ensemble.threshold)
+    p = config.prediction
+    parameters = {"model": folder.uri, "sha256": folder.sha256, "threshold": t, "members": chosen,
+                  "n_members": len(folder.members(chosen)), "tile_step_size": p.tile_step_size,
+                  "use_gaussian": p.use_gaussian, "use_mirroring": p.use_mirroring}
+    return PredictSettings(output, t, chosen, save_maps, p.nsd_tolerance, json.dumps(parameters, sort_keys=True))
+
+
+def run_weak_predict(model: str, input_uri: str, output: str, config: WeakConfig, gt: str | None = None,
+                     threshold: float | None = None, members: str | None = None, save_maps: bool = False,
+                     runner: str = "ray", tracking_uri: str = "",
+                     progress: Callable[[int, int, CaseRecord], None] | None = None) -> WeakPredictResult:
+    """Predict every case not done yet; write the manifest of the whole output."""
+    start = time.perf_counter()
+    output = absolute_output(output)
+    cases = read_cohort(input_uri, gt)
+    if not cases:
+        raise InputError(f"{input_uri}: no cases")
+    folder = resolve_ensemble(model)
+    settings = _settings(folder, output, config, threshold, members, save_maps)
+    done = {k: r for k, r in read_records(output).items() if r.status in COMPLETED}
+    todo = [c for c in cases if c.case_id not in done]
+    records = []
+    for number, record in enumerate(_run(todo, model, folder, config, settings, runner, tracking_uri), start=1):
+        records.append(record)
+        if progress:
+            progress(number, len(todo), record)
+    every = read_records(output)
+    write_manifest([every[c.case_id] for c in cases if c.case_id in every], storage.join(output, MANIFEST))
+    return WeakPredictResult(output, model, records, status_counts(every.values()), len(done),
+                             time.perf_counter() - start)
+
+
+def _run(cases: list[CohortCase], model: str, folder: EnsembleFolder, config: WeakConfig,
+         settings: PredictSettings, runner: str, tracking_uri: str) -> Iterator[CaseRecord]:
+    if not cases:
+        return
+    p = config.prediction
+    device = "cuda" if p.num_gpus > 0 else "cpu"
+    if runner == "local":
+        ensemble = Ensemble(folder, settings.members, device, p.tile_step_size, p.use_gaussian, p.use_mirroring)
+        for case in cases:
+            yield predict_case(ensemble, case, settings)
+        return
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    items = [{"case_id": c.case_id, "uri": c.uri, "gt_uri": c.gt_uri} for c in cases]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
+    ds = ds.map(EnsembleStage, fn_constructor_kwargs={"model": model, "tracking_uri": tracking_uri,
+                                                      "config": config.model_dump(), "settings": settings,
+                                                      "device": device},
+                concurrency=p.actors, num_gpus=p.num_gpus, num_cpus=p.num_cpus)
+    for row in ds.iter_rows():
+        yield record_from_dict(row)

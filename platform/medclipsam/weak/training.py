@@ -1,0 +1,276 @@
+"""Weak training: export -> plan and preprocess -> nnU-Net on Ray Train -> the ensemble folder.
+
+Driver (``run_weak_training``): collect the training cases, export and preprocess them in a local
+work folder (reused by a rerun with the same cases), open or reopen the MLflow run, run
+``TorchTrainer`` with one worker per GPU (one CPU worker without GPUs), then write
+``ensemble.json`` next to the members and optionally register the ensemble.
+Workers (``train_loop``): build ``nnUNetTrainerCyclic`` through nnU-Net's trainer lookup, continue
+from Ray's last checkpoint if there is one, and train. After every epoch rank 0 uploads a kept
+member to ``<output>/ensemble/fold_all/`` at once, logs the epoch to MLflow, and reports a Ray
+checkpoint holding the state to continue from; a killed run resumes at the next epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InputError
+from ..io import storage
+from ..io.fetch import CACHE_DIR
+from ..io.tracking import flatten, resolve_tracking_uri
+from .dataset import TrainingCase, export_dataset
+from .ensemble import ENSEMBLE_FILE, FINAL
+from .nnunet_env import CONFIGURATION, FOLD, TRAINER_NAME, dataset_folder_name, nnunet_environment, stdout_to
+from .planning import plan_and_preprocess
+from .schedule import kept_epochs, member_name
+from .settings import WeakConfig
+
+ENSEMBLE_DIR = "ensemble"
+RUN_ID_FILE = "mlflow_run_id"
+NNUNET_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json")
+
+
+@dataclass
+class WeakTrainResult:
+    output: str
+    ensemble_uri: str
+    run_id: str
+    cases: list[str]
+    skipped: dict[str, str]
+    members: list[str]
+    metrics: dict
+    seconds: float
+    model_uri: str = ""
+    version: str = ""
+    work: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def work_folder(output: str) -> Path:
+    """The local folder nnU-Net works in for ``output`` (raw, preprocessed, results)."""
+    return CACHE_DIR / "weak" / hashlib.sha256(output.encode()).hexdigest()[:16]
+
+
+def _prepared_key(cases: list[TrainingCase], config: WeakConfig) -> str:
+    return json.dumps({"cases": [[c.case_id, c.image_uri, c.label_uri] for c in cases],
+                       "data": config.data.model_dump()}, sort_keys=True)
+
+
+def prepare(cases: list[TrainingCase], work: Path, config: WeakConfig, processes: int = 1,
+            progress: Callable[[str], None] | None = None) -> tuple[list[str], dict[str, str]]:
+    """Export, plan and preprocess into ``work`` unless a previous run did it for the same cases."""
+    marker = work / "prepared.json"
+    key = _prepared_key(cases, config)
+    if marker.exists():
+        done = json.loads(marker.read_text())
+        if done["key"] == key:
+            return done["cases"], done["skipped"]
+    data = config.data
+    with nnunet_environment(work) as env:
+        if progress:
+            name = dataset_folder_name(data.dataset_id, data.dataset_name)
+            progress(f"exporting {len(cases)} case(s) as nnU-Net dataset {name}")
+        summary = export_dataset(cases, env["nnUNet_raw"], data.dataset_id, data.dataset_name, data.normalization,
+                                 data.min_mask_pixels)
+        if progress:
+            progress(f"planning and preprocessing ({len(summary.cases)} case(s), configuration {CONFIGURATION})")
+        with stdout_to(work / "nnunet.log"):
+            plan_and_preprocess(data.dataset_id, processes)
+    marker.write_text(json.dumps({"key": key, "cases": summary.cases, "skipped": summary.skipped}))
+    return summary.cases, summary.skipped
+
+
+def _configure(trainer, config: WeakConfig) -> None:
+    t = config.training
+    trainer.num_epochs, trainer.cycles, trainer.keep_per_cycle = t.epochs, t.cycles, t.keep_per_cycle
+    trainer.gamma, trainer.schedule, trainer.kept_rule = t.gamma, t.schedule, t.kept_epochs
+    trainer.initial_lr = t.initial_lr
+    trainer.num_iterations_per_epoch = t.iterations_per_epoch
+    trainer.num_val_iterations_per_epoch = t.val_iterations_per_epoch
+
+
+def _epoch_metrics(trainer, epoch: int) -> dict:
+    value = trainer.logger.get_value
+    return {"epoch": epoch, "train_loss": float(value("train_losses", step=-1)),
+            "val_loss": float(value("val_losses", step=-1)), "lr": float(value("lrs", step=-1)),
+            "pseudo_dice": float(value("mean_fg_dice", step=-1)),
+            "ema_pseudo_dice": float(value("ema_fg_dice", step=-1)),
+            "epoch_seconds": float(value("epoch_end_timestamps", step=-1) - value("epoch_start_timestamps", step=-1))}
+
+
+def train_loop(loop_config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import mlflow
+    import numpy as np
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    config = WeakConfig.model_validate(loop_config["config"])
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config.training.seed + rank)
+    np.random.seed(config.training.seed + rank)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(loop_config["cpus_per_worker"])))
+    members = storage.join(loop_config["ensemble_uri"], f"fold_{FOLD}")
+    work = Path(loop_config["work"])
+    with nnunet_environment(work, augment_processes=loop_config["augment_processes"],
+                            compile_network=device.type == "cuda"):
+        from nnunetv2.run.run_training import get_trainer_from_args
+
+        with stdout_to(work / f"train_rank{rank}.log"):
+            trainer = get_trainer_from_args(str(config.data.dataset_id), CONFIGURATION, FOLD, TRAINER_NAME,
+                                            device=device)
+        _configure(trainer, config)
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint:
+            with checkpoint.as_directory() as folder:
+                trainer.load_checkpoint(str(Path(folder) / "train_state.pth"))
+        if rank == 0:
+            mlflow.set_tracking_uri(loop_config["tracking_uri"])
+            mlflow.start_run(run_id=loop_config["run_id"])
+
+        def after_epoch(trainer, epoch: int) -> None:
+            metrics = {**_epoch_metrics(trainer, epoch), "start_epoch": start_epoch}
+            if rank != 0:
+                ray.train.report(metrics)
+                return
+            if trainer.keeps(epoch):
+                storage.upload_file_atomic(trainer.member_path(epoch), storage.join(members, member_name(epoch)))
+            mlflow.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "start_epoch")}, step=epoch)
+            with tempfile.TemporaryDirectory() as folder:
+                trainer.save_resume_state(str(Path(folder) / "train_state.pth"))
+                (Path(folder) / "metrics.json").write_text(json.dumps(metrics))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+        trainer.epoch_end_hook = after_epoch
+        start_epoch = trainer.current_epoch
+        with stdout_to(work / f"train_rank{rank}.log"):
+            trainer.run_training()
+        if rank == 0:
+            base = Path(trainer.output_folder_base)
+            for name in NNUNET_FILES:
+                storage.upload_file_atomic(base / name, storage.join(loop_config["ensemble_uri"], name))
+            storage.upload_file_atomic(Path(trainer.output_folder) / FINAL, storage.join(members, FINAL))
+            mlflow.end_run()
+
+
+def _sha256(uri: str) -> str:
+    return hashlib.sha256(storage.read_bytes(uri)).hexdigest()
+
+
+def write_manifest(ensemble_uri: str, config: WeakConfig, cases: list[str]) -> list[str]:
+    """``ensemble.json``: the cycle members (as the keep rule names them), the final checkpoint, the
+    SHA-256 of each, and the settings they were trained with."""
+    t = config.training
+    names = [member_name(e) for e in kept_epochs(t.epochs, t.cycles, t.keep_per_cycle, t.kept_epochs)]
+    folder = storage.join(ensemble_uri, f"fold_{FOLD}")
+    missing = [n for n in [*names, FINAL] if not storage.exists(storage.join(folder, n))]
+    if missing:
+        raise RuntimeError(f"weak training ended without member checkpoint(s) {', '.join(missing[:3])} under {folder}")
+    manifest = {"members": names, "final": FINAL, "threshold": config.ensemble.threshold,
+                "default_members": config.ensemble.members,
+                "sha256": {n: _sha256(storage.join(folder, n)) for n in [*names, FINAL]},
+                "training": t.model_dump(), "data": config.data.model_dump(), "cases": cases,
+                "trainer": TRAINER_NAME, "configuration": CONFIGURATION, "fold": FOLD}
+    storage.write_bytes_atomic(storage.join(ensemble_uri, ENSEMBLE_FILE), json.dumps(manifest, indent=1).encode())
+    return names
+
+
+def run_weak_training(cases: list[TrainingCase], skipped_before: dict[str, str], output: str, config: WeakConfig,
+                      source: str, workers: int = 1, use_gpu: bool = False, register: str | None = None,
+                      alias: str | None = None, callbacks: list | None = None,
+                      progress: Callable[[str], None] | None = None,
+                      connect: Callable[[], None] | None = None, work: Path | None = None) -> WeakTrainResult:
+    """Train the ensemble on ``cases`` and write it to ``<output>/ensemble``; a rerun resumes.
+
+    The dataset is exported and preprocessed before ``connect`` (joining or starting Ray) is
+    called: nnU-Net forks worker processes, and a fork of a process that holds Ray inherits
+    Ray's signal handlers (each terminated worker then prints a SIGTERM trace).
+    """
+    import mlflow
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if workers > 1 and not use_gpu:
+        raise InputError("--workers > 1 needs --gpu: nnU-Net's data parallelism is one GPU per worker")
+    start = time.perf_counter()
+    work = Path(work) if work is not None else work_folder(output)
+    used, skipped = prepare(cases, work, config, processes=max(1, min(8, os.cpu_count() or 1)), progress=progress)
+    if connect is not None:
+        connect()
+    elif not ray.is_initialized():
+        ray.init()
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    skipped = {**skipped_before, **skipped}
+    ensemble_uri = storage.join(output, ENSEMBLE_DIR)
+    uri = resolve_tracking_uri(config.tracking.uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(config.tracking.experiment)
+    run_file = storage.join(output, RUN_ID_FILE)  # a rerun continues the same MLflow run
+    run_id = storage.read_bytes(run_file).decode().strip() if storage.exists(run_file) else None
+    if run_id is None:
+        with mlflow.start_run(run_name=f"weak-{config.data.dataset_name}") as run:
+            run_id = run.info.run_id
+            mlflow.log_params(flatten({"source": source, "output": output, "workers": workers, "use_gpu": use_gpu,
+                                       **config.model_dump(exclude={"tracking", "prediction"})}))
+            mlflow.log_metrics({"training_cases": len(used), "skipped_cases": len(skipped)})
+        storage.write_bytes_atomic(run_file, run_id.encode())
+    cpus_per_worker = 1.0 if use_gpu else max(1.0, cpus - 1.0)
+    loop_config = {"config": config.model_dump(), "work": str(work), "ensemble_uri": ensemble_uri,
+                   "tracking_uri": uri, "run_id": run_id, "cpus_per_worker": cpus_per_worker,
+                   "augment_processes": config.training.augment_processes}
+    if progress:
+        progress(f"training {config.training.epochs} epoch(s) on {workers} {'GPU' if use_gpu else 'CPU'} worker(s)")
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker}),
+        run_config=RunConfig(name="weak", storage_path=str(work / "ray_train"),
+                             failure_config=FailureConfig(max_failures=2),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=list(callbacks or [])),
+    )
+    result = trainer.fit()
+    if result.error is not None and result.checkpoint is None:
+        raise RuntimeError(f"weak training failed: {result.error}")
+    metrics = dict(result.metrics or {})
+    members = write_manifest(ensemble_uri, config, used)
+    out = WeakTrainResult(output, ensemble_uri, run_id, used, skipped, members, metrics,
+                          time.perf_counter() - start, work=str(work))
+    if register:
+        out.version = register_ensemble(ensemble_uri, run_id, register, alias, metrics)
+        out.model_uri = f"models:/{register}/{out.version}"
+    return out
+
+
+def register_ensemble(ensemble_uri: str, run_id: str, name: str, alias: str | None, metrics: dict) -> str:
+    """Log the ensemble folder to the run as an MLflow pyfunc model and register it as a new version."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from ..io.fetch import fetch_folder
+    from . import mlflow_model
+
+    local = fetch_folder(ensemble_uri, "weak ensemble", marker=ENSEMBLE_FILE)
+    with mlflow.start_run(run_id=run_id):  # the model is logged as code, not as a pickled object
+        info = mlflow.pyfunc.log_model(name="ensemble", python_model=mlflow_model.__file__,
+                                       artifacts={"ensemble": str(local)}, registered_model_name=name,
+                                       pip_requirements=["medclipsam", "nnunetv2==2.8.1"])
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    for key in ("pseudo_dice", "ema_pseudo_dice", "train_loss", "val_loss"):
+        if key in metrics:
+            client.set_model_version_tag(name, version, key, str(metrics[key]))
+    client.set_model_version_tag(name, version, "kind", "weak-ensemble")
+    if alias:
+        client.set_registered_model_alias(name, alias, version)
+    return version
