@@ -106,8 +106,9 @@ def train(pseudo, images, labels, output, config_path, epochs, cycles, keep_per_
 @click.option("--gt", "gt_uri", default=None, help="Ground-truth masks paired by case_id: DSC, NSD, HD95 per case.")
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=None,
               help="mask = mean foreground probability > threshold [default: the ensemble's, 0.2].")
-@click.option("--members", type=click.Choice(["cycles", "cycles+final"]), default=None,
-              help="Which checkpoints vote [default: the ensemble's, cycles].")
+@click.option("--members", type=click.Choice(["cycles", "cycles+final", "final"]), default=None,
+              help="Which checkpoints vote: the kept cycle epochs, those and checkpoint_final, or "
+                   "checkpoint_final alone [default: the ensemble's, cycles].")
 @click.option("--save-maps", is_flag=True, help="Also write prob/<case>.npy and entropy/<case>.npy.")
 @click.option("--config", "config_path", default=None, help="Weak-supervision YAML (its prediction section).")
 @click.option("--local", is_flag=True, help="Predict in this process instead of a Ray Data actor pool.")

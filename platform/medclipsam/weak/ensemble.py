@@ -41,8 +41,9 @@ class EnsembleFolder:
         return hashlib.sha256((self.path / ENSEMBLE_FILE).read_bytes()).hexdigest()
 
     def members(self, which: str = "cycles") -> list[str]:
+        """``cycles`` (the kept epochs), ``cycles+final``, or ``final`` (nnU-Net's last checkpoint alone)."""
         names = list(self.manifest["members"])
-        return [*names, FINAL] if which == "cycles+final" else names
+        return {"cycles": names, "cycles+final": [*names, FINAL], "final": [FINAL]}[which]
 
 
 def resolve_ensemble(uri: str) -> EnsembleFolder:

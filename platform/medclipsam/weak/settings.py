@@ -8,10 +8,6 @@ from pydantic import Field, model_validator
 
 from ..config import StrictModel, load_model
 
-SCHEDULES = ("cycle", "published")
-KEEP_RULES = ("last", "published")
-MEMBER_SETS = ("cycles", "cycles+final")
-
 
 class TrainingSettings(StrictModel):
     epochs: int = Field(600, ge=1)  # E
@@ -50,7 +46,7 @@ class DataSettings(StrictModel):
 
 
 class EnsembleSettings(StrictModel):
-    members: Literal["cycles", "cycles+final"] = "cycles"
+    members: Literal["cycles", "cycles+final", "final"] = "cycles"  # final: nnU-Net's last checkpoint alone
     threshold: float = Field(0.2, gt=0.0, lt=1.0)  # mask = mean foreground probability > threshold
 
 
