@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -44,6 +45,21 @@ def test_kept_epochs_by_rule():
     assert len(last) == 30 and last[:10] == list(range(190, 200)) and last[-1] == 599
     published = kept_epochs(600, 3, 10, "published")
     assert published[:10] == list(range(189, 199)) and published[-10:] == list(range(589, 599))
+
+
+def test_shipped_weak_configs():
+    from pathlib import Path
+
+    from medclipsam.weak.settings import load_weak_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    published = load_weak_config(str(configs / "weak.yaml"))
+    assert published == WeakConfig()  # the file states the defaults, which are the published settings
+    t = published.training
+    assert (t.epochs, t.cycles, t.keep_per_cycle, t.gamma, t.initial_lr) == (600, 3, 10, 0.5, 1e-2)
+    assert published.ensemble.threshold == 0.2
+    smoke = load_weak_config(str(configs / "weak_cpu_smoke.yaml"))
+    assert (smoke.training.epochs, smoke.training.cycles, smoke.training.keep_per_cycle) == (6, 2, 2)
 
 
 def test_settings_refuse_cycles_that_do_not_fit():
@@ -159,3 +175,42 @@ def test_cases_from_a_pseudolabel_run(tmp_path):
     assert skipped == {"b": "status error", "c": "status no_target"}
     with pytest.raises(InputError, match=r"no manifest\.parquet"):
         cases_from_pseudo(str(tmp_path / "elsewhere"))
+
+
+def test_a_rerun_with_other_settings_is_refused(tmp_path):
+    from medclipsam.weak.training import _check_same_run
+
+    config = WeakConfig.model_validate({"training": {"epochs": 6, "cycles": 2, "keep_per_cycle": 2}})
+    _check_same_run(str(tmp_path), config, ["a", "b"])
+    _check_same_run(str(tmp_path), config, ["a", "b"])  # the same run continues
+    longer = WeakConfig.model_validate({"training": {"epochs": 8, "cycles": 2, "keep_per_cycle": 2}})
+    with pytest.raises(InputError, match=r"weak_run\.json: this output was trained with other training;"):
+        _check_same_run(str(tmp_path), longer, ["a", "b"])
+    with pytest.raises(InputError, match="other cases"):
+        _check_same_run(str(tmp_path), config, ["a"])
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["train", "--pseudo", "p", "--images", "i", "--output", "o"], "give either --pseudo RUN_OUTPUT or --images"),
+    (["train", "--images", "i", "--output", "o"], "--images needs --labels"),
+    (["train", "--pseudo", "p", "--output", "o", "--workers", "2"], "--workers > 1 needs --gpu"),
+    (["train", "--pseudo", "p", "--output", "o", "--epochs", "10", "--cycles", "3"],
+     r"invalid configuration: training: Value error, epochs \(10\) must be a multiple of cycles \(3\)"),
+    (["predict", "--model", "MISSING", "--input", "IMAGES", "--output", "o"], r"/nothing: no ensemble\.json"),
+])
+def test_weak_usage_errors_exit_2_before_any_work(tmp_path, monkeypatch, args, message):
+    from click.testing import CliRunner
+
+    from medclipsam.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p").mkdir()
+    disc_images(tmp_path / "data", 1)
+    args = [str(tmp_path / "data" / "images") if a == "IMAGES" else str(tmp_path / "nothing") if a == "MISSING"
+            else a for a in args]
+    result = CliRunner().invoke(main, ["weak", *args])
+    assert result.exit_code == 2, result.output
+    assert re.search(message, result.output), result.output
+    import ray
+
+    assert not ray.is_initialized()  # refused before Ray started

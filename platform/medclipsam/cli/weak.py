@@ -19,6 +19,7 @@ def weak() -> None:
 
 def _weak_config(config_path: str | None, **overrides):
     """The weak config (a file, else the published settings) with the command line's options applied."""
+    from ..config import parse_model
     from ..weak.settings import WeakConfig, load_weak_config
 
     config = load_weak_config(config_path)
@@ -26,7 +27,7 @@ def _weak_config(config_path: str | None, **overrides):
     merged = config.model_dump()
     for section, values in changes.items():
         merged[section].update(values)
-    return WeakConfig.model_validate(merged)
+    return parse_model(merged, WeakConfig, config_path or "the weak settings and options")
 
 
 @weak.command()
@@ -84,8 +85,6 @@ def train(pseudo, images, labels, output, config_path, epochs, cycles, keep_per_
                                    work=Path(work_dir).resolve() if work_dir else None)
     except MedClipSamError as exc:
         fail(str(exc))
-    except ValueError as exc:  # a setting the schema refuses, e.g. epochs not a multiple of cycles
-        fail(str(exc).splitlines()[0] if "validation error" not in str(exc) else str(exc))
     if result.skipped:
         shown = "; ".join(f"{k}: {v}" for k, v in list(result.skipped.items())[:5])
         click.echo(f"skipped {len(result.skipped)} case(s): {shown}{' ...' if len(result.skipped) > 5 else ''}")
@@ -128,10 +127,8 @@ def predict(model, input_uri, output, gt_uri, threshold, members, save_maps, con
         config = _weak_config(config_path, tracking={"uri": tracking_uri})
         uri = resolve_tracking_uri(config.tracking.uri)
         mlflow.set_tracking_uri(uri)
-        if not local:
-            start_ray(address)
         result = run_weak_predict(model, input_uri, output, config, gt_uri, threshold, members, save_maps,
-                                  "local" if local else "ray", uri, progress)
+                                  "local" if local else "ray", uri, progress, connect=lambda: start_ray(address))
     except MedClipSamError as exc:
         fail(str(exc))
     finally:

@@ -127,10 +127,16 @@ def _settings(folder: EnsembleFolder, output: str, config: WeakConfig, threshold
 def run_weak_predict(model: str, input_uri: str, output: str, config: WeakConfig, gt: str | None = None,
                      threshold: float | None = None, members: str | None = None, save_maps: bool = False,
                      runner: str = "ray", tracking_uri: str = "",
-                     progress: Callable[[int, int, CaseRecord], None] | None = None) -> WeakPredictResult:
-    """Predict every case not done yet; write the manifest of the whole output."""
+                     progress: Callable[[int, int, CaseRecord], None] | None = None,
+                     connect: Callable[[], None] | None = None) -> WeakPredictResult:
+    """Predict every case not done yet; write the manifest of the whole output.
+
+    The cohort and the model are resolved first, so that a wrong path stops the run before
+    ``connect`` joins or starts Ray (and only when there are cases to do)."""
     start = time.perf_counter()
     output = absolute_output(output)
+    if not model.startswith("models:/"):
+        model = absolute_output(model)  # the actors resolve it again, from their own working directory
     cases = read_cohort(input_uri, gt)
     if not cases:
         raise InputError(f"{input_uri}: no cases")
@@ -139,6 +145,8 @@ def run_weak_predict(model: str, input_uri: str, output: str, config: WeakConfig
     done = {k: r for k, r in read_records(output).items() if r.status in COMPLETED}
     todo = [c for c in cases if c.case_id not in done]
     records = []
+    if todo and runner == "ray" and connect is not None:
+        connect()
     for number, record in enumerate(_run(todo, model, folder, config, settings, runner, tracking_uri), start=1):
         records.append(record)
         if progress:

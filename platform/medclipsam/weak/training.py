@@ -24,6 +24,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..io import storage
 from ..io.fetch import CACHE_DIR
+from ..io.outputs import absolute_output
 from ..io.tracking import flatten, resolve_tracking_uri
 from .dataset import TrainingCase, export_dataset
 from .ensemble import ENSEMBLE_FILE, FINAL
@@ -34,6 +35,7 @@ from .settings import WeakConfig
 
 ENSEMBLE_DIR = "ensemble"
 RUN_ID_FILE = "mlflow_run_id"
+RUN_FILE = "weak_run.json"  # the settings and cases an output is trained with
 NNUNET_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json")
 
 
@@ -185,6 +187,21 @@ def write_manifest(ensemble_uri: str, config: WeakConfig, cases: list[str]) -> l
     return names
 
 
+def _check_same_run(output: str, config: WeakConfig, cases: list[str]) -> None:
+    """A rerun continues the training of ``output``; with other settings or cases it would mix two
+    runs in one ensemble, so it is refused."""
+    uri = storage.join(output, RUN_FILE)
+    current = {"training": config.training.model_dump(), "data": config.data.model_dump(), "cases": cases}
+    if storage.exists(uri):
+        before = json.loads(storage.read_bytes(uri))
+        if before != current:
+            changed = [k for k in current if before.get(k) != current[k]]
+            raise InputError(f"{uri}: this output was trained with other {' and '.join(changed)}; "
+                             "use a new --output (or delete this one) to train with these")
+    else:
+        storage.write_bytes_atomic(uri, json.dumps(current, indent=1).encode())
+
+
 def run_weak_training(cases: list[TrainingCase], skipped_before: dict[str, str], output: str, config: WeakConfig,
                       source: str, workers: int = 1, use_gpu: bool = False, register: str | None = None,
                       alias: str | None = None, callbacks: list | None = None,
@@ -204,6 +221,7 @@ def run_weak_training(cases: list[TrainingCase], skipped_before: dict[str, str],
     if workers > 1 and not use_gpu:
         raise InputError("--workers > 1 needs --gpu: nnU-Net's data parallelism is one GPU per worker")
     start = time.perf_counter()
+    output = absolute_output(output)  # workers write members there, from other working directories
     work = Path(work) if work is not None else work_folder(output)
     used, skipped = prepare(cases, work, config, processes=max(1, min(8, os.cpu_count() or 1)), progress=progress)
     if connect is not None:
@@ -213,6 +231,7 @@ def run_weak_training(cases: list[TrainingCase], skipped_before: dict[str, str],
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     skipped = {**skipped_before, **skipped}
     ensemble_uri = storage.join(output, ENSEMBLE_DIR)
+    _check_same_run(output, config, used)
     uri = resolve_tracking_uri(config.tracking.uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(config.tracking.experiment)
@@ -235,7 +254,8 @@ def run_weak_training(cases: list[TrainingCase], skipped_before: dict[str, str],
         train_loop, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker}),
-        run_config=RunConfig(name="weak", storage_path=str(work / "ray_train"),
+        # Ray Train's checkpoints live with the output, so a rerun from any machine continues there.
+        run_config=RunConfig(name="weak", storage_path=storage.join(absolute_output(output), "ray_train"),
                              failure_config=FailureConfig(max_failures=2),
                              checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=list(callbacks or [])),
     )
