@@ -4,11 +4,16 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
+from click.testing import CliRunner
+from disc_cohort import disc_images
 from ray_faults import KillWorkersOnce  # tests/ is on sys.path under pytest's default import mode
 from synthetic_pairs import make_pairs
 
+from medclipsam.cli import main
 from medclipsam.finetune.data import clip_pixels
 from medclipsam.finetune.retrieval import retrieval_metrics
 from medclipsam.finetune.settings import FinetuneConfig
@@ -87,6 +92,21 @@ def test_finetune_learns_resumes_and_registers(tmp_path, ray_session, tiny_clip_
     mean_after = (after["i2t_top1"] + after["t2i_top1"]) / 2
     print("held-out retrieval before", before, "after", after)
     assert mean_after >= 2 * (1 / 12 + 1 / 24) / 2 and mean_after >= mean_before + 0.06
+
+    # The champion in a task config, as a user points a task at the fine-tuned model
+    images = disc_images(tmp_path / "cohort", 2, size=96)
+    task = tmp_path / "task.yaml"
+    task.write_text(yaml.safe_dump({"task": "t", "sam": {"backend": "litemedsam"},
+                                    "saliency": {"steps": 2, "copies": 2},
+                                    "text": {"prompts": ["a bright round disc"],
+                                             "clip_model": "models:/tiny-dhnnce@champion"}}))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    run = CliRunner().invoke(main, ["segment", "--config", str(task), "--input", str(images / "images"),
+                                    "--output", str(tmp_path / "segmented")])
+    assert run.exit_code == 0, run.output
+    rows = pq.read_table(tmp_path / "segmented" / "manifest.parquet").to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert {(r["clip_model"], r["clip_sha256"]) for r in rows} == {("models:/tiny-dhnnce@champion", registered.sha256)}
 
 
 def test_unusable_pairs_are_an_error(tmp_path, ray_session, tiny_clip_dir):

@@ -88,16 +88,19 @@ def _slice_row(case_id: str, k: int, n: int, mask: np.ndarray, geometry: str, **
 def test_staged_slice_round_trip():
     mask = np.random.default_rng(0).random((7, 9)) > 0.5
     coarse = np.random.default_rng(1).random((7, 9)) > 0.7
+    oracle = ~coarse
     row = _slice_row("c", 3, 10, mask, "{}", image=np.full((7, 9, 3), 9, np.uint8),
-                     saliency=np.linspace(0, 1, 63, dtype=np.float32).reshape(7, 9), coarse=coarse)
+                     saliency=np.linspace(0, 1, 63, dtype=np.float32).reshape(7, 9), coarse=coarse,
+                     oracle_mask=oracle)
     back = _unstage(_stage_bytes(row))
     assert np.array_equal(back["mask"], mask) and np.array_equal(back["image"], row["image"])
     assert np.array_equal(back["coarse"], coarse) and back["coarse"].dtype == bool
+    assert np.array_equal(back["oracle_mask"], oracle) and back["oracle_mask"].dtype == bool
     assert np.allclose(back["saliency"], row["saliency"], atol=1e-3)  # stored as float16
-    arrays = ("mask", "image", "saliency", "coarse")
+    arrays = ("mask", "image", "saliency", "coarse", "oracle_mask")
     assert {k: v for k, v in back.items() if k not in arrays} == {k: v for k, v in row.items() if k not in arrays}
     plain = _unstage(_stage_bytes(_slice_row("c", 3, 10, mask, "{}")))  # no picture, map or coarse mask
-    assert plain["image"].size == plain["saliency"].size == plain["coarse"].size == 0
+    assert plain["image"].size == plain["saliency"].size == plain["coarse"].size == plain["oracle_mask"].size == 0
 
 
 def test_volume_is_assembled_once_whatever_the_slice_order(tmp_path):
@@ -123,9 +126,10 @@ def test_volume_is_assembled_once_whatever_the_slice_order(tmp_path):
     from dataclasses import asdict
 
     back = asdict(read_records(str(tmp_path))["vol"])
-    assert {k: v for k, v in back.items() if k not in ("dsc", "nsd", "hd95")} == {
-        k: v for k, v in asdict(record).items() if k not in ("dsc", "nsd", "hd95")}
-    assert all(np.isnan(back[k]) for k in ("dsc", "nsd", "hd95"))  # no ground truth: NaN survives the JSON
+    unscored = ("dsc", "nsd", "hd95", "dsc_coarse", "dsc_oracle", "uncertainty")
+    assert {k: v for k, v in back.items() if k not in unscored} == {
+        k: v for k, v in asdict(record).items() if k not in unscored}
+    assert all(np.isnan(back[k]) for k in unscored)  # no ground truth: NaN survives the JSON
 
 
 def test_an_error_in_one_slice_fails_the_case_with_its_message(tmp_path):

@@ -165,8 +165,9 @@ def test_labels_mode_from_and_to_s3(cohort, s3_bucket, ray_session, tracking_uri
 
 
 def test_text_mode_matches_the_single_process_runner(cohort, tmp_path, ray_session, tracking_uri, tiny_clip_dir,
-                                                     clip):
-    """Per-case prompts from a manifest; saliency is saved; masks equal the single-process runner's."""
+                                                     clip, oracle_reference):
+    """Per-case prompts from a manifest; saliency is saved; masks equal the single-process runner's;
+    stage attribution: its oracle column is the labels-mode mask's DSC, in both runners."""
     manifest = tmp_path / "cohort.csv"
     other = "An ultrasound image of the breast with a dark mass."
     files = {"brain1": "brain1.nii.gz", "brain2": "brain2.png", "lung2": "lung2.png"}  # 10 slices in all
@@ -174,15 +175,15 @@ def test_text_mode_matches_the_single_process_runner(cohort, tmp_path, ray_sessi
         f"{cohort}/images/{f},{cohort}/labels/{f}," + (f'"{other}"' if c == "brain2" else "") for c, f in files.items()]
     manifest.write_text("\n".join(rows) + "\n")
     config = _config(tracking_uri, tiny_clip_dir, save_saliency=True)
-    result = run_pseudolabel(Job(config, str(manifest), str(tmp_path / "run"), "text"))
+    result = run_pseudolabel(Job(config, str(manifest), str(tmp_path / "run"), "text", attribution=True))
     records = {r.case_id: r for r in result.records}
     assert set(records) == set(files) and all(r.status == "ok" for r in records.values())
     assert json.loads(records["brain2"].text_prompt) == [other]
     assert json.loads(records["brain1"].text_prompt) == config.text.prompts
     assert records["brain1"].clip_sha256 == clip.sha256 and records["brain1"].n_target_slices > 0
 
-    reference = {r.case_id: r for r in run_job(Job(config, str(manifest), str(tmp_path / "ref"), "text"), "local",
-                                                   resume=False, track=False).records}
+    reference = {r.case_id: r for r in run_job(Job(config, str(manifest), str(tmp_path / "ref"), "text",
+                                                   attribution=True), "local", resume=False, track=False).records}
     for case in files:
         pred = _mask(records[case].mask_uri)
         _same_mask(pred, _mask(reference[case].mask_uri), case)
@@ -190,6 +191,14 @@ def test_text_mode_matches_the_single_process_runner(cohort, tmp_path, ray_sessi
         assert records[case].prompts == reference[case].prompts
         saliency = np.load(tmp_path / "run" / "saliency" / f"{case}.npy")
         assert saliency.shape == pred.shape and 0.0 <= saliency.min() and saliency.max() <= 1.0
+        # SAM prompted with the truth's boxes, from the text run's own embeddings, is the oracle run's mask
+        truth = _mask(f"{cohort}/labels/{files[case]}")
+        oracle = _mask(str(oracle_reference / "masks" / records[case].mask_uri.rsplit("/", 1)[-1]))
+        assert records[case].dsc_oracle == pytest.approx(dice(oracle, truth), abs=0.01), case
+        assert records[case].dsc_oracle == pytest.approx(reference[case].dsc_oracle, abs=0.01), case
+        coarse = _mask(str(tmp_path / "run" / "coarse" / records[case].mask_uri.rsplit("/", 1)[-1]))
+        assert records[case].dsc_coarse == pytest.approx(dice(coarse, truth)), case
+    assert result.metrics["mean_dsc_oracle"] == pytest.approx(np.mean([r.dsc_oracle for r in records.values()]))
 
 
 def test_resume_after_a_failure_skips_completed_cases(cohort, tmp_path, ray_session, tracking_uri, oracle_reference):

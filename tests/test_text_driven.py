@@ -306,3 +306,45 @@ def test_crf_coarse_mask_follows_the_image_edges():
     mask = coarse_mask(saliency, "crf", keep_components=1, image=image)
     iou = (mask & truth).sum() / (mask | truth).sum()
     assert iou > 0.8
+
+
+def test_cover_windows_cover_the_image_evenly():
+    from medclipsam.saliency.maps import cover_windows
+
+    assert cover_windows(224, 448) == [(0, 0, 224), (0, 224, 224)]
+    assert cover_windows(50, 50) == [(0, 0, 50)]
+    assert cover_windows(250, 100) == [(0, 0, 100), (75, 0, 100), (150, 0, 100)]  # fewest: ceil(250 / 100)
+    for height, width in [(224, 448), (100, 301), (480, 640), (640, 480), (97, 1000)]:
+        seen = np.zeros((height, width), int)
+        windows = cover_windows(height, width)
+        assert len(windows) == -(-max(height, width) // min(height, width))
+        for top, left, side in windows:
+            assert side == min(height, width) and top + side <= height and left + side <= width
+            seen[top : top + side, left : left + side] += 1
+        assert seen.min() >= 1  # every pixel is in a window
+
+
+def test_cover_sees_a_target_at_the_border_that_crop_cannot(clip, monkeypatch):
+    """A texture at the far left of a 224 x 448 image, and a text embedding planted to match it
+    (what the texture adds to a blank window): cover gives it saliency above the image's median;
+    crop, which sees only the centre 224 columns, gives it zero."""
+    from medclipsam.saliency.maps import clip_inputs
+
+    rng = np.random.default_rng(3)
+    image = np.full((224, 448, 3), 128, np.uint8)
+    image[80:144, 0:64] = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    window, blank = image[:, :224], np.full((224, 224, 3), 128, np.uint8)
+    crop = ShortSideCrop(clip.image_size)
+    with torch.no_grad():
+        planted = clip.model.visual(clip_inputs(clip, [window], crop))[0] - clip.model.visual(
+            clip_inputs(clip, [blank], crop))[0]
+    monkeypatch.setattr(clip, "text_embedding", lambda text: torch.nn.functional.normalize(planted, dim=0))
+    settings = {"layer": 9, "steps": 10, "copies": 4, "beta": 0.1}
+    covered = saliency_maps(clip, [image], "planted", SaliencyConfig(geometry="cover", **settings))[0]
+    cropped = saliency_maps(clip, [image], "planted", SaliencyConfig(geometry="crop", **settings))[0]
+    target = np.zeros(image.shape[:2], bool)
+    target[80:144, 0:64] = True
+    assert covered.values.shape == (224, 448) and not covered.constant
+    assert covered.values[target].mean() > np.median(covered.values)
+    assert covered.values[target].mean() > 2 * covered.values[:, 300:].mean()  # the far right window has no target
+    assert cropped.values[:, :112].max() == 0.0  # never seen through the centre crop

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import SimpleITK as sitk
 from click.testing import CliRunner
+from disc_cohort import disc_images
 from ray_faults import KillWorkersOnce
-from weak_data import disc_images
 
 from medclipsam.cli import main
 from medclipsam.io.images import read_image, read_mask

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from disc_cohort import disc_images
 from pydantic import ValidationError
-from weak_data import disc_images
 
 from medclipsam.errors import InputError
 from medclipsam.io.manifest import CaseRecord, write_manifest
@@ -204,6 +205,8 @@ def test_weak_usage_errors_exit_2_before_any_work(tmp_path, monkeypatch, args, m
     from medclipsam.cli import main
 
     monkeypatch.chdir(tmp_path)
+    started = []
+    monkeypatch.setattr(sys.modules["medclipsam.cli.weak"], "start_ray", started.append)
     (tmp_path / "p").mkdir()
     disc_images(tmp_path / "data", 1)
     args = [str(tmp_path / "data" / "images") if a == "IMAGES" else str(tmp_path / "nothing") if a == "MISSING"
@@ -211,6 +214,4 @@ def test_weak_usage_errors_exit_2_before_any_work(tmp_path, monkeypatch, args, m
     result = CliRunner().invoke(main, ["weak", *args])
     assert result.exit_code == 2, result.output
     assert re.search(message, result.output), result.output
-    import ray
-
-    assert not ray.is_initialized()  # refused before Ray started
+    assert started == []  # refused before Ray was joined or started

@@ -78,7 +78,9 @@ class TextConfig(StrictModel):
 class SaliencyConfig(StrictModel):
     """M2IB saliency (reference defaults) and how images meet CLIP's square input."""
 
-    geometry: Literal["crop", "pad", "stretch"] = "crop"  # how images meet CLIP's square input
+    # how images meet CLIP's square input: crop (CLIP's centre crop), pad, stretch, or cover (square
+    # windows that together cover the whole image, maps averaged where they overlap)
+    geometry: Literal["crop", "pad", "stretch", "cover"] = "crop"
     batch_size: int = Field(4, ge=1)
     layer: int = Field(9, ge=0)
     beta: float = Field(1.0, gt=0.0)

@@ -16,6 +16,7 @@ from .evaluate import evaluate
 from .finetune import finetune
 from .pseudolabel import pseudolabel, report
 from .segment import segment
+from .tune import tune
 from .weak import weak
 
 
@@ -33,7 +34,7 @@ def main(context: click.Context, verbose: bool) -> None:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # our own progress only
 
 
-for command in (segment, evaluate, finetune, data, pseudolabel, report, weak, demo):
+for command in (segment, evaluate, finetune, data, pseudolabel, report, tune, weak, demo):
     main.add_command(command)
 
 

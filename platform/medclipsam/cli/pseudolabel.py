@@ -32,6 +32,10 @@ from .common import (
               help="text: M2IB saliency of the text prompts gives SAM its prompts (zero-shot); labels: box "
                    "prompts from the ground truth (--gt or the manifest's gt_uri), an oracle upper bound.")
 @click.option("--save-saliency", is_flag=True, default=None, help="Also write saliency/<case_id>.npy (text mode).")
+@click.option("--attribution", is_flag=True,
+              help="Stage attribution (text mode, with ground truth): also the DSC of each case's coarse mask "
+                   "and of SAM prompted with the truth's boxes (same image embeddings), in the manifest "
+                   "(dsc_coarse, dsc_oracle) and the report.")
 @click.option("--address", default=None,
               help="Ray cluster address (ray://host:10001 or auto) [default: the job's cluster, else a local Ray].")
 @click.option("--tracking-uri", default=None,
@@ -41,7 +45,8 @@ from .common import (
 @strict_option
 @sam_options
 def pseudolabel(input_uri: str, output: str, gt_uri, text_prompts, clip_model, prompt_source: str,
-                save_saliency: bool | None, address, tracking_uri, experiment, strict: bool, config_path,
+                save_saliency: bool | None, attribution: bool, address, tracking_uri, experiment, strict: bool,
+                config_path,
                 **overrides) -> None:
     """Pseudo-label a cohort on Ray Data: saliency and SAM actor pools, resumable, tracked in MLflow.
 
@@ -54,7 +59,8 @@ def pseudolabel(input_uri: str, output: str, gt_uri, text_prompts, clip_model, p
     try:
         config = task_config(config_path, pipeline={"save_saliency": save_saliency or None},
                              tracking={"uri": tracking_uri, "experiment": experiment}, **overrides)
-        job = Job(config, input_uri, output, prompt_source, gt_uri, tuple(text_prompts), clip_model)
+        job = Job(config, input_uri, output, prompt_source, gt_uri, tuple(text_prompts), clip_model,
+                  attribution=attribution)
         result = run_job(job, "ray", progress, connect=lambda: start_ray(address))
     except MedClipSamError as exc:
         fail(str(exc))

@@ -41,6 +41,29 @@ def _summary(rows: list[dict]) -> list[tuple[str, str]]:
     return items
 
 
+def _finite(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def _attribution(rows: list[dict]) -> list[str]:
+    """Stage attribution (``pseudolabel --attribution``): where each case loses its accuracy."""
+    attributed = [r for r in rows if _finite(r.get("dsc_oracle"))]
+    if not attributed:
+        return []
+    header = ("case_id", "coarse mask", "SAM from saliency", "SAM from truth boxes")
+    parts = ["</table><h2>Stage attribution (DSC)</h2><p>coarse mask: the saliency map's k-means or "
+             "threshold mask; SAM from saliency: the run's masks; SAM from truth boxes: SAM prompted with "
+             "the ground truth's boxes (an upper bound for the prompts). A low first column points at "
+             "saliency, a gap between the second and third at prompting, a low third at SAM.</p><table><tr>"
+             + "".join(f"<th>{h}</th>" for h in header) + "</tr>"]
+    for row in attributed:
+        parts.append("<tr>" + "".join(f"<td>{_cell(row.get(c, ''))}</td>"
+                                      for c in ("case_id", "dsc_coarse", "dsc", "dsc_oracle")) + "</tr>")
+    means = [sum(r[c] for r in attributed) / len(attributed) for c in ("dsc_coarse", "dsc", "dsc_oracle")]
+    parts.append("<tr><th>mean</th>" + "".join(f"<th>{m:.4f}</th>" for m in means) + "</tr>")
+    return parts
+
+
 def render_report(table: pa.Table, pictures: dict[str, bytes], title: str) -> str:
     """The HTML text for a manifest table and ``{case_id: png}`` overlays."""
     rows = table.to_pylist()
@@ -56,6 +79,7 @@ def render_report(table: pa.Table, pictures: dict[str, bytes], title: str) -> st
         shown = {**row, "seconds": _seconds(row)}
         css = " class='error'" if row["status"] == "error" else ""
         parts.append(f"<tr{css}>" + "".join(f"<td>{_cell(shown.get(c, ''))}</td>" for c in COLUMNS) + "</tr>")
+    parts += _attribution(rows)
     parts.append("</table><h2>Overlays</h2><p>red: mask; green: ground truth (when given)</p>")
     for case_id, png in sorted(pictures.items()):
         data = base64.b64encode(png).decode()

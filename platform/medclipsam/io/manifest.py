@@ -45,6 +45,8 @@ class CaseRecord:
     dsc: float = math.nan  # against gt_uri, when given
     nsd: float = math.nan
     hd95: float = math.nan
+    dsc_coarse: float = math.nan  # stage attribution: the coarse mask's DSC
+    dsc_oracle: float = math.nan  # stage attribution: SAM prompted with the truth's boxes
     uncertainty: float = math.nan  # weak predict: the ensemble's per-case uncertainty score
     seconds_predict: float = 0.0  # weak predict: the ensemble's inference time
 
@@ -77,6 +79,8 @@ SCHEMA = pa.schema(
         ("dsc", pa.float64()),
         ("nsd", pa.float64()),
         ("hd95", pa.float64()),
+        ("dsc_coarse", pa.float64()),
+        ("dsc_oracle", pa.float64()),
         ("uncertainty", pa.float64()),
         ("seconds_predict", pa.float64()),
     ]
@@ -89,7 +93,7 @@ COMPLETED = (STATUS_OK, STATUS_NO_TARGET, STATUS_NO_PROMPTS)  # a rerun skips th
 def record_from_dict(data: dict) -> CaseRecord:
     """A record read back from JSON; keys this version does not know are ignored."""
     known = {f for f in CaseRecord.__dataclass_fields__}
-    floats = ("dsc", "nsd", "hd95", "uncertainty")
+    floats = ("dsc", "nsd", "hd95", "dsc_coarse", "dsc_oracle", "uncertainty")
     values = {k: (math.nan if v is None and k in floats else v) for k, v in data.items() if k in known}
     return CaseRecord(**values)
 

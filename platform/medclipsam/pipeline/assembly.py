@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..eval.evaluation import score_mask
+from ..eval.metrics import dice
 from ..eval.overlays import overlay_png, overlay_slice
 from ..io import storage
 from ..io.images import MedicalImage, mask_extension, read_mask, write_mask
@@ -27,7 +28,7 @@ from ..ops.slicing import assemble_mask, take_slice
 from ..prompts.types import SlicePrompts
 from .slices import NO_IMAGE, NO_MAP, NO_MASK, SOURCE_TEXT, Row, reference_image
 
-ARRAY_COLUMNS = ("image", "saliency", "coarse", "mask")
+ARRAY_COLUMNS = ("image", "saliency", "coarse", "mask", "oracle_mask")
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,9 @@ def _stage_bytes(row: Row) -> bytes:
         arrays["image"] = row["image"]
     if row.get("saliency") is not None and row["saliency"].size:
         arrays["saliency"] = row["saliency"].astype(np.float16)
-    if row.get("coarse") is not None and row["coarse"].size:
-        arrays["coarse"] = np.packbits(row["coarse"].astype(bool))
+    for column in ("coarse", "oracle_mask"):
+        if row.get(column) is not None and row[column].size:
+            arrays[column] = np.packbits(row[column].astype(bool))
     meta = {k: v.item() if isinstance(v, np.generic) else v for k, v in row.items() if k not in ARRAY_COLUMNS}
     buffer = io.BytesIO()
     np.savez_compressed(buffer, meta=np.asarray(json.dumps(meta)), **arrays)
@@ -66,8 +68,9 @@ def _unstage(data: bytes) -> Row:
         row["mask"] = np.unpackbits(npz["mask"], count=int(np.prod(shape))).reshape(shape).astype(bool)
         row["image"] = npz["image"] if "image" in npz else NO_IMAGE
         row["saliency"] = npz["saliency"].astype(np.float32) if "saliency" in npz else NO_MAP
-        row["coarse"] = (np.unpackbits(npz["coarse"], count=int(np.prod(shape))).reshape(shape).astype(bool)
-                         if "coarse" in npz else NO_MASK)
+        for column in ("coarse", "oracle_mask"):
+            row[column] = (np.unpackbits(npz[column], count=int(np.prod(shape))).reshape(shape).astype(bool)
+                           if column in npz else NO_MASK)
     return row
 
 
@@ -142,6 +145,7 @@ def _write_outputs(rows: list[Row], record: CaseRecord, settings: AssemblySettin
             truth = read_mask(record.gt_uri)
             scores = score_mask(mask, record.mask_uri, truth, settings.tolerance)
             record.dsc, record.nsd, record.hd95 = scores.dsc, scores.nsd, scores.hd95
+            _attribute(rows, record, image, axis, truth)
         except Exception as exc:  # the mask stands; only its scores are missing
             truth, record.error = None, f"ground truth: {exc}"
     pictures = {_key(r): r["image"] for r in rows if r["image"].size}
@@ -149,6 +153,20 @@ def _write_outputs(rows: list[Row], record: CaseRecord, settings: AssemblySettin
         _write_overlay(record, masks, pictures, truth, axis, settings.output)
     record.status = STATUS_OK if prompted else (STATUS_NO_TARGET if settings.source == SOURCE_TEXT
                                                 else STATUS_NO_PROMPTS)
+
+
+def _attribute(rows: list[Row], record: CaseRecord, image: MedicalImage, axis: int, truth: MedicalImage) -> None:
+    """Stage attribution: the DSC of the coarse mask and of SAM prompted with the truth's boxes
+    (the rows carry ``oracle_mask`` only when attribution was asked for)."""
+    if not any(r.get("oracle_mask") is not None and r["oracle_mask"].size for r in rows):
+        return
+    def plane(row: Row, column: str) -> np.ndarray:
+        value = row.get(column)
+        return value if value is not None and value.size else np.zeros(row["mask"].shape, bool)
+
+    for column, field in (("coarse", "dsc_coarse"), ("oracle_mask", "dsc_oracle")):
+        assembled = assemble_mask(image, {_key(r): plane(r, column) for r in rows}, axis)
+        setattr(record, field, dice(assembled > 0, truth.array > 0))
 
 
 def _stacked(image: MedicalImage, planes: list[np.ndarray], axis: int) -> np.ndarray:

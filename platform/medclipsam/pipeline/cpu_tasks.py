@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 def read_case(row: dict, job: Job) -> list[dict]:
     """The case's slice rows (one error row if it cannot be read)."""
-    return case_slices(CaseTask(**row), job.config.image, job.source, job.config.oracle.box_margin)
+    return case_slices(CaseTask(**row), job.config.image, job.source, job.config.oracle.box_margin,
+                       oracle=job.attribution)
 
 
 def write_slice(row: dict, settings: AssemblySettings) -> list[dict]:

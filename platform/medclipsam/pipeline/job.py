@@ -30,10 +30,13 @@ class Job:
     boxes_csv: str | None = None  # files source
     points_csv: str | None = None
     save_intermediates: bool = False  # saliency maps, coarse masks and prompts of every case
+    attribution: bool = False  # also the DSC of the coarse mask and of SAM prompted by the truth's boxes
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise InputError(f"unknown prompt source '{self.source}'; choose from {', '.join(SOURCES)}")
+        if self.attribution and self.source != SOURCE_TEXT:
+            raise InputError("stage attribution compares the text-driven stages: it needs --prompt-source text")
         if self.source == SOURCE_FILES and not (self.boxes_csv or self.points_csv):
             raise InputError("prompts from files need a boxes or a points CSV")
 
@@ -75,6 +78,10 @@ class Job:
     def keep_saliency(self) -> bool:
         return self.save_intermediates or self.config.pipeline.save_saliency
 
+    @property
+    def keep_coarse(self) -> bool:
+        return self.save_intermediates or self.attribution
+
 
 def plan(job: Job) -> list[CaseTask]:
     """The job's cases with their prompts, sorted by case_id; input errors are raised here."""
@@ -89,6 +96,8 @@ def plan(job: Job) -> list[CaseTask]:
             for row in found:
                 by_case[row.case_id][kind].append(row)
         rows = {case_id: rows_to_json(*lists) for case_id, lists in by_case.items()}
+    if job.attribution and not any(c.gt_uri for c in cases):
+        raise InputError("stage attribution scores against the truth: give --gt or a gt_uri column in the manifest")
     if job.source == SOURCE_TEXT:
         unprompted = [c.case_id for c in cases if not (c.prompts or job.text_prompts)]
         if unprompted:

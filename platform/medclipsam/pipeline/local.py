@@ -26,8 +26,8 @@ def run_local(tasks: list[CaseTask], job: Job) -> Iterator[CaseRecord]:
     segmenter = build_segmenter(c.sam.backend, c.sam.checkpoint, c.sam.device)
     assembly = job.assembly()
     for task in tasks:
-        rows = case_slices(task, c.image, job.source, c.oracle.box_margin)
+        rows = case_slices(task, c.image, job.source, c.oracle.box_margin, oracle=job.attribution)
         if clip is not None:
             rows = add_text_prompts(add_saliency(clip, rows, c.saliency), c.coarse, c.visual_prompts,
-                                    keep_saliency=job.keep_saliency, keep_coarse=job.save_intermediates)
+                                    keep_saliency=job.keep_saliency, keep_coarse=job.keep_coarse)
         yield finish_case(add_masks(segmenter, rows, c.sam), assembly)

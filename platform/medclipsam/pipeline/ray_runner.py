@@ -115,7 +115,7 @@ def build_dataset(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = S
         ds = ds.map_batches(SaliencyStage, fn_constructor_kwargs={
             "clip_uri": job.clip, "device": _device(pipeline.saliency, c.sam.device), "saliency": c.saliency,
             "coarse": c.coarse, "visual": c.visual_prompts, "keep_saliency": job.keep_saliency,
-            "keep_coarse": job.save_intermediates},
+            "keep_coarse": job.keep_coarse},
             compute=ActorPoolStrategy(size=sizes["saliency"]), batch_size=c.saliency.batch_size,
             num_gpus=pipeline.saliency.num_gpus, num_cpus=pipeline.saliency.num_cpus)
     ds = ds.map_batches(sam_stage, fn_constructor_kwargs={

@@ -118,4 +118,8 @@ def summary_metrics(records: list[CaseRecord], attempts: list[dict]) -> dict[str
     if scored:
         metrics.update(mean_dsc=float(np.mean([r.dsc for r in scored])),
                        mean_nsd=float(np.mean([r.nsd for r in scored])), n_scored=float(len(scored)))
+    attributed = [r for r in scored if np.isfinite(r.dsc_oracle)]
+    if attributed:  # stage attribution: where the accuracy is lost
+        metrics.update(mean_dsc_coarse=float(np.mean([r.dsc_coarse for r in attributed])),
+                       mean_dsc_oracle=float(np.mean([r.dsc_oracle for r in attributed])))
     return metrics

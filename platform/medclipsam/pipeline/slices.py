@@ -10,7 +10,8 @@ them, and a task's memory is taken from the model actors.
 
 Columns: case_id, uri, gt_uri, prompt (JSON list of sentences, text mode), slice, n_slices,
 geometry (JSON), overlay (keep the picture for an overlay), image (``H x W x 3`` uint8), error,
-seconds_read, prompts (JSON of the slice's SAM prompts, "" for none); then saliency (``H x W``
+seconds_read, prompts (JSON of the slice's SAM prompts, "" for none), oracle_prompts (the label's
+boxes, for stage attribution, "" for none); then saliency (``H x W``
 float32), coarse (``H x W`` bool), seconds_saliency, clip_model, clip_sha256 (text mode); then
 mask (``H x W`` bool), seconds_embed, seconds_decode, backend, checkpoint, checkpoint_sha256.
 """
@@ -87,7 +88,7 @@ def reference_image(geometry: str) -> MedicalImage:
 def _base_row(task: CaseTask) -> Row:
     return {"case_id": task.case_id, "uri": task.uri, "gt_uri": task.gt_uri, "prompt": task.prompt,
             "slice": -1, "n_slices": 1, "geometry": "", "overlay": task.overlay, "image": NO_IMAGE,
-            "error": "", "seconds_read": 0.0, "prompts": ""}
+            "error": "", "seconds_read": 0.0, "prompts": "", "oracle_prompts": ""}
 
 
 def _given_prompts(task: CaseTask, image: MedicalImage, source: str, settings: ImageConfig,
@@ -106,16 +107,24 @@ def _given_prompts(task: CaseTask, image: MedicalImage, source: str, settings: I
     return label_boxes(label, settings.axis, box_margin)
 
 
-def case_slices(task: CaseTask, settings: ImageConfig, source: str, box_margin: float = 2.0) -> list[Row]:
+def _prompt_json(prompt: SlicePrompts | None) -> str:
+    return "" if prompt is None or prompt.is_empty() else json.dumps(prompt.to_record(precise=True))
+
+
+def case_slices(task: CaseTask, settings: ImageConfig, source: str, box_margin: float = 2.0,
+                oracle: bool = False) -> list[Row]:
     """Read a case and cut it into windowed ``H x W x 3`` slices; one error row if it cannot be read.
 
-    With ``source`` labels or files, the slices' SAM prompts are attached here.
+    With ``source`` labels or files, the slices' SAM prompts are attached here. With ``oracle``
+    (stage attribution), the boxes of the case's labels travel beside them as ``oracle_prompts``.
     """
     start = time.perf_counter()
     try:
         image = read_image(task.uri)
         keys = slice_keys(image, settings.axis)
         prompts = _given_prompts(task, image, source, settings, box_margin)
+        truth_boxes = (_given_prompts(task, image, SOURCE_LABELS, settings, box_margin)
+                       if oracle and task.gt_uri else {})
         inputs = model_inputs(image, keys, settings)
         geometry = geometry_of(image, settings.axis)
     except Exception as exc:  # recorded in the row: the case ends as an error row of the manifest
@@ -123,9 +132,7 @@ def case_slices(task: CaseTask, settings: ImageConfig, source: str, box_margin: 
     share = (time.perf_counter() - start) / len(keys)
     rows = []
     for key, pixels in zip(keys, inputs, strict=True):
-        prompt = prompts.get(key)
-        given = prompt is not None and not prompt.is_empty()
         rows.append({**_base_row(task), "slice": -1 if key is None else key, "n_slices": len(keys),
                      "geometry": geometry, "image": pixels, "seconds_read": share,
-                     "prompts": json.dumps(prompt.to_record(precise=True)) if given else ""})
+                     "prompts": _prompt_json(prompts.get(key)), "oracle_prompts": _prompt_json(truth_boxes.get(key))})
     return rows

@@ -19,7 +19,7 @@ from ..models.sam_backends import PromptableSegmenter
 from ..prompts.from_saliency import prompts_from_saliency
 from ..prompts.types import SlicePrompts
 from ..saliency.maps import saliency_maps
-from ..segment.sam import segment_images
+from ..segment.sam import segment_prompt_sets
 from .slices import NO_IMAGE, NO_MAP, NO_MASK, Row
 
 
@@ -65,22 +65,37 @@ def add_text_prompts(rows: list[Row], coarse: CoarseMaskConfig, visual: VisualPr
 
 
 def add_masks(segmenter: PromptableSegmenter, rows: list[Row], settings: SamConfig) -> list[Row]:
-    """SAM masks for the prompted rows (others get an empty mask); images are dropped unless drawn."""
-    todo = [i for i, row in enumerate(rows) if not row["error"] and row["prompts"]]
+    """SAM masks for the prompted rows (others get an empty mask); images are dropped unless drawn.
+
+    Rows with ``oracle_prompts`` (stage attribution) also get ``oracle_mask``: SAM prompted with the
+    label's boxes, from the same image embedding.
+    """
+    def prompts_of(row: Row, column: str) -> SlicePrompts:
+        text = row.get(column, "")
+        return SlicePrompts.from_record(json.loads(text)) if text else SlicePrompts()
+
+    attribution = any(row.get("oracle_prompts") for row in rows)
+    todo = [i for i, row in enumerate(rows)
+            if not row["error"] and (row["prompts"] or (attribution and row.get("oracle_prompts")))]
     seconds = {"embed": 0.0, "decode": 0.0}
-    masks: list[np.ndarray] = []
+    masks: list[list[np.ndarray]] = [[], []]
     try:
         if todo:
-            prompts = [SlicePrompts.from_record(json.loads(rows[i]["prompts"])) for i in todo]
-            masks, seconds = segment_images(segmenter, [rows[i]["image"] for i in todo], prompts, settings)
+            sets = [[prompts_of(rows[i], "prompts") for i in todo]]
+            if attribution:
+                sets.append([prompts_of(rows[i], "oracle_prompts") for i in todo])
+            masks, seconds = segment_prompt_sets(segmenter, [rows[i]["image"] for i in todo], sets, settings)
     except Exception as exc:
         for i in todo:
             rows[i]["error"] = f"SAM: {exc}"
-        todo, masks = [], []
-    found = dict(zip(todo, masks, strict=True))
+        todo, masks = [], [[], []]
+    found = dict(zip(todo, masks[0], strict=True))
+    oracle = dict(zip(todo, masks[1], strict=True)) if attribution and todo else {}
     for index, row in enumerate(rows):
         shape = row["image"].shape[:2]
-        row["mask"] = found.get(index, np.zeros(shape, dtype=bool) if not row["error"] else NO_MASK)
+        empty = np.zeros(shape, dtype=bool) if not row["error"] else NO_MASK
+        row["mask"] = found[index] if index in found and row["prompts"] else empty
+        row["oracle_mask"] = oracle.get(index, empty) if attribution else NO_MASK
         row["seconds_embed"] = seconds["embed"] / len(todo) if index in found else 0.0
         row["seconds_decode"] = seconds["decode"] / len(todo) if index in found else 0.0
         row.update(backend=segmenter.name, checkpoint=segmenter.checkpoint,

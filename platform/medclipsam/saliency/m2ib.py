@@ -49,10 +49,16 @@ def bottleneck_terms(
     return kl, cos, loss
 
 
-def m2ib_maps(split: VisionSplit, pixels: torch.Tensor, text: torch.Tensor, params: SaliencyConfig) -> torch.Tensor:
-    """Saliency on the patch grid, ``B x gh x gw`` (not normalised), for normalised pixels ``Bx3xSxS``."""
-    with torch.no_grad():
-        tokens = split.prefix(pixels)
+def m2ib_maps(split: VisionSplit, pixels: torch.Tensor | None, text: torch.Tensor, params: SaliencyConfig,
+              tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Saliency on the patch grid, ``B x gh x gw`` (not normalised), for normalised pixels ``Bx3xSxS``.
+
+    ``tokens``: the image tower's output after the bottleneck layer (``split.prefix(pixels)``), when
+    the caller has it already; they depend only on the image and the layer.
+    """
+    if tokens is None:
+        with torch.no_grad():
+            tokens = split.prefix(pixels)
     alpha = torch.full_like(tokens, params.init, requires_grad=True)
     optimiser = torch.optim.Adam([alpha], lr=params.lr)
     generator = torch.Generator(device=tokens.device).manual_seed(params.seed)

@@ -35,6 +35,39 @@ def probability_for_prompts(
     return np.max(np.stack(merged), axis=0)
 
 
+def segment_prompt_sets(
+    segmenter: PromptableSegmenter,
+    images: Sequence[np.ndarray],
+    prompt_sets: Sequence[Sequence[SlicePrompts]],
+    params: SamConfig | None = None,
+) -> tuple[list[list[np.ndarray]], dict[str, float]]:
+    """Binary masks for several prompt sets per image (e.g. from saliency and from the truth), each
+    image embedded once: ``masks[k][i]`` is image ``i`` under ``prompt_sets[k][i]``.
+
+    Returns the masks and the seconds spent embedding and decoding.
+    """
+    for prompts in prompt_sets:
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompt sets")
+    params = params or SamConfig()
+    start = time.perf_counter()
+    prompted = [i for i in range(len(images))  # only these need the encoder
+                if any(not prompts[i].is_empty() for prompts in prompt_sets)]
+    embeddings = dict(zip(prompted, segmenter.embed([images[i] for i in prompted], params.batch_size), strict=True))
+    embedded = time.perf_counter()
+    masks: list[list[np.ndarray]] = []
+    for prompts in prompt_sets:
+        masks.append([])
+        for index, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
+            if index not in embeddings or prompt.is_empty():
+                masks[-1].append(np.zeros(image.shape[:2], dtype=bool))
+                continue
+            prob = probability_for_prompts(segmenter, embeddings[index], prompt, params)
+            masks[-1].append(binarise(prob, params.threshold, params.keep_components))
+    done = time.perf_counter()
+    return masks, {"embed": embedded - start, "decode": done - embedded}
+
+
 def segment_images(
     segmenter: PromptableSegmenter,
     images: Sequence[np.ndarray],
@@ -45,19 +78,5 @@ def segment_images(
 
     Returns the masks and the seconds spent embedding and decoding.
     """
-    if len(images) != len(prompts):
-        raise ValueError(f"{len(images)} images but {len(prompts)} prompt sets")
-    params = params or SamConfig()
-    start = time.perf_counter()
-    prompted = [i for i, prompt in enumerate(prompts) if not prompt.is_empty()]  # only these need the encoder
-    embeddings = dict(zip(prompted, segmenter.embed([images[i] for i in prompted], params.batch_size), strict=True))
-    embedded = time.perf_counter()
-    masks = []
-    for index, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
-        if index not in embeddings:
-            masks.append(np.zeros(image.shape[:2], dtype=bool))
-            continue
-        prob = probability_for_prompts(segmenter, embeddings[index], prompt, params)
-        masks.append(binarise(prob, params.threshold, params.keep_components))
-    done = time.perf_counter()
-    return masks, {"embed": embedded - start, "decode": done - embedded}
+    masks, seconds = segment_prompt_sets(segmenter, images, [prompts], params)
+    return masks[0], seconds

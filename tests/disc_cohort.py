@@ -1,4 +1,4 @@
-"""Small labelled 2D images for the weak-stage tests: grey noise with one brighter disc each."""
+"""Small labelled 2D images for tests: grey noise with one brighter disc each."""
 
 from __future__ import annotations
 
