@@ -348,3 +348,23 @@ def test_cover_sees_a_target_at_the_border_that_crop_cannot(clip, monkeypatch):
     assert covered.values[target].mean() > np.median(covered.values)
     assert covered.values[target].mean() > 2 * covered.values[:, 300:].mean()  # the far right window has no target
     assert cropped.values[:, :112].max() == 0.0  # never seen through the centre crop
+
+
+def test_segment_takes_each_cases_sentences_from_a_manifest(tmp_path, tiny_clip_dir):
+    """``segment`` reads the same input manifest as ``pseudolabel``: a per-case ``prompt`` column."""
+    import pyarrow.parquet as pq
+    from disc_cohort import disc_images
+
+    from medclipsam.cli import main
+
+    disc_images(tmp_path / "data", 2, size=96)
+    (tmp_path / "cohort.csv").write_text('uri,prompt\ndata/images/c0.png,a bright round disc\n'
+                                         'data/images/c1.png,"[""one sentence"", ""and another""]"\n')
+    result = CliRunner().invoke(main, ["segment", "--input", str(tmp_path / "cohort.csv"), "--output",
+                                       str(tmp_path / "out"), "--clip-model", str(tiny_clip_dir), "--backend",
+                                       "litemedsam"])
+    assert result.exit_code == 0, result.output
+    rows = {r["case_id"]: r for r in pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()}
+    assert json.loads(rows["c0"]["text_prompt"]) == ["a bright round disc"]
+    assert json.loads(rows["c1"]["text_prompt"]) == ["one sentence", "and another"]
+    assert all(r["clip_model"] == str(tiny_clip_dir) for r in rows.values())

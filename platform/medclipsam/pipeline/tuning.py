@@ -244,11 +244,8 @@ def tune_task(config_uri: str, input_uri: str, gt_uri: str | None, output: str, 
               progress: Callable[[int, int, dict], None] | None = None,
               connect: Callable[[], None] | None = None) -> TuneResult:
     """Search the space on Ray Tune; write best.yaml, trials.csv and report.html under ``output``."""
-    import mlflow
     import ray
-    from ray import tune
 
-    from ..io.tracking import flatten, resolve_tracking_uri
 
     start = time.perf_counter()
     if metric not in METRICS:
@@ -268,11 +265,55 @@ def tune_task(config_uri: str, input_uri: str, gt_uri: str | None, output: str, 
     elif not ray.is_initialized():
         ray.init()
     p = base_config.pipeline
+    needed = p.saliency.num_cpus + p.sam.num_cpus + p.task_cpus
+    cpus = float(ray.cluster_resources().get("CPU", 0.0))
+    if cpus + 1e-9 < needed:
+        raise InputError(f"the search needs {needed:g} CPUs (pipeline.saliency.num_cpus + pipeline.sam.num_cpus "
+                         f"+ one trial's pipeline.task_cpus) and Ray has {cpus:g}; lower those settings")
     saliency = ray.remote(SaliencyService).options(num_cpus=p.saliency.num_cpus, num_gpus=p.saliency.num_gpus).remote(
         images, "cuda" if p.saliency.num_gpus > 0 else base_config.sam.device)
     sam = ray.remote(SamService).options(num_cpus=p.sam.num_cpus, num_gpus=p.sam.num_gpus).remote(
         images, base_config.sam.model_dump(), "cuda" if p.sam.num_gpus > 0 else base_config.sam.device)
 
+    search = Search(config_uri, input_uri, output, base, base_config, space, combos, cases, images, truths, metric,
+                    cache, tracking_uri, experiment)
+    try:
+        return _search(search, saliency, sam, progress, start)
+    finally:  # the services hold CPUs (and GPUs): a later search in this process needs them back
+        for actor in (saliency, sam):
+            ray.kill(actor)
+
+
+@dataclass
+class Search:
+    """What a search runs on, checked and read before Ray is joined."""
+
+    config_uri: str
+    input_uri: str
+    output: str
+    base: dict  # the start config as a dict
+    base_config: TaskConfig
+    space: dict[str, list]
+    combos: list[dict]
+    cases: list[TuneCase]
+    images: dict[Key, np.ndarray]
+    truths: dict
+    metric: str
+    cache: bool
+    tracking_uri: str | None
+    experiment: str
+
+
+def _search(search: Search, saliency, sam, progress, start: float) -> TuneResult:
+    import mlflow
+    import ray
+    from ray import tune
+
+    from ..io.tracking import flatten, resolve_tracking_uri
+
+    base, base_config, space, combos = search.base, search.base_config, search.space, search.combos
+    cases, images, truths, output, metric = search.cases, search.images, search.truths, search.output, search.metric
+    p = base_config.pipeline
     done: list[dict] = []
 
     class Progress(tune.Callback):
@@ -283,7 +324,7 @@ def tune_task(config_uri: str, input_uri: str, gt_uri: str | None, output: str, 
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, cases=cases, images=images, truths=truths, saliency=saliency,
-                             sam=sam, tolerance=p.nsd_tolerance, cache=cache),
+                             sam=sam, tolerance=p.nsd_tolerance, cache=search.cache),
         {"cpu": p.task_cpus})
     tuner = tune.Tuner(trainable, param_space={"settings": tune.grid_search(combos)},
                        tune_config=tune.TuneConfig(metric=metric, mode="max"),
@@ -304,17 +345,17 @@ def tune_task(config_uri: str, input_uri: str, gt_uri: str | None, output: str, 
     best_config = parse_config(with_settings(base, {k: best[k] for k in space}))
     best_uri = storage.join(output, "best.yaml")
     header = (f"# medclipsam tune: best of {len(trials)} trial(s) by mean {metric} = {best[metric]:.4f} on "
-              f"{len(cases)} labelled case(s) of {input_uri}\n")
+              f"{len(cases)} labelled case(s) of {search.input_uri}\n")
     storage.write_bytes_atomic(best_uri, (header + yaml.safe_dump(best_config.model_dump(mode="json"),
                                                                   sort_keys=False)).encode())
     _write_table(trials, storage.join(output, "trials.csv"))
     report_uri = storage.join(output, "report.html")
     storage.write_bytes_atomic(report_uri, _report(trials, list(space), metric, best).encode())
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri or base_config.tracking.uri))
-    mlflow.set_experiment(experiment)
+    mlflow.set_tracking_uri(resolve_tracking_uri(search.tracking_uri or base_config.tracking.uri))
+    mlflow.set_experiment(search.experiment)
     with mlflow.start_run(run_name=f"tune-{base_config.task}") as parent:
-        mlflow.log_params(flatten({"config": config_uri, "input": input_uri, "metric": metric,
+        mlflow.log_params(flatten({"config": search.config_uri, "input": search.input_uri, "metric": metric,
                                    "n_trials": len(trials), "n_cases": len(cases), "space": json.dumps(space)}))
         for trial in trials:
             with mlflow.start_run(run_name=f"trial-{trial['trial']}", nested=True):
