@@ -194,7 +194,8 @@ def summarise_run(result) -> None:
                   f"over {int(result.metrics['n_scored'])}")
     if "mean_dsc_oracle" in result.metrics:
         scores += (f"; attribution DSC: coarse {result.metrics['mean_dsc_coarse']:.4f}, SAM from saliency "
-                   f"{result.metrics['mean_dsc']:.4f}, SAM from truth boxes {result.metrics['mean_dsc_oracle']:.4f}")
+                   f"{result.metrics['mean_dsc_attributed']:.4f}, SAM from truth boxes "
+                   f"{result.metrics['mean_dsc_oracle']:.4f}")
     tracked = f"; MLflow run {result.run_id}" if result.run_id else ""
     click.echo(f"{len(result.records)} case(s): {counts} ({result.n_skipped} done earlier, {result.n_processed} "
                f"now in {result.seconds:.0f} s, {result.metrics.get('attempt_cases_per_s', 0.0):.3g} cases/s){scores}; "

@@ -30,4 +30,4 @@ def run_local(tasks: list[CaseTask], job: Job) -> Iterator[CaseRecord]:
         if clip is not None:
             rows = add_text_prompts(add_saliency(clip, rows, c.saliency), c.coarse, c.visual_prompts,
                                     keep_saliency=job.keep_saliency, keep_coarse=job.keep_coarse)
-        yield finish_case(add_masks(segmenter, rows, c.sam), assembly)
+        yield finish_case(add_masks(segmenter, rows, c.sam, job.attribution), assembly)

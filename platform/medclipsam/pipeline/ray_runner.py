@@ -77,14 +77,14 @@ class SaliencyStage:
 
 
 class SamStage:
-    def __init__(self, settings: SamConfig, device: str) -> None:
+    def __init__(self, settings: SamConfig, device: str, attribution: bool = False) -> None:
         from ..models.sam_backends import build_segmenter
 
         self.segmenter = build_segmenter(settings.backend, settings.checkpoint, device)
-        self.settings = settings
+        self.settings, self.attribution = settings, attribution
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return to_batch(add_masks(self.segmenter, to_rows(batch), self.settings))
+        return to_batch(add_masks(self.segmenter, to_rows(batch), self.settings, self.attribution))
 
 
 def _device(pool: ActorPoolConfig, configured: str) -> str:
@@ -119,7 +119,7 @@ def build_dataset(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = S
             compute=ActorPoolStrategy(size=sizes["saliency"]), batch_size=c.saliency.batch_size,
             num_gpus=pipeline.saliency.num_gpus, num_cpus=pipeline.saliency.num_cpus)
     ds = ds.map_batches(sam_stage, fn_constructor_kwargs={
-        "settings": c.sam, "device": _device(pipeline.sam, c.sam.device)},
+        "settings": c.sam, "device": _device(pipeline.sam, c.sam.device), "attribution": job.attribution},
         compute=ActorPoolStrategy(size=sizes["sam"]), batch_size=c.sam.batch_size,
         num_gpus=pipeline.sam.num_gpus, num_cpus=pipeline.sam.num_cpus)
     memory = {"memory": pipeline.write_memory_mb * 2**20} if pipeline.write_memory_mb else {}

@@ -121,5 +121,6 @@ def summary_metrics(records: list[CaseRecord], attempts: list[dict]) -> dict[str
     attributed = [r for r in scored if np.isfinite(r.dsc_oracle)]
     if attributed:  # stage attribution: where the accuracy is lost
         metrics.update(mean_dsc_coarse=float(np.mean([r.dsc_coarse for r in attributed])),
+                       mean_dsc_attributed=float(np.mean([r.dsc for r in attributed])),
                        mean_dsc_oracle=float(np.mean([r.dsc_oracle for r in attributed])))
     return metrics

@@ -107,6 +107,16 @@ def _given_prompts(task: CaseTask, image: MedicalImage, source: str, settings: I
     return label_boxes(label, settings.axis, box_margin)
 
 
+def _truth_boxes(task: CaseTask, image: MedicalImage, settings: ImageConfig,
+                 box_margin: float) -> dict[int | None, SlicePrompts]:
+    """The label's boxes for stage attribution; a truth that cannot be used costs only the
+    attribution (assembly reports the truth's problem when it scores the case)."""
+    try:
+        return _given_prompts(task, image, SOURCE_LABELS, settings, box_margin)
+    except Exception:
+        return {}
+
+
 def _prompt_json(prompt: SlicePrompts | None) -> str:
     return "" if prompt is None or prompt.is_empty() else json.dumps(prompt.to_record(precise=True))
 
@@ -123,8 +133,7 @@ def case_slices(task: CaseTask, settings: ImageConfig, source: str, box_margin: 
         image = read_image(task.uri)
         keys = slice_keys(image, settings.axis)
         prompts = _given_prompts(task, image, source, settings, box_margin)
-        truth_boxes = (_given_prompts(task, image, SOURCE_LABELS, settings, box_margin)
-                       if oracle and task.gt_uri else {})
+        truth_boxes = _truth_boxes(task, image, settings, box_margin) if oracle and task.gt_uri else {}
         inputs = model_inputs(image, keys, settings)
         geometry = geometry_of(image, settings.axis)
     except Exception as exc:  # recorded in the row: the case ends as an error row of the manifest

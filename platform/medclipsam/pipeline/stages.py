@@ -64,17 +64,17 @@ def add_text_prompts(rows: list[Row], coarse: CoarseMaskConfig, visual: VisualPr
     return rows
 
 
-def add_masks(segmenter: PromptableSegmenter, rows: list[Row], settings: SamConfig) -> list[Row]:
+def add_masks(segmenter: PromptableSegmenter, rows: list[Row], settings: SamConfig,
+              attribution: bool = False) -> list[Row]:
     """SAM masks for the prompted rows (others get an empty mask); images are dropped unless drawn.
 
-    Rows with ``oracle_prompts`` (stage attribution) also get ``oracle_mask``: SAM prompted with the
-    label's boxes, from the same image embedding.
+    With ``attribution``, every row also gets ``oracle_mask``: SAM prompted with its label's boxes
+    (``oracle_prompts``; an empty mask where the label has none), from the same image embedding.
     """
     def prompts_of(row: Row, column: str) -> SlicePrompts:
         text = row.get(column, "")
         return SlicePrompts.from_record(json.loads(text)) if text else SlicePrompts()
 
-    attribution = any(row.get("oracle_prompts") for row in rows)
     todo = [i for i, row in enumerate(rows)
             if not row["error"] and (row["prompts"] or (attribution and row.get("oracle_prompts")))]
     seconds = {"embed": 0.0, "decode": 0.0}

@@ -24,13 +24,13 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import yaml
 
 from ..config import SaliencyConfig, SamConfig, TaskConfig, load_model, parse_config
-from ..errors import InputError
+from ..errors import InputError, ModelError
 from ..eval.evaluation import score_mask
 from ..eval.metrics import dice
 from ..io import storage
@@ -214,7 +214,6 @@ class TuneResult:
     run_id: str
     m2ib_images: int  # images M2IB ran for, over the whole search
     seconds: float
-    notes: list[str] = field(default_factory=list)
 
 
 def prepare_cases(config: TaskConfig, input_uri: str, gt_uri: str | None) -> tuple[list[TuneCase], dict, dict]:
@@ -266,10 +265,14 @@ def tune_task(config_uri: str, input_uri: str, gt_uri: str | None, output: str, 
         ray.init()
     p = base_config.pipeline
     needed = p.saliency.num_cpus + p.sam.num_cpus + p.task_cpus
-    cpus = float(ray.cluster_resources().get("CPU", 0.0))
+    resources = ray.cluster_resources()
+    cpus, gpus = float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
     if cpus + 1e-9 < needed:
         raise InputError(f"the search needs {needed:g} CPUs (pipeline.saliency.num_cpus + pipeline.sam.num_cpus "
                          f"+ one trial's pipeline.task_cpus) and Ray has {cpus:g}; lower those settings")
+    if gpus + 1e-9 < p.saliency.num_gpus + p.sam.num_gpus:
+        raise InputError(f"pipeline.saliency.num_gpus + pipeline.sam.num_gpus ask for "
+                         f"{p.saliency.num_gpus + p.sam.num_gpus:g} GPUs and Ray has {gpus:g}")
     saliency = ray.remote(SaliencyService).options(num_cpus=p.saliency.num_cpus, num_gpus=p.saliency.num_gpus).remote(
         images, "cuda" if p.saliency.num_gpus > 0 else base_config.sam.device)
     sam = ray.remote(SamService).options(num_cpus=p.sam.num_cpus, num_gpus=p.sam.num_gpus).remote(
@@ -335,7 +338,8 @@ def _search(search: Search, saliency, sam, progress, start: float) -> TuneResult
     by_settings = {}
     for result in grid:
         if result.error is not None:
-            raise RuntimeError(f"trial {result.config['settings']} failed: {result.error}")
+            first = str(result.error).strip().splitlines()[-1] if str(result.error).strip() else "unknown error"
+            raise ModelError(f"trial {result.config['settings']} failed: {first}")
         by_settings[json.dumps(result.config["settings"], sort_keys=True)] = {
             k: float(result.metrics[k]) for k in ("dsc", "nsd", "dsc_coarse")}
     trials = [{"trial": number, **combo, **by_settings[json.dumps(combo, sort_keys=True)]}

@@ -73,10 +73,7 @@ class TokenCache:
         self.tokens: dict[tuple, torch.Tensor] = {}
 
     def get(self, clip: ClipModel, split: VisionSplit, images: Sequence[np.ndarray], geometry,
-            keys: Sequence[Hashable] | None, layer: int, name: str) -> torch.Tensor:
-        if keys is None:
-            with torch.no_grad():
-                return split.prefix(clip_inputs(clip, images, geometry))
+            keys: Sequence[Hashable], layer: int, name: str) -> torch.Tensor:
         wanted = [(clip.uri, layer, name, key) for key in keys]
         missing = [i for i, k in enumerate(wanted) if k not in self.tokens]
         if missing:
@@ -85,6 +82,16 @@ class TokenCache:
             for i, tokens in zip(missing, found, strict=True):
                 self.tokens[wanted[i]] = tokens
         return torch.stack([self.tokens[k] for k in wanted])
+
+
+def _chunk_maps(clip: ClipModel, split: VisionSplit, images: Sequence[np.ndarray], transform,
+                keys: Sequence[Hashable] | None, cache: TokenCache, text: torch.Tensor,
+                params: SaliencyConfig) -> torch.Tensor:
+    """M2IB on one batch: from the cached tokens when the images have keys, else from the pixels."""
+    if keys is None:
+        return m2ib_maps(split, clip_inputs(clip, images, transform), text, params)
+    tokens = cache.get(clip, split, images, transform, keys, params.layer, params.geometry)
+    return m2ib_maps(split, None, text, params, tokens)
 
 
 def _cover_maps(clip: ClipModel, split: VisionSplit, images: Sequence[np.ndarray], text_embedding: torch.Tensor,
@@ -98,8 +105,7 @@ def _cover_maps(clip: ClipModel, split: VisionSplit, images: Sequence[np.ndarray
         chunk = pieces[start : start + params.batch_size]
         crops = [images[i][top : top + side, left : left + side] for i, (top, left, side) in chunk]
         window_keys = None if keys is None else [(keys[i], window) for i, window in chunk]
-        tokens = cache.get(clip, split, crops, transform, window_keys, params.layer, params.geometry)
-        grid = m2ib_maps(split, None, text_embedding, params, tokens)
+        grid = _chunk_maps(clip, split, crops, transform, window_keys, cache, text_embedding, params)
         for (i, (top, left, side)), values in zip(chunk, grid, strict=True):
             window = transform.invert_masks(values[None, None].float(), (side, side))[0, 0].cpu().numpy()
             sums[i][top : top + side, left : left + side] += window
@@ -131,9 +137,8 @@ def saliency_maps(
     out: list[SaliencyMap] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        chunk_keys = None if keys is None else keys[start : start + batch_size]
-        tokens = cache.get(clip, split, chunk, transform, chunk_keys, params.layer, params.geometry)
-        grid = m2ib_maps(split, None, text_embedding, params, tokens)
+        grid = _chunk_maps(clip, split, chunk, transform, None if keys is None else keys[start : start + batch_size],
+                           cache, text_embedding, params)
         for image, values in zip(chunk, grid, strict=True):
             full = transform.invert_masks(values[None, None].float(), image.shape[:2])[0, 0]
             out.append(normalise_map(full.cpu().numpy()))

@@ -10,7 +10,6 @@ same conversion (``nnunet_input``) feeds the trained ensemble at prediction time
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,6 @@ from ..io.outputs import MANIFEST
 from ..ops.slicing import window_to_uint8
 from .nnunet_env import dataset_folder_name
 
-log = logging.getLogger(__name__)
 LABELS = {"background": 0, "target": 1}
 NATURAL_SPACING = (999.0, 1.0, 1.0)  # nnU-Net's spacing for 2D images (the 999 marks the absent axis)
 

@@ -21,7 +21,7 @@ class WeakEnsembleModel(mlflow.pyfunc.PythonModel):
 
         folder = Path(context.artifacts["ensemble"])
         self.folder = EnsembleFolder(folder, json.loads((folder / "ensemble.json").read_text()), str(folder))
-        self.ensemble = Ensemble(self.folder)
+        self.ensemble = Ensemble(self.folder, self.folder.manifest.get("default_members", "cycles"))
 
     def predict(self, context, model_input: list[str], params=None) -> list[dict]:
         from medclipsam.io.images import read_image

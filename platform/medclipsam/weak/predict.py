@@ -116,7 +116,7 @@ class WeakPredictResult:
 def _settings(folder: EnsembleFolder, output: str, config: WeakConfig, threshold: float | None,
               members: str | None, save_maps: bool) -> PredictSettings:
     chosen = members or folder.manifest.get("default_members", config.ensemble.members)
-    t = float(threshold if threshold is not None else config.ensemble.threshold)
+    t = float(threshold if threshold is not None else folder.manifest.get("threshold", config.ensemble.threshold))
     p = config.prediction
     parameters = {"model": folder.uri, "sha256": folder.sha256, "threshold": t, "members": chosen,
                   "n_members": len(folder.members(chosen)), "tile_step_size": p.tile_step_size,

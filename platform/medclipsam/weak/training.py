@@ -15,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, ModelError
 from ..io import storage
 from ..io.fetch import CACHE_DIR
 from ..io.outputs import absolute_output
@@ -52,7 +53,6 @@ class WeakTrainResult:
     model_uri: str = ""
     version: str = ""
     work: str = ""
-    notes: list[str] = field(default_factory=list)
 
 
 def work_folder(output: str) -> Path:
@@ -75,9 +75,11 @@ def prepare(cases: list[TrainingCase], work: Path, config: WeakConfig, processes
         if done["key"] == key:
             return done["cases"], done["skipped"]
     data = config.data
+    name = dataset_folder_name(data.dataset_id, data.dataset_name)
+    for stale in (work / "raw" / name, work / "preprocessed" / name):  # an earlier export of other cases
+        shutil.rmtree(stale, ignore_errors=True)
     with nnunet_environment(work) as env:
         if progress:
-            name = dataset_folder_name(data.dataset_id, data.dataset_name)
             progress(f"exporting {len(cases)} case(s) as nnU-Net dataset {name}")
         summary = export_dataset(cases, env["nnUNet_raw"], data.dataset_id, data.dataset_name, data.normalization,
                                  data.min_mask_pixels)
@@ -177,7 +179,7 @@ def write_manifest(ensemble_uri: str, config: WeakConfig, cases: list[str]) -> l
     folder = storage.join(ensemble_uri, f"fold_{FOLD}")
     missing = [n for n in [*names, FINAL] if not storage.exists(storage.join(folder, n))]
     if missing:
-        raise RuntimeError(f"weak training ended without member checkpoint(s) {', '.join(missing[:3])} under {folder}")
+        raise ModelError(f"weak training ended without member checkpoint(s) {', '.join(missing[:3])} under {folder}")
     manifest = {"members": names, "final": FINAL, "threshold": config.ensemble.threshold,
                 "default_members": config.ensemble.members,
                 "sha256": {n: _sha256(storage.join(folder, n)) for n in [*names, FINAL]},
@@ -187,18 +189,22 @@ def write_manifest(ensemble_uri: str, config: WeakConfig, cases: list[str]) -> l
     return names
 
 
-def _check_same_run(output: str, config: WeakConfig, cases: list[str]) -> None:
+def _check_same_run(output: str, config: WeakConfig, cases: list[str] | None = None) -> None:
     """A rerun continues the training of ``output``; with other settings or cases it would mix two
-    runs in one ensemble, so it is refused."""
+    runs in one ensemble, so it is refused. Called with ``cases=None`` before the export (the
+    settings), then with the exported cases (recorded by the first run)."""
     uri = storage.join(output, RUN_FILE)
-    current = {"training": config.training.model_dump(), "data": config.data.model_dump(), "cases": cases}
+    current = {"training": config.training.model_dump(exclude={"augment_processes"}),
+               "data": config.data.model_dump()}
+    if cases is not None:
+        current["cases"] = cases
     if storage.exists(uri):
         before = json.loads(storage.read_bytes(uri))
-        if before != current:
-            changed = [k for k in current if before.get(k) != current[k]]
+        changed = [k for k in current if before.get(k) != current[k]]
+        if changed:
             raise InputError(f"{uri}: this output was trained with other {' and '.join(changed)}; "
                              "use a new --output (or delete this one) to train with these")
-    else:
+    elif cases is not None:
         storage.write_bytes_atomic(uri, json.dumps(current, indent=1).encode())
 
 
@@ -223,12 +229,15 @@ def run_weak_training(cases: list[TrainingCase], skipped_before: dict[str, str],
     start = time.perf_counter()
     output = absolute_output(output)  # workers write members there, from other working directories
     work = Path(work) if work is not None else work_folder(output)
+    _check_same_run(output, config)  # before the export, which would replace the one being resumed
     used, skipped = prepare(cases, work, config, processes=max(1, min(8, os.cpu_count() or 1)), progress=progress)
     if connect is not None:
         connect()
     elif not ray.is_initialized():
         ray.init()
-    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    here = ray.util.get_node_ip_address()
+    node = next((n for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] == here), None)
+    cpus = float((node or {}).get("Resources", {}).get("CPU", ray.cluster_resources().get("CPU", 1.0)))
     skipped = {**skipped_before, **skipped}
     ensemble_uri = storage.join(output, ENSEMBLE_DIR)
     _check_same_run(output, config, used)
@@ -252,16 +261,20 @@ def run_weak_training(cases: list[TrainingCase], skipped_before: dict[str, str],
         progress(f"training {config.training.epochs} epoch(s) on {workers} {'GPU' if use_gpu else 'CPU'} worker(s)")
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                     resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker}),
+        # the workers run on this node, where the preprocessed data is (nnU-Net reads it from local disk)
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={
+            **({"GPU": 1.0, "CPU": 1.0} if use_gpu else {"CPU": cpus_per_worker}), f"node:{here}": 0.001}),
         # Ray Train's checkpoints live with the output, so a rerun from any machine continues there.
         run_config=RunConfig(name="weak", storage_path=storage.join(absolute_output(output), "ray_train"),
                              failure_config=FailureConfig(max_failures=2),
                              checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=list(callbacks or [])),
     )
-    result = trainer.fit()
-    if result.error is not None and result.checkpoint is None:
-        raise RuntimeError(f"weak training failed: {result.error}")
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray Train raises once its retries are spent
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"weak training failed ({first}); Ray Train's checkpoint is kept under "
+                         f"{storage.join(output, 'ray_train')}: run the same command again to continue") from exc
     metrics = dict(result.metrics or {})
     members = write_manifest(ensemble_uri, config, used)
     out = WeakTrainResult(output, ensemble_uri, run_id, used, skipped, members, metrics,

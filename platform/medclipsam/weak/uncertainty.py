@@ -3,7 +3,8 @@
 Per pixel, the binary entropy in bits, H = -[p log2 p + (1 - p) log2 (1 - p)], 0 where p is 0 or
 1. Per case, U = 100 * sum(H) / |dilate(mask, 3 x 3) - mask|: the entropy summed over the image
 per pixel of the mask's one-pixel outer ring, so a confident mask of any size scores low. NaN for
-an empty mask. Volumes are dilated slice by slice (the 2D configuration's view).
+an empty mask, and for a mask that fills the image (it has no ring). Volumes are dilated slice by
+slice (the 2D configuration's view).
 """
 
 from __future__ import annotations
