@@ -104,6 +104,9 @@ def _comparable(table) -> list[dict]:
         for key in TIMING:
             row.pop(key)
         row["mask_uri"] = row["mask_uri"].rsplit("/", 1)[-1]
+        for key, value in row.items():  # NaN (e.g. no attribution, no uncertainty) never equals itself
+            if isinstance(value, float) and value != value:
+                row[key] = "nan"
     return rows
 
 
