@@ -17,7 +17,8 @@ from . import storage
 CACHE_DIR = Path(os.environ.get("MEDCLIPSAM_CACHE", Path.home() / ".cache" / "medclipsam"))
 
 
-def _cache_slot(kind: str, uri: str) -> Path:
+def cache_slot(kind: str, uri: str) -> Path:
+    """The cache folder of ``uri`` for one kind of content (a hash of the URI, so reruns find it)."""
     return CACHE_DIR / kind / hashlib.sha256(uri.encode()).hexdigest()[:16]
 
 
@@ -28,7 +29,7 @@ def fetch_file(uri: str, what: str = "file") -> str:
         if not os.path.isfile(path):
             raise ModelError(f"{what} {uri}: no such file")
         return path
-    target = _cache_slot("checkpoints", uri) / storage.basename(uri)
+    target = cache_slot("checkpoints", uri) / storage.basename(uri)
     if not target.exists():
         try:
             if not storage.exists(uri):
@@ -56,7 +57,7 @@ def fetch_folder(uri: str, what: str = "model", marker: str | None = None) -> Pa
         if not path.is_dir():
             raise ModelError(f"{what} {uri}: no such directory")
         return path
-    target = _cache_slot("models", uri)
+    target = cache_slot("models", uri)
     if not (target / marker if marker else target).exists():
         try:
             if not storage.isdir(uri):
@@ -77,7 +78,7 @@ def fetch_registered(uri: str) -> Path:
     import mlflow
 
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(_cache_slot("models", uri))))
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(cache_slot("models", uri))))
     except Exception as exc:
         raise ModelError(f"model {uri}: cannot be fetched from the MLflow registry at "
                          f"{mlflow.get_tracking_uri()} ({exc})") from exc

@@ -109,7 +109,7 @@ class SaliencyService:
                  cache: bool = True) -> dict[Key, np.ndarray | None]:
         """Maps in [0, 1] (None where M2IB found no contrast) for ``keys``."""
         from ..models.biomedclip import load_clip
-        from ..saliency.maps import TokenCache, saliency_maps
+        from ..saliency.maps import saliency_maps
 
         params = SaliencyConfig.model_validate(settings)
         what = (clip_uri, json.dumps(params.model_dump(exclude={"batch_size"}), sort_keys=True),
@@ -119,7 +119,7 @@ class SaliencyService:
             if clip_uri not in self.clips:
                 self.clips[clip_uri] = load_clip(clip_uri, self.device)
             found = saliency_maps(self.clips[clip_uri], [self.images[k] for k in missing], sentences, params,
-                                  keys=missing if cache else None, cache=self.tokens if cache else TokenCache())
+                                  keys=missing if cache else None, cache=self.tokens)
             self.computed += len(missing)
             for k, m in zip(missing, found, strict=True):
                 self.maps[(what, k)] = None if m.constant else m.values

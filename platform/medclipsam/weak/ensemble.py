@@ -11,7 +11,6 @@ their logits instead.)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ import numpy as np
 from ..errors import InputError, ModelError
 from ..io import storage
 from ..io.fetch import fetch_folder, fetch_registered
+from ..models.checkpoints import sha256_of
 from .nnunet_env import FOLD, nnunet_environment, stdout_to
 
 ENSEMBLE_FILE = "ensemble.json"
@@ -38,7 +38,7 @@ class EnsembleFolder:
     @property
     def sha256(self) -> str:
         """Identifies the weights: the hash of ensemble.json, which lists every member's SHA-256."""
-        return hashlib.sha256((self.path / ENSEMBLE_FILE).read_bytes()).hexdigest()
+        return sha256_of(str(self.path / ENSEMBLE_FILE))  # cached: every case's record names it
 
     def members(self, which: str = "cycles") -> list[str]:
         """``cycles`` (the kept epochs), ``cycles+final``, or ``final`` (nnU-Net's last checkpoint alone)."""

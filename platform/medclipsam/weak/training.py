@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..errors import InputError, ModelError
 from ..io import storage
-from ..io.fetch import CACHE_DIR
+from ..io.fetch import cache_slot
 from ..io.outputs import absolute_output
 from ..io.tracking import flatten, resolve_tracking_uri
 from .dataset import TrainingCase, export_dataset
@@ -57,7 +57,7 @@ class WeakTrainResult:
 
 def work_folder(output: str) -> Path:
     """The local folder nnU-Net works in for ``output`` (raw, preprocessed, results)."""
-    return CACHE_DIR / "weak" / hashlib.sha256(output.encode()).hexdigest()[:16]
+    return cache_slot("weak", output)
 
 
 def _prepared_key(cases: list[TrainingCase], config: WeakConfig) -> str:
