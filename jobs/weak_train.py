@@ -1,7 +1,7 @@
 r"""Ray job entry point: nnU-Net on the pseudo-labels of a pseudolabel run (the weak stage).
 
     ray job submit --working-dir . -- python jobs/weak_train.py --pseudo s3://bucket/runs/busi/ \
-        --output s3://bucket/weak/busi/ --config configs/weak.yaml --workers 4 --gpu --register busi-weak
+        --output s3://bucket/weak/busi/ --config weak --workers 4 --gpu --register busi-weak
 
 Takes exactly the options of ``medclipsam weak train`` and joins the cluster the job runs on.
 """

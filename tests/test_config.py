@@ -1,13 +1,27 @@
-"""Task configs: every shipped YAML is valid; typos and wrong types name the file and key."""
+"""Task configs: every shipped YAML is valid; typos and wrong types name the file and key; a bare
+name finds the YAMLs shipped in the package."""
 
+from importlib import resources
 from pathlib import Path
 
 import pytest
 
-from medclipsam.config import load_config
+from medclipsam.config import TaskConfig, load_config, load_model, packaged_configs, resolve_config
 from medclipsam.errors import InputError
+from medclipsam.finetune.settings import FinetuneConfig, load_finetune_config
+from medclipsam.weak.settings import WeakConfig, load_weak_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"  # a link to platform/medclipsam/configs, the package data
+PACKAGED = Path(str(resources.files("medclipsam").joinpath("configs")))
+TASK_NAMES = [n for n in packaged_configs() if n != "finetune" and not n.startswith("weak")]
+
+
+def _model_of(name: str) -> type:
+    """Which settings model a shipped YAML is for (README: finetune.yaml and weak*.yaml are not task configs)."""
+    if name == "finetune":
+        return FinetuneConfig
+    return WeakConfig if name.startswith("weak") else TaskConfig
 
 
 def test_shipped_configs_load():
@@ -47,3 +61,61 @@ def test_bad_configs(tmp_path, text, message):
 def test_missing_config(tmp_path):
     with pytest.raises(InputError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_packaged_configs_are_the_checkout_configs():
+    # configs/ at the repository root is a link to the package data, so both spellings are one file set
+    assert CONFIGS.is_symlink() and CONFIGS.resolve() == PACKAGED.resolve()
+    names = sorted(p.stem for p in PACKAGED.glob("*.yaml"))
+    assert packaged_configs() == names
+    assert {"demo", "breast_ultrasound", "finetune", "weak", "weak_cpu_smoke"} <= set(names)
+
+
+@pytest.mark.parametrize("name", packaged_configs())
+def test_every_packaged_config_loads_with_its_model(name):
+    model = _model_of(name)
+    by_name = load_model(name, model)
+    assert isinstance(by_name, model)
+    assert by_name == load_model(PACKAGED / f"{name}.yaml", model) == load_model(f"{name}.yaml", model)
+    # the commands' own loaders take the same names
+    loader = {FinetuneConfig: load_finetune_config, WeakConfig: load_weak_config, TaskConfig: load_config}[model]
+    assert loader(name) == by_name
+    if model is TaskConfig:
+        assert by_name.task  # a task config names its task
+    else:  # and the other YAMLs are not task configs: they fail that model, naming the name
+        with pytest.raises(InputError, match=rf"^{name}: invalid configuration"):
+            load_config(name)
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_bare_name_is_the_packaged_file(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the name is looked up in the package, not next to the working directory
+    from_file = load_config(CONFIGS / f"{name}.yaml")
+    assert load_config(name) == from_file
+    assert load_config(f"{name}.yaml") == from_file
+    resolved = resolve_config(name)
+    assert Path(resolved).resolve() == (PACKAGED / f"{name}.yaml").resolve()
+    assert load_config(resolved) == from_file
+
+
+def test_resolve_keeps_paths_and_uris(tmp_path, monkeypatch):
+    for uri in ("s3://bucket/configs/breast_ultrasound.yaml", "configs/breast_ultrasound.yaml",
+                str(tmp_path / "breast_ultrasound.yaml")):
+        assert resolve_config(uri) == uri
+    # a bare name that is a file in the working directory is that file, not the packaged one
+    monkeypatch.chdir(tmp_path)
+    Path("breast_ultrasound.yaml").write_text("task: my_own\n")
+    assert resolve_config("breast_ultrasound.yaml") == "breast_ultrasound.yaml"
+    assert load_config("breast_ultrasound.yaml").task == "my_own"
+    assert load_config("breast_ultrasound").task == "breast_ultrasound"
+
+
+@pytest.mark.parametrize("name", ["breast_ultrasund", "nope.yaml"])
+def test_unknown_name_lists_the_packaged_configs(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for call in (lambda: load_config(name), lambda: resolve_config(name), lambda: load_weak_config(name)):
+        with pytest.raises(InputError) as info:
+            call()
+        message = str(info.value)
+        assert message.startswith(f"{name}: config file not found")
+        assert all(n in message for n in packaged_configs())

@@ -3,7 +3,8 @@
 The validated sections are what the stages receive (``ImageConfig`` by the slicing, ``SaliencyConfig``
 by M2IB, ``SamConfig`` by SAM, ...): there is no second set of parameter classes to convert to.
 Unknown keys and wrong types are errors that name the file and the key, so a typo never silently
-falls back to a default.
+falls back to a default. The shipped YAMLs are package data (``medclipsam/configs/``): a bare name
+such as ``breast_ultrasound`` finds them in any installation, a checkout or a wheel.
 
 May import: ``io`` (to read YAML from any URI) and ``errors``; it sits below ``ops`` and ``models``,
 which take their names (windows, merge methods, backends) from here, and imports nothing heavy.
@@ -11,6 +12,8 @@ which take their names (windows, merge methods, backends) from here, and imports
 
 from __future__ import annotations
 
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
@@ -190,11 +193,49 @@ def parse_model(data: object, model: type[M], source: str = "<config>") -> M:
         raise InputError(f"{source}: invalid configuration: {problems}") from None
 
 
+_PACKAGE = "medclipsam"  # its configs/ folder holds the shipped YAMLs (package data)
+
+
+def packaged_configs() -> list[str]:
+    """The names of the configs shipped in the package, sorted (``breast_ultrasound``, ``weak``, ...)."""
+    folder = resources.files(_PACKAGE).joinpath("configs")
+    return sorted(entry.name.removesuffix(".yaml") for entry in folder.iterdir()
+                  if entry.is_file() and entry.name.endswith(".yaml"))
+
+
+def _is_bare_name(uri: str) -> bool:
+    return bool(uri) and "/" not in uri and "\\" not in uri and not Path(uri).is_file()
+
+
+def packaged_config(name: str) -> Traversable:
+    """The shipped config file called ``name`` (``breast_ultrasound`` or ``breast_ultrasound.yaml``)."""
+    stem = name.removesuffix(".yaml")
+    names = packaged_configs()
+    if stem not in names:
+        raise InputError(f"{name}: config file not found, and no config of that name ships with medclipsam "
+                         f"(packaged: {', '.join(names)})")
+    return resources.files(_PACKAGE).joinpath("configs", f"{stem}.yaml")
+
+
+def resolve_config(uri: str | Path) -> str:
+    """The path or URI a ``--config`` value means.
+
+    A bare name (no ``/``, so no URI scheme, and not an existing file) is the packaged config of that
+    name, anything else is returned as given. An unknown bare name is an InputError listing the
+    packaged names.
+    """
+    uri = str(uri)
+    return str(packaged_config(uri)) if _is_bare_name(uri) else uri
+
+
 def load_model(uri: str | Path, model: type[M]) -> M:
-    """Read a YAML file from a path or URI and validate it against a settings model."""
+    """Read a YAML file from a path, a URI or a packaged config's name and validate it against a settings model."""
     uri = str(uri)
     try:
-        text = storage.read_bytes(uri).decode("utf-8")
+        if _is_bare_name(uri):
+            text = packaged_config(uri).read_text(encoding="utf-8")
+        else:
+            text = storage.read_bytes(uri).decode("utf-8")
     except FileNotFoundError:
         raise InputError(f"{uri}: config file not found") from None
     try:
@@ -209,5 +250,5 @@ def parse_config(data: object, source: str = "<config>") -> TaskConfig:
 
 
 def load_config(uri: str | Path) -> TaskConfig:
-    """Read and validate a task YAML from a path or URI."""
+    """Read and validate a task YAML from a path, a URI or a packaged config's name (``breast_ultrasound``)."""
     return load_model(uri, TaskConfig)

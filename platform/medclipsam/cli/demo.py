@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from ..config import TaskConfig
 from ..errors import MedClipSamError
 from .common import CaseProgress, fail, print_scores, sam_options, start_ray, summarise_run, task_config
 
@@ -29,9 +28,7 @@ def demo(output: str, cache_dir: str | None, clip_model: str | None, address: st
 
     progress = CaseProgress(every_case=True)
     try:
-        if config_path is None and DEMO_CONFIG.is_file():
-            config_path = str(DEMO_CONFIG)
-        config = task_config(config_path, TaskConfig(task="demo"), **overrides)
+        config = task_config(config_path or DEMO_CONFIG, **overrides)
         job, problem = demo_job(config, output, Path(cache_dir) if cache_dir else None, clip_model)
         if problem:
             click.echo(f"BiomedCLIP is not available ({problem}): running the same Ray pipeline with box prompts "

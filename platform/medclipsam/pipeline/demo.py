@@ -18,13 +18,13 @@ from ..models.biomedclip import hub_problem
 from .job import Job
 from .slices import SOURCE_LABELS, SOURCE_TEXT
 
-CONFIGS = Path(__file__).resolve().parents[3] / "configs"
-DEMO_CONFIG = CONFIGS / "demo.yaml"
-# Which task config's prompts fit which sample volume (by case_id prefix).
-SAMPLE_TASKS = {"brain": "brain_tumor_mri.yaml", "breast": "breast_mri.yaml", "lung": "lung_nodule_ct.yaml"}
+# The demo's settings and, by case_id prefix, the task config whose prompts fit each sample volume:
+# names of configs shipped in the package (medclipsam/configs/), so an installed wheel finds them.
+DEMO_CONFIG = "demo"
+SAMPLE_TASKS = {"brain": "brain_tumor_mri", "breast": "breast_mri", "lung": "lung_nodule_ct"}
 
 
-def demo_cohort_csv(samples: Path, configs: Path = CONFIGS) -> str:
+def demo_cohort_csv(samples: Path) -> str:
     """A cohort manifest of the sample volumes: uri, gt_uri, and the fitting task config's prompts."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -32,7 +32,7 @@ def demo_cohort_csv(samples: Path, configs: Path = CONFIGS) -> str:
     labels = list_cases(str(samples / "labels"))
     for case_id, uri in list_cases(str(samples / "images")).items():
         task = next((name for prefix, name in SAMPLE_TASKS.items() if case_id.startswith(prefix)), None)
-        config = load_config(configs / task) if task else None
+        config = load_config(task) if task else None
         prompts = config.text.prompts if config and config.text else []
         writer.writerow([case_id, uri, labels.get(case_id, ""), json.dumps(prompts) if prompts else ""])
     return buffer.getvalue()
