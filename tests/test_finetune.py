@@ -18,6 +18,7 @@ from medclipsam.finetune.data import clip_pixels
 from medclipsam.finetune.retrieval import retrieval_metrics
 from medclipsam.finetune.settings import FinetuneConfig
 from medclipsam.models.biomedclip import load_clip
+from medclipsam.models.checkpoints import sha256_of
 
 
 def held_out_retrieval(clip, pairs_csv):
@@ -50,7 +51,7 @@ def test_finetune_learns_resumes_and_registers(tmp_path, ray_session, tiny_clip_
         "loss": {"name": "dhn_nce", "temperature": 0.1},
         "optim": {"epochs": 6, "batch_size": 8, "lr": 1e-3, "warmup_fraction": 0.1},
         "freeze": {"text_layers": 6}, "eval": {"batch": 50, "shuffles": 2},
-        "registry": {"tracking_uri": tracking, "model_name": "tiny-dhnnce", "alias": "champion"},
+        "registry": {"tracking_uri": tracking, "model_name": "tiny-dhnnce"},
     })
     from medclipsam.finetune.trainer import run_finetune
 
@@ -74,8 +75,15 @@ def test_finetune_learns_resumes_and_registers(tmp_path, ray_session, tiny_clip_
     assert losses[-1] < losses[0]
     params = client.get_run(result.run_id).data.params
     assert params["loss.name"] == "dhn_nce" and params["optim.epochs"] == "6"
-    version = client.get_model_version_by_alias("tiny-dhnnce", "champion")
-    assert str(version.version) == result.version and "loss" in version.tags
+    # Registered, but no alias moved: that is the promotion gate's decision
+    assert client.get_registered_model("tiny-dhnnce").aliases == {}
+    version = client.get_model_version("tiny-dhnnce", result.version)
+    assert version.tags["medclipsam.kind"] == "clip" and "loss" in version.tags
+    assert version.tags["medclipsam.weights_sha256"] == sha256_of(
+        str(Path(result.checkpoint_dir) / "model" / "open_clip_pytorch_model.bin"))
+    from medclipsam.registry import gate
+
+    gate.promote(client, gate.Request("tiny-dhnnce", result.version, force=True, reason="first model"), None)
 
     import mlflow
 
@@ -106,7 +114,9 @@ def test_finetune_learns_resumes_and_registers(tmp_path, ray_session, tiny_clip_
     assert run.exit_code == 0, run.output
     rows = pq.read_table(tmp_path / "segmented" / "manifest.parquet").to_pylist()
     assert [r["status"] for r in rows] == ["ok", "ok"]
-    assert {(r["clip_model"], r["clip_sha256"]) for r in rows} == {("models:/tiny-dhnnce@champion", registered.sha256)}
+    # the alias was resolved once, at the start: the manifest names the version
+    assert {(r["clip_model"], r["clip_sha256"]) for r in rows} == {(f"models:/tiny-dhnnce/{result.version}",
+                                                                    registered.sha256)}
 
 
 def test_unusable_pairs_are_an_error(tmp_path, ray_session, tiny_clip_dir):

@@ -73,3 +73,7 @@ def test_finetune_config_validation(tmp_path):
     bad.write_text("loss: {name: triplet}\n")
     with pytest.raises(InputError, match=r"loss\.name"):
         load_finetune_config(str(bad))
+    old = tmp_path / "old.yaml"  # configs written before the promotion gate moved aliases
+    old.write_text("registry: {model_name: m, alias: champion}\n")
+    with pytest.raises(InputError, match=r"registry\.alias is no longer read.*medclipsam models promote"):
+        load_finetune_config(str(old))

@@ -303,3 +303,68 @@ def test_read_and_write_tasks_load_no_model_code(cohort, ray_session, tmp_path):
     assert records[0]["dsc"] == pytest.approx(dice(expected, truth.array > 0))
     # A shift of 2 pixels (spacing < 1 mm in-plane) keeps every boundary voxel within 2 mm.
     assert 0.0 < records[0]["hd95"] <= 2 * max(truth.spacing[:2]) + 1e-6
+
+
+def test_registered_pipeline_reproduces_its_run(tmp_path, ray_session, tracking_uri, tiny_clip_dir):
+    """``models register-pipeline`` pins the CLIP alias to its version; ``pseudolabel --pipeline`` then
+    reproduces the run's masks exactly, even after the CLIP alias has moved to other weights, and
+    refuses to run once a pinned weights file has changed."""
+    import shutil
+
+    import yaml
+    from disc_cohort import disc_images
+    from mlflow import MlflowClient
+    from registry_models import register_clip
+    from tiny_clip import save_tiny_biomedclip
+
+    from medclipsam.registry import gate
+
+    client = MlflowClient(tracking_uri)
+    sam = tmp_path / "litemedsam.pth"  # a copy of the SAM weights, so that the test can change them
+    from medclipsam.models.sam_backends import BACKENDS
+
+    shutil.copy(BACKENDS["litemedsam"].default_checkpoint(), sam)
+    assert register_clip(tiny_clip_dir, "discs-clip", tracking_uri) == "1"
+    gate.promote(client, gate.Request("discs-clip", "1", force=True, reason="test"), None)
+    data = disc_images(tmp_path / "data", 3, size=64, seed=5)
+    task = tmp_path / "task.yaml"
+    task.write_text(yaml.safe_dump({"task": "discs", "saliency": {"steps": 2, "copies": 2},
+                                    "sam": {"backend": "litemedsam", "checkpoint": str(sam)},
+                                    "text": {"prompts": ["a bright round disc"],
+                                             "clip_model": "models:/discs-clip@champion"}}))
+    common = ["--input", str(data / "images"), "--tracking-uri", tracking_uri]
+    first = CliRunner().invoke(main, ["pseudolabel", "--config", str(task), "--output", str(tmp_path / "a"), *common])
+    assert first.exit_code == 0, first.output
+    registered = CliRunner().invoke(main, ["models", "register-pipeline", "discs-pipeline", "--config", str(task),
+                                           "--tracking-uri", tracking_uri])
+    assert registered.exit_code == 0, registered.output
+    assert "CLIP: models:/discs-clip/1" in registered.output
+    assert "registered models:/discs-pipeline/1" in registered.output
+    gate.promote(client, gate.Request("discs-pipeline", "1", force=True, reason="test"), None)
+
+    # The CLIP alias moves on to other weights: the pipeline still runs version 1
+    assert register_clip(save_tiny_biomedclip(tmp_path / "other-clip", seed=7), "discs-clip", tracking_uri) == "2"
+    gate.promote(client, gate.Request("discs-clip", "2", force=True, reason="test"), None)
+    second = CliRunner().invoke(main, ["pseudolabel", "--pipeline", "models:/discs-pipeline@champion",
+                                       "--output", str(tmp_path / "b"), *common])
+    assert second.exit_code == 0, second.output
+    rows = {o: {r["case_id"]: r for r in pq.read_table(tmp_path / o / "manifest.parquet").to_pylist()}
+            for o in ("a", "b")}
+    assert sorted(rows["a"]) == sorted(rows["b"]) == ["c0", "c1", "c2"]
+    for case, row in rows["b"].items():
+        assert row["status"] == rows["a"][case]["status"] == "ok"
+        assert row["clip_model"] == "models:/discs-clip/1" and row["clip_sha256"] == rows["a"][case]["clip_sha256"]
+        assert np.array_equal(read_mask(row["mask_uri"]).array, read_mask(rows["a"][case]["mask_uri"]).array)
+    pins = json.loads((tmp_path / "b" / "run.json").read_text())["models"]
+    assert [(p["role"], p["uri"], p["version"]) for p in pins] == [
+        ("pipeline", "models:/discs-pipeline/1", "1"), ("clip", "models:/discs-clip/1", "1")]
+
+    # Options that would change the pipeline are refused; changed weights stop it before any work
+    mixed = CliRunner().invoke(main, ["pseudolabel", "--pipeline", "models:/discs-pipeline/1", "--config", str(task),
+                                      "--output", str(tmp_path / "c"), *common])
+    assert mixed.exit_code == 2 and "--pipeline brings its own config and models: drop --config" in mixed.output
+    sam.write_bytes(sam.read_bytes()[:-8] + b"\0" * 8)
+    changed = CliRunner().invoke(main, ["pseudolabel", "--pipeline", "models:/discs-pipeline/1",
+                                        "--output", str(tmp_path / "d"), *common])
+    assert changed.exit_code == 2 and "cannot be reproduced" in changed.output, changed.output
+    assert not (tmp_path / "d").exists()

@@ -43,7 +43,8 @@ def _config(tracking: str) -> WeakConfig:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, ray_session, mlflow_template):
-    """One training run, killed after epoch 2 and resumed by Ray Train, registered as weak-test@champion."""
+    """One training run, killed after epoch 2 and resumed by Ray Train, registered as weak-test (then given
+    @champion by a forced promotion)."""
     from medclipsam.weak.training import run_weak_training
 
     root = tmp_path_factory.mktemp("weak")
@@ -56,10 +57,20 @@ def trained(tmp_path_factory, ray_session, mlflow_template):
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"  # the controller sees each report at once
     try:
         result = run_weak_training(cases, skipped, str(root / "run"), config, "test", register="weak-test",
-                                   alias="champion", callbacks=[KillWorkersOnce(epoch=2, marker=marker)],
-                                   work=root / "work")
+                                   callbacks=[KillWorkersOnce(epoch=2, marker=marker)], work=root / "work")
     finally:
         os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
+    from mlflow import MlflowClient
+
+    from medclipsam.models.checkpoints import sha256_of
+    from medclipsam.registry import gate
+
+    client = MlflowClient(tracking)
+    assert client.get_registered_model("weak-test").aliases == {}  # training moves no alias
+    tags = client.get_model_version("weak-test", result.version).tags
+    assert tags["medclipsam.kind"] == "weak-ensemble"
+    assert tags["medclipsam.weights_sha256"] == sha256_of(str(root / "run" / "ensemble" / "ensemble.json"))
+    gate.promote(client, gate.Request("weak-test", result.version, force=True, reason="first ensemble"), None)
     return {"root": root, "data": data, "config": config, "tracking": tracking, "result": result, "marker": marker}
 
 
@@ -150,6 +161,10 @@ def test_weak_predict_from_the_registry(trained, tmp_path):
                                        "--save-maps", "--tracking-uri", trained["tracking"]])
     assert result.exit_code == 0, result.output
     assert "9 case(s): ok=9 (0 done earlier, 9 now" in result.output
+    version = trained["result"].version
+    recorded = json.loads((out / "run.json").read_text())["model"]
+    assert recorded["requested"] == "models:/weak-test@champion" and recorded["version"] == version
+    assert recorded["uri"] == f"models:/weak-test/{version}"
     rows = {r["case_id"]: r for r in pq.read_table(out / "manifest.parquet").to_pylist()}
     assert sorted(rows) == sorted([f"c{i}" for i in range(8)] + ["stack"])
     for case, row in rows.items():
@@ -159,7 +174,8 @@ def test_weak_predict_from_the_registry(trained, tmp_path):
         entropy = np.load(out / "entropy" / f"{case}.npy")
         np.testing.assert_allclose(entropy, binary_entropy(p), atol=1e-6)
         assert row["uncertainty"] == pytest.approx(case_uncertainty(entropy, mask), rel=1e-6)
-        assert row["backend"] == "nnunet-ensemble" and row["checkpoint"] == "models:/weak-test@champion"
+        # the alias was resolved once, at the start: the manifest names the version
+        assert row["backend"] == "nnunet-ensemble" and row["checkpoint"] == f"models:/weak-test/{version}"
     stack = read_mask(rows["stack"]["mask_uri"])
     assert stack.array.shape == (3, 64, 64) and stack.spacing == pytest.approx((1.0, 1.0, 2.5))
     assert stack.origin == pytest.approx((4.0, -3.0, 10.0))
@@ -168,3 +184,30 @@ def test_weak_predict_from_the_registry(trained, tmp_path):
     rerun = CliRunner().invoke(main, ["weak", "predict", "--model", "models:/weak-test@champion", "--input",
                                       str(cohort), "--output", str(out), "--tracking-uri", trained["tracking"]])
     assert rerun.exit_code == 0 and "(9 done earlier, 0 now" in rerun.output
+
+
+def test_gate_scores_an_ensemble_through_weak_predict(trained, tmp_path):
+    """The promotion gate on the weak-ensemble kind: the same ensemble registered again ties with the
+    holder (kept, exit 3), and the recorded score is weak predict's mean DSC on the set."""
+    import math
+
+    from mlflow import MlflowClient
+
+    from medclipsam.weak.predict import run_weak_predict
+    from medclipsam.weak.training import register_ensemble
+
+    result, tracking, data = trained["result"], trained["tracking"], trained["data"]
+    copy = register_ensemble(result.ensemble_uri, result.run_id, "weak-test", {})
+    promoted = CliRunner().invoke(main, ["models", "promote", "weak-test", "--version", copy, "--eval-set", str(data),
+                                         "--margin", "0", "--work-dir", str(tmp_path / "evals"),
+                                         "--tracking-uri", tracking])
+    assert promoted.exit_code == 3, promoted.output
+    assert f"kept: weak-test@champion -> v{result.version}" in promoted.output
+    client = MlflowClient(tracking)
+    tags = client.get_model_version("weak-test", copy).tags
+    candidate = float(tags["medclipsam.promotion.champion.candidate_dsc"])
+    assert candidate == float(tags["medclipsam.promotion.champion.holder_dsc"])  # same weights: a tie
+    direct = run_weak_predict(result.ensemble_uri, str(data / "images"), str(tmp_path / "direct"), WeakConfig(),
+                              str(data / "labels"), runner="local")  # the gate's settings: no --config given
+    expected = sum(r.dsc if math.isfinite(r.dsc) else 0.0 for r in direct.records) / 8
+    assert candidate == pytest.approx(expected, abs=1e-6) and expected > 0.6

@@ -14,6 +14,7 @@ from .data import data
 from .demo import demo
 from .evaluate import evaluate
 from .finetune import finetune
+from .models import models
 from .pseudolabel import pseudolabel, report
 from .segment import segment
 from .tune import tune
@@ -34,7 +35,7 @@ def main(context: click.Context, verbose: bool) -> None:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # our own progress only
 
 
-for command in (segment, evaluate, finetune, data, pseudolabel, report, tune, weak, demo):
+for command in (segment, evaluate, finetune, data, pseudolabel, report, tune, weak, models, demo):
     main.add_command(command)
 
 

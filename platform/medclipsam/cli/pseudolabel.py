@@ -36,6 +36,10 @@ from .common import (
               help="Stage attribution (text mode, with ground truth): also the DSC of each case's coarse mask "
                    "and of SAM prompted with the truth's boxes (same image embeddings), in the manifest "
                    "(dsc_coarse, dsc_oracle) and the report.")
+@click.option("--pipeline", "pipeline_uri", default=None,
+              help="A registered pipeline (models:/NAME@alias or /VERSION, from `medclipsam models "
+                   "register-pipeline`): its config and pinned models, exactly; replaces --config, --clip-model and "
+                   "the SAM options.")
 @click.option("--address", default=None,
               help="Ray cluster address (ray://host:10001 or auto) [default: the job's cluster, else a local Ray].")
 @click.option("--tracking-uri", default=None,
@@ -45,9 +49,8 @@ from .common import (
 @strict_option
 @sam_options
 def pseudolabel(input_uri: str, output: str, gt_uri, text_prompts, clip_model, prompt_source: str,
-                save_saliency: bool | None, attribution: bool, address, tracking_uri, experiment, strict: bool,
-                config_path,
-                **overrides) -> None:
+                save_saliency: bool | None, attribution: bool, pipeline_uri, address, tracking_uri, experiment,
+                strict: bool, config_path, **overrides) -> None:
     """Pseudo-label a cohort on Ray Data: saliency and SAM actor pools, resumable, tracked in MLflow.
 
     Cases already completed under --output are skipped, so a killed run continues where it stopped.
@@ -55,12 +58,24 @@ def pseudolabel(input_uri: str, output: str, gt_uri, text_prompts, clip_model, p
     from ..pipeline.job import Job
     from ..pipeline.run import run_job
 
+    if pipeline_uri:
+        given = [f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None]
+        given += [name for name, value in (("--config", config_path), ("--clip-model", clip_model),
+                                           ("--prompt", text_prompts)) if value]
+        if given or prompt_source != "text":
+            fail(f"--pipeline brings its own config and models: drop {', '.join(given) or '--prompt-source labels'}")
     progress = CaseProgress()
     try:
-        config = task_config(config_path, pipeline={"save_saliency": save_saliency or None},
-                             tracking={"uri": tracking_uri, "experiment": experiment}, **overrides)
+        pins = ()
+        if pipeline_uri:
+            config, pins = _registered_pipeline(pipeline_uri, tracking_uri)
+            config = task_config(None, config, pipeline={"save_saliency": save_saliency or None},
+                                 tracking={"uri": tracking_uri, "experiment": experiment})
+        else:
+            config = task_config(config_path, pipeline={"save_saliency": save_saliency or None},
+                                 tracking={"uri": tracking_uri, "experiment": experiment}, **overrides)
         job = Job(config, input_uri, output, prompt_source, gt_uri, tuple(text_prompts), clip_model,
-                  attribution=attribution)
+                  attribution=attribution, pins=pins)
         result = run_job(job, "ray", progress, connect=lambda: start_ray(address))
     except MedClipSamError as exc:
         fail(str(exc))
@@ -68,6 +83,19 @@ def pseudolabel(input_uri: str, output: str, gt_uri, text_prompts, clip_model, p
         progress.close()
     summarise_run(result)
     exit_for_errors(result.counts, len(result.records), strict)
+
+
+def _registered_pipeline(uri: str, tracking_uri: str | None):
+    """The pipeline's config (its models pinned, their weights checked) and its pin for the run's record."""
+    import mlflow
+
+    from ..io.registry import ModelPin
+    from ..io.tracking import resolve_tracking_uri
+    from ..registry.pipelines import load_pipeline
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    pipeline = load_pipeline(uri)
+    return pipeline.config, (ModelPin("pipeline", uri, pipeline.ref.uri, pipeline.ref.version),)
 
 
 @click.command()

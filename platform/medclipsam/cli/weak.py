@@ -49,8 +49,9 @@ def _weak_config(config_path: str | None, **overrides):
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
               help="Ray Train workers, one GPU each (nnU-Net's DDP); more than one needs --gpu.")
 @click.option("--gpu", is_flag=True, help="Train on GPUs.")
-@click.option("--register", default=None, help="Register the ensemble in MLflow under this model name.")
-@click.option("--alias", default=None, help="With --register: point this alias (e.g. champion) at the new version.")
+@click.option("--register", default=None,
+              help="Register the ensemble in MLflow under this model name (a new version; `medclipsam models "
+                   "promote` moves champion to it if it wins).")
 @click.option("--work-dir", default=None,
               help="Local folder for nnU-Net's raw, preprocessed and results folders (kept for a rerun) "
                    "[default: ~/.cache/medclipsam/weak/<hash of --output>].")
@@ -58,7 +59,7 @@ def _weak_config(config_path: str | None, **overrides):
 @click.option("--tracking-uri", default=None,
               help="MLflow tracking URI [default: the config's, $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db].")
 def train(pseudo, images, labels, output, config_path, epochs, cycles, keep_per_cycle, iterations_per_epoch,
-          min_mask_pixels, workers, gpu, register, alias, work_dir, address, tracking_uri) -> None:
+          min_mask_pixels, workers, gpu, register, work_dir, address, tracking_uri) -> None:
     """Train nnU-Net (2d, fold all) with a cyclic lr on pseudo-labels and keep the checkpoint ensemble."""
     if (pseudo is None) == (images is None):
         fail("give either --pseudo RUN_OUTPUT or --images DIR with --labels DIR")
@@ -66,8 +67,6 @@ def train(pseudo, images, labels, output, config_path, epochs, cycles, keep_per_
         fail("--images needs --labels (the masks to train on, paired by case_id)")
     if workers > 1 and not gpu:
         fail("--workers > 1 needs --gpu: nnU-Net's data parallelism is one GPU per worker")
-    if alias and not register:
-        fail("--alias needs --register NAME")
     from ..weak.dataset import cases_from_folders, cases_from_pseudo
     from ..weak.training import run_weak_training
 
@@ -80,7 +79,7 @@ def train(pseudo, images, labels, output, config_path, epochs, cycles, keep_per_
         if not cases:
             fail(f"{pseudo or images}: no training cases ({len(skipped)} skipped)")
         result = run_weak_training(cases, skipped, output, config, pseudo or f"{images} + {labels}", workers, gpu,
-                                   register, alias, progress=lambda line: click.echo(line, err=True),
+                                   register, progress=lambda line: click.echo(line, err=True),
                                    connect=lambda: start_ray(address),
                                    work=Path(work_dir).resolve() if work_dir else None)
     except MedClipSamError as exc:
@@ -93,7 +92,8 @@ def train(pseudo, images, labels, output, config_path, epochs, cycles, keep_per_
     click.echo(f"ensemble: {result.ensemble_uri} ({len(result.members)} cycle members + checkpoint_final); "
                f"MLflow run {result.run_id}")
     if result.model_uri:
-        click.echo(f"registered {result.model_uri}{f' (alias @{alias})' if alias else ''}")
+        click.echo(f"registered {result.model_uri}; promote it with: medclipsam models promote {register} "
+                   f"--version {result.version} --eval-set LABELLED_SET")
 
 
 @weak.command()

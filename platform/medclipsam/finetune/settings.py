@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..config import BIOMEDCLIP_HUB, StrictModel, load_model
 
@@ -47,10 +47,20 @@ class EvalSettings(StrictModel):
 
 
 class RegistrySettings(StrictModel):
+    """Where the fine-tuned model is registered. A new version moves no alias: ``medclipsam models
+    promote`` moves ``champion`` once the version wins on a labelled evaluation set."""
+
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
     experiment: str = "medclipsam-finetune"
     model_name: str = "biomedclip-dhnnce"
-    alias: str | None = "champion"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_alias(cls, data: object) -> object:
+        if isinstance(data, dict) and "alias" in data:
+            raise ValueError("registry.alias is no longer read: fine-tuning registers a version and moves no "
+                             "alias; promote it with `medclipsam models promote NAME --version V --eval-set URI`")
+        return data
 
 
 class FinetuneConfig(StrictModel):

@@ -23,8 +23,9 @@ import torch
 
 from ..errors import InputError
 from ..io import storage
+from ..io.registry import KIND_CLIP, KIND_TAG, SHA_TAG
 from ..io.tracking import flatten, resolve_tracking_uri
-from ..models.biomedclip import load_clip, save_clip
+from ..models.biomedclip import clip_weights_sha256, load_clip, save_clip
 from .losses import contrastive_loss, gather_features
 from .pairs import read_pairs, split_pairs
 from .retrieval import retrieval_metrics
@@ -269,7 +270,8 @@ def run_finetune(config: FinetuneConfig, pairs_uri: str, workers: int = 1, use_g
 
 
 def register_model(model_dir: Path, run_id: str, config: FinetuneConfig, metrics: dict) -> str:
-    """Log the model folder to the run and register it as a new version (with its metrics as tags)."""
+    """Log the model folder to the run and register it as a new version, with its metrics, kind and
+    weights' hash as tags. No alias moves: the promotion gate decides that."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -283,8 +285,8 @@ def register_model(model_dir: Path, run_id: str, config: FinetuneConfig, metrics
         )
     version = str(info.registered_model_version)
     client = MlflowClient()
-    for key, value in metrics.items():
-        client.set_model_version_tag(config.registry.model_name, version, key, str(value))
-    if config.registry.alias:
-        client.set_registered_model_alias(config.registry.model_name, config.registry.alias, version)
+    tags = {**{k: str(v) for k, v in metrics.items()}, KIND_TAG: KIND_CLIP,
+            SHA_TAG: clip_weights_sha256(str(model_dir))}
+    for key, value in tags.items():
+        client.set_model_version_tag(config.registry.model_name, version, key, value)
     return version

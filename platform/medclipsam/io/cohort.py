@@ -112,3 +112,16 @@ def read_cohort(input_uri: str, gt_uri: str | None = None) -> list[CohortCase]:
         cases = [c if c.gt_uri else CohortCase(c.case_id, c.uri, c.prompts, truths.get(c.case_id, ""))
                  for c in cases]
     return cases
+
+
+def read_labelled_cohort(input_uri: str, gt_uri: str | None, purpose: str) -> list[CohortCase]:
+    """``read_cohort``, for work that scores every case: no cases, or a case without its ground
+    truth, is an InputError that says what needed it (``purpose``)."""
+    cases = read_cohort(input_uri, gt_uri)
+    if not cases:
+        raise InputError(f"{input_uri}: no cases")
+    unlabelled = [c.case_id for c in cases if not c.gt_uri]
+    if unlabelled:
+        raise InputError(f"{purpose} scores every case against its truth; no ground truth for "
+                         f"{', '.join(unlabelled[:5])} (give --gt, labels/, or a gt_uri column)")
+    return cases

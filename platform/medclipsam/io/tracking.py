@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -30,3 +31,8 @@ def flatten(settings: dict, prefix: str = "") -> dict[str, str]:
         else:
             flat[name] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
     return flat
+
+
+def redact_uri(uri: str) -> str:
+    """``https://user:secret@host/...`` -> ``https://user:***@host/...``: URIs that reach logs and records."""
+    return re.sub(r"^([a-z][a-z0-9+.-]*://[^/:@]*):[^/@]*@", r"\1:***@", uri, flags=re.IGNORECASE)

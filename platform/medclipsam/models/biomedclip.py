@@ -150,6 +150,18 @@ def load_clip(uri: str = BIOMEDCLIP_HUB, device: str = "cpu") -> ClipModel:
     )
 
 
+def clip_weights_sha256(uri: str) -> str:
+    """SHA-256 of a model's weights file, without building the model (a registry run records it first)."""
+    if uri.startswith("hf-hub:"):
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return sha256_of(hf_hub_download(uri.removeprefix("hf-hub:"), "open_clip_pytorch_model.bin"))
+        except Exception as exc:
+            raise ModelError(f"model {uri}: cannot be fetched ({str(exc)[:200]}). {OFFLINE_HELP}") from exc
+    return sha256_of(str(_weights_file(_local_dir(uri))))
+
+
 def _registered_dir(uri: str) -> Path:
     """``models:/name@alias`` or ``models:/name/version``: the folder of the registered model."""
     found = sorted(fetch_registered(uri).rglob("open_clip_config.json"))

@@ -206,8 +206,7 @@ BACKENDS: dict[str, BackendSpec] = {
 }
 
 
-def build_segmenter(backend: str, checkpoint: str | None = None, device: str = "cpu") -> PromptableSegmenter:
-    """Build a backend by name and load its weights from a path or URI."""
+def _checkpoint_of(backend: str, checkpoint: str | None) -> str:
     if backend not in BACKENDS:
         raise ModelError(f"unknown SAM backend '{backend}'; choose from {', '.join(sorted(BACKENDS))}")
     spec = BACKENDS[backend]
@@ -215,6 +214,18 @@ def build_segmenter(backend: str, checkpoint: str | None = None, device: str = "
         if spec.default_checkpoint is None:
             raise ModelError(f"backend '{backend}' needs --checkpoint PATH_OR_URI ({spec.note})")
         checkpoint = spec.default_checkpoint()
+    return checkpoint
+
+
+def checkpoint_sha256(backend: str, checkpoint: str | None = None) -> str:
+    """SHA-256 of the weights a backend would load (its default checkpoint when none is given)."""
+    return sha256_of(resolve_checkpoint(_checkpoint_of(backend, checkpoint)))
+
+
+def build_segmenter(backend: str, checkpoint: str | None = None, device: str = "cpu") -> PromptableSegmenter:
+    """Build a backend by name and load its weights from a path or URI."""
+    checkpoint = _checkpoint_of(backend, checkpoint)
+    spec = BACKENDS[backend]
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as exc:

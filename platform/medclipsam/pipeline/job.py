@@ -11,6 +11,7 @@ from ..config import BIOMEDCLIP_HUB, TaskConfig
 from ..errors import InputError
 from ..io.cohort import CohortCase, read_cohort
 from ..io.outputs import absolute_output
+from ..io.registry import ModelPin
 from ..prompts.csv_prompts import check_case_ids, read_box_rows, read_point_rows
 from .assembly import AssemblySettings
 from .slices import SOURCE_FILES, SOURCE_LABELS, SOURCE_TEXT, SOURCES, CaseTask, rows_to_json
@@ -31,6 +32,7 @@ class Job:
     points_csv: str | None = None
     save_intermediates: bool = False  # saliency maps, coarse masks and prompts of every case
     attribution: bool = False  # also the DSC of the coarse mask and of SAM prompted by the truth's boxes
+    pins: tuple[ModelPin, ...] = ()  # models pinned by the caller (a registered pipeline), recorded with the run
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:

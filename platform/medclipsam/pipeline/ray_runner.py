@@ -18,6 +18,7 @@ import numpy as np
 
 from ..config import ActorPoolConfig, CoarseMaskConfig, SaliencyConfig, SamConfig, VisualPromptConfig
 from ..io.manifest import CaseRecord, record_from_dict
+from ..io.tracking import resolve_tracking_uri
 from .cpu_tasks import read_case, write_slice
 from .job import Job
 from .pools import pool_sizes
@@ -64,9 +65,14 @@ class SaliencyStage:
     """M2IB saliency, then the coarse mask and SAM prompts (cheap, and the maps need not travel)."""
 
     def __init__(self, clip_uri: str, device: str, saliency: SaliencyConfig, coarse: CoarseMaskConfig,
-                 visual: VisualPromptConfig, keep_saliency: bool = False, keep_coarse: bool = False) -> None:
+                 visual: VisualPromptConfig, keep_saliency: bool = False, keep_coarse: bool = False,
+                 tracking_uri: str = "") -> None:
         from ..models.biomedclip import load_clip
 
+        if tracking_uri:  # a models:/ URI resolves against the driver's registry, not the worker's environment
+            import mlflow
+
+            mlflow.set_tracking_uri(tracking_uri)
         self.clip = load_clip(clip_uri, device)
         self.saliency, self.coarse, self.visual = saliency, coarse, visual
         self.keep_saliency, self.keep_coarse = keep_saliency, keep_coarse
@@ -115,7 +121,7 @@ def build_dataset(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = S
         ds = ds.map_batches(SaliencyStage, fn_constructor_kwargs={
             "clip_uri": job.clip, "device": _device(pipeline.saliency, c.sam.device), "saliency": c.saliency,
             "coarse": c.coarse, "visual": c.visual_prompts, "keep_saliency": job.keep_saliency,
-            "keep_coarse": job.keep_coarse},
+            "keep_coarse": job.keep_coarse, "tracking_uri": resolve_tracking_uri(c.tracking.uri)},
             compute=ActorPoolStrategy(size=sizes["saliency"]), batch_size=c.saliency.batch_size,
             num_gpus=pipeline.saliency.num_gpus, num_cpus=pipeline.saliency.num_cpus)
     ds = ds.map_batches(sam_stage, fn_constructor_kwargs={

@@ -16,8 +16,10 @@ import numpy as np
 from ..io import storage
 from ..io.manifest import COMPLETED, STATUS_ERROR, CaseRecord, status_counts, write_manifest
 from ..io.outputs import MANIFEST, STAGING, read_records
+from ..io.registry import ModelPin
 from . import tracking
 from .job import Job, plan
+from .pins import pin_models
 from .slices import CaseTask
 
 Progress = Callable[[int, int, CaseRecord], None]
@@ -34,6 +36,7 @@ class RunResult:
     manifest_uri: str
     counts: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    pins: tuple[ModelPin, ...] = ()  # the registry models it used, pinned to versions
 
 
 def run_job(job: Job, runner: Runner = "ray", progress: Progress | None = None, *, resume: bool = True,
@@ -44,13 +47,13 @@ def run_job(job: Job, runner: Runner = "ray", progress: Progress | None = None, 
     over a finished output starts nothing. ``runner_options`` go to the runner (``sam_stage`` for
     Ray: a ``SamStage`` subclass).
     """
-    job = job.resolved()
-    tasks = plan(job)  # a bad input fails here, before any model loads
+    tasks = plan(job.resolved())  # a bad input fails here, before any model loads
+    job, pins = pin_models(job.resolved())  # models:/NAME@alias -> the version it names now
     parameters = job.parameters()
-    previous = tracking.check_settings(job, parameters) if resume else None
+    previous = tracking.check_settings(job, parameters, pins) if resume else None
     done = _completed(job, tasks) if resume else {}
     todo = [t for t in tasks if t.case_id not in done]
-    run_id = tracking.open_run(job, parameters, previous) if track else ""
+    run_id = tracking.open_run(job, parameters, previous, pins) if track else ""
     new: dict[str, CaseRecord] = {}
     try:
         if todo and connect is not None:
@@ -74,12 +77,13 @@ def run_job(job: Job, runner: Runner = "ray", progress: Progress | None = None, 
             "n_processed": len(todo), "seconds": seconds, "n_slices": sum(r.n_slices for r in new.values())}]
         metrics = summary_metrics(records, attempts)
         if track:
-            tracking.close_run(job, parameters, attempts, metrics, manifest_uri)
+            tracking.close_run(job, parameters, attempts, metrics, manifest_uri, pins)
     except BaseException:
         if track:
             tracking.fail_run()
         raise
-    return RunResult(records, len(done), len(todo), seconds, run_id, manifest_uri, status_counts(records), metrics)
+    return RunResult(records, len(done), len(todo), seconds, run_id, manifest_uri, status_counts(records), metrics,
+                     pins)
 
 
 def _completed(job: Job, tasks: list[CaseTask]) -> dict[str, CaseRecord]:

@@ -34,9 +34,10 @@ from ..errors import InputError, ModelError
 from ..eval.evaluation import score_mask
 from ..eval.metrics import dice
 from ..io import storage
-from ..io.cohort import read_cohort
+from ..io.cohort import read_labelled_cohort
 from ..io.images import read_mask
 from ..io.outputs import absolute_output
+from ..io.tracking import resolve_tracking_uri
 from ..ops.postprocess import binarise
 from ..ops.slicing import assemble_mask
 from ..prompts.from_saliency import prompts_from_saliency
@@ -96,9 +97,13 @@ def trial_settings(space: dict[str, list], max_trials: int | None, seed: int = 0
 class SaliencyService:
     """CLIP models, tokens and saliency maps for the search's images, each computed once."""
 
-    def __init__(self, images: dict[Key, np.ndarray], device: str) -> None:
+    def __init__(self, images: dict[Key, np.ndarray], device: str, tracking_uri: str = "") -> None:
         from ..saliency.maps import TokenCache
 
+        if tracking_uri:  # a models:/ URI resolves against the driver's registry
+            import mlflow
+
+            mlflow.set_tracking_uri(tracking_uri)
         self.images, self.device = images, device
         self.clips: dict = {}
         self.tokens = TokenCache()
@@ -218,13 +223,7 @@ class TuneResult:
 
 def prepare_cases(config: TaskConfig, input_uri: str, gt_uri: str | None) -> tuple[list[TuneCase], dict, dict]:
     """The labelled cases read once: their slices (``images``) and truths; unlabelled ones are an error."""
-    cases = read_cohort(input_uri, gt_uri)
-    unlabelled = [c.case_id for c in cases if not c.gt_uri]
-    if not cases:
-        raise InputError(f"{input_uri}: no cases")
-    if unlabelled:
-        raise InputError(f"tuning scores every case against its truth; no ground truth for "
-                         f"{', '.join(unlabelled[:5])} (give --gt or a gt_uri column)")
+    cases = read_labelled_cohort(input_uri, gt_uri, "tuning")
     tune_cases, images, truths = [], {}, {}
     for case in cases:
         rows = case_slices(CaseTask(case.case_id, case.uri, case.gt_uri), config.image, SOURCE_TEXT)
@@ -274,7 +273,8 @@ def tune_task(config_uri: str, input_uri: str, gt_uri: str | None, output: str, 
         raise InputError(f"pipeline.saliency.num_gpus + pipeline.sam.num_gpus ask for "
                          f"{p.saliency.num_gpus + p.sam.num_gpus:g} GPUs and Ray has {gpus:g}")
     saliency = ray.remote(SaliencyService).options(num_cpus=p.saliency.num_cpus, num_gpus=p.saliency.num_gpus).remote(
-        images, "cuda" if p.saliency.num_gpus > 0 else base_config.sam.device)
+        images, "cuda" if p.saliency.num_gpus > 0 else base_config.sam.device,
+        resolve_tracking_uri(tracking_uri or base_config.tracking.uri))
     sam = ray.remote(SamService).options(num_cpus=p.sam.num_cpus, num_gpus=p.sam.num_gpus).remote(
         images, base_config.sam.model_dump(), "cuda" if p.sam.num_gpus > 0 else base_config.sam.device)
 
@@ -312,7 +312,7 @@ def _search(search: Search, saliency, sam, progress, start: float) -> TuneResult
     import ray
     from ray import tune
 
-    from ..io.tracking import flatten, resolve_tracking_uri
+    from ..io.tracking import flatten
 
     base, base_config, space, combos = search.base, search.base_config, search.space, search.combos
     cases, images, truths, output, metric = search.cases, search.images, search.truths, search.output, search.metric

@@ -24,7 +24,8 @@ from ..io import storage
 from ..io.cohort import CohortCase, read_cohort
 from ..io.images import mask_extension, read_image, read_mask, write_mask
 from ..io.manifest import COMPLETED, STATUS_ERROR, CaseRecord, record_from_dict, status_counts, write_manifest
-from ..io.outputs import MANIFEST, MASKS, absolute_output, read_records, write_record
+from ..io.outputs import MANIFEST, MASKS, RUN_FILE, absolute_output, read_records, write_record
+from ..io.registry import is_registered, resolve_registered
 from .dataset import nnunet_input
 from .ensemble import Ensemble, EnsembleFolder, resolve_ensemble
 from .settings import WeakConfig
@@ -111,6 +112,7 @@ class WeakPredictResult:
     counts: dict[str, int]  # the whole output's
     n_skipped: int
     seconds: float
+    version: str = ""  # the registry version, when the model was a models:/ URI
 
 
 def _settings(folder: EnsembleFolder, output: str, config: WeakConfig, threshold: float | None,
@@ -135,13 +137,19 @@ def run_weak_predict(model: str, input_uri: str, output: str, config: WeakConfig
     ``connect`` joins or starts Ray (and only when there are cases to do)."""
     start = time.perf_counter()
     output = absolute_output(output)
-    if not model.startswith("models:/"):
+    requested, version = model, ""
+    if is_registered(model):  # pinned once: the actors load this version whatever the alias does meanwhile
+        ref = resolve_registered(model)
+        model, version = ref.uri, ref.version
+    else:
         model = absolute_output(model)  # the actors resolve it again, from their own working directory
     cases = read_cohort(input_uri, gt)
     if not cases:
         raise InputError(f"{input_uri}: no cases")
     folder = resolve_ensemble(model)
     settings = _settings(folder, output, config, threshold, members, save_maps)
+    _record_run(output, {"requested": requested, "uri": model, "version": version, "sha256": folder.sha256},
+                settings)
     done = {k: r for k, r in read_records(output).items() if r.status in COMPLETED}
     todo = [c for c in cases if c.case_id not in done]
     records = []
@@ -154,7 +162,19 @@ def run_weak_predict(model: str, input_uri: str, output: str, config: WeakConfig
     every = read_records(output)
     write_manifest([every[c.case_id] for c in cases if c.case_id in every], storage.join(output, MANIFEST))
     return WeakPredictResult(output, model, records, status_counts(every.values()), len(done),
-                             time.perf_counter() - start)
+                             time.perf_counter() - start, version)
+
+
+def _record_run(output: str, model: dict, settings: PredictSettings) -> None:
+    """``run.json``: the model as asked for and as pinned, and the settings; a resume must match them."""
+    run_file = storage.join(output, RUN_FILE)
+    if storage.exists(run_file):
+        before = json.loads(storage.read_bytes(run_file))
+        if before.get("settings") != json.loads(settings.parameters):
+            raise InputError(f"{run_file}: this output was written with {before.get('model', {}).get('uri')} and "
+                             "other settings; pass the same model and options to resume, or use a new --output")
+    storage.write_bytes_atomic(run_file, json.dumps({"model": model, "settings": json.loads(settings.parameters)},
+                                                    indent=2).encode())
 
 
 def _run(cases: list[CohortCase], model: str, folder: EnsembleFolder, config: WeakConfig,

@@ -26,7 +26,9 @@ from ..errors import InputError, ModelError
 from ..io import storage
 from ..io.fetch import cache_slot
 from ..io.outputs import absolute_output
+from ..io.registry import KIND_TAG, KIND_WEAK, SHA_TAG
 from ..io.tracking import flatten, resolve_tracking_uri
+from ..models.checkpoints import sha256_of
 from .dataset import TrainingCase, export_dataset
 from .ensemble import ENSEMBLE_FILE, FINAL
 from .nnunet_env import CONFIGURATION, FOLD, TRAINER_NAME, dataset_folder_name, nnunet_environment, stdout_to
@@ -210,7 +212,7 @@ def _check_same_run(output: str, config: WeakConfig, cases: list[str] | None = N
 
 def run_weak_training(cases: list[TrainingCase], skipped_before: dict[str, str], output: str, config: WeakConfig,
                       source: str, workers: int = 1, use_gpu: bool = False, register: str | None = None,
-                      alias: str | None = None, callbacks: list | None = None,
+                      callbacks: list | None = None,
                       progress: Callable[[str], None] | None = None,
                       connect: Callable[[], None] | None = None, work: Path | None = None) -> WeakTrainResult:
     """Train the ensemble on ``cases`` and write it to ``<output>/ensemble``; a rerun resumes.
@@ -280,13 +282,15 @@ def run_weak_training(cases: list[TrainingCase], skipped_before: dict[str, str],
     out = WeakTrainResult(output, ensemble_uri, run_id, used, skipped, members, metrics,
                           time.perf_counter() - start, work=str(work))
     if register:
-        out.version = register_ensemble(ensemble_uri, run_id, register, alias, metrics)
+        out.version = register_ensemble(ensemble_uri, run_id, register, metrics)
         out.model_uri = f"models:/{register}/{out.version}"
     return out
 
 
-def register_ensemble(ensemble_uri: str, run_id: str, name: str, alias: str | None, metrics: dict) -> str:
-    """Log the ensemble folder to the run as an MLflow pyfunc model and register it as a new version."""
+def register_ensemble(ensemble_uri: str, run_id: str, name: str, metrics: dict) -> str:
+    """Log the ensemble folder to the run as an MLflow pyfunc model and register it as a new version.
+
+    No alias moves: ``medclipsam models promote`` moves ``champion`` when the version wins."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -303,7 +307,6 @@ def register_ensemble(ensemble_uri: str, run_id: str, name: str, alias: str | No
     for key in ("pseudo_dice", "ema_pseudo_dice", "train_loss", "val_loss"):
         if key in metrics:
             client.set_model_version_tag(name, version, key, str(metrics[key]))
-    client.set_model_version_tag(name, version, "kind", "weak-ensemble")
-    if alias:
-        client.set_registered_model_alias(name, alias, version)
+    client.set_model_version_tag(name, version, KIND_TAG, KIND_WEAK)
+    client.set_model_version_tag(name, version, SHA_TAG, sha256_of(str(local / ENSEMBLE_FILE)))
     return version
