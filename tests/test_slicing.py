@@ -1,8 +1,10 @@
 import numpy as np
 import pytest
 
-from medclipsam.config import CT_WINDOWS, WindowConfig
-from medclipsam.ops.slicing import stack_slices, take_slice, to_rgb, window_to_uint8
+from medclipsam.config import CT_WINDOWS, ImageConfig, WindowConfig
+from medclipsam.errors import InputError
+from medclipsam.io.images import MedicalImage
+from medclipsam.ops.slicing import model_inputs, stack_slices, take_slice, to_rgb, window_to_uint8
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
@@ -53,3 +55,27 @@ def test_to_rgb():
     img = np.arange(6, dtype=np.uint8).reshape(2, 3)
     rgb = to_rgb(img)
     assert rgb.shape == (2, 3, 3) and (rgb[..., 2] == img).all()
+
+
+def test_non_finite_values_are_ignored_by_the_window():
+    data = np.arange(100, dtype=np.float32).reshape(10, 10)
+    data[0, 0], data[0, 1], data[0, 2] = np.nan, np.inf, -np.inf
+    out = window_to_uint8(data, WindowConfig(lower_percentile=0, upper_percentile=100))
+    finite = data[np.isfinite(data)]
+    expected = np.round((data - finite.min()) / (finite.max() - finite.min()) * 255)
+    np.testing.assert_array_equal(out.reshape(-1)[3:], expected.reshape(-1)[3:].astype(np.uint8))
+    assert out[0, :3].tolist() == [0, 0, 0]  # NaN and both infinities go to the low end
+    assert out.max() == 255
+    preset = window_to_uint8(np.array([[np.nan, np.inf, 150.0]]), WindowConfig(preset="lung"))
+    assert preset.tolist() == [[0, 0, 255]]
+    np.testing.assert_array_equal(window_to_uint8(np.full((3, 3), np.nan)), 0)
+
+
+def test_a_mostly_non_finite_slice_is_an_input_error():
+    volume = np.random.default_rng(0).random((3, 4, 5)).astype(np.float32)
+    volume[:, 1, :3] = np.nan  # along axis 1, slice 1 is 15 voxels of which 9 are NaN
+    image = MedicalImage(volume, True, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), "v.mha")
+    settings = ImageConfig(axis=1)
+    assert len(model_inputs(image, [0, 2, 3], settings)) == 3
+    with pytest.raises(InputError, match=r"^v\.mha: 9 of 15 voxels of slice 1 \(axis 1\) are NaN or infinite"):
+        model_inputs(image, [0, 1], settings)

@@ -3,12 +3,26 @@
 2D images (PNG/JPG/TIFF, grey or RGB, 8 or 16 bit) and 3D volumes (NIfTI, NRRD, MHA, DICOM
 series) are read with SimpleITK. Arrays follow SimpleITK's order: a volume is ``Z x Y x X``
 and its ``spacing``/``origin``/``direction`` are SimpleITK's (x, y, z) values.
+
+Hostile files are refused before their pixels are read, each with one sentence naming the file:
+the header is read first, and an image with a zero-size dimension or more voxels than
+``MEDCLIPSAM_MAX_VOXELS`` (an environment variable, default 1.5e9 voxels, about 6 GB as float32)
+is an ``InputError``, so a 100-byte header cannot make the reader allocate gigabytes. A DICOM
+series must be one volume: slices of one size and orientation, evenly spaced (a missing slice is
+refused, since one spacing would misplace the mask). An image that is mostly NaN or infinite
+(more than half its voxels) is refused after reading; fewer non-finite voxels are left to the
+windowing (``ops.slicing``), which ignores them. Reader errors keep SimpleITK's reason, without
+its C++ file and line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +35,10 @@ IMAGE_2D_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 VOLUME_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 SUPPORTED_EXTENSIONS = IMAGE_2D_EXTENSIONS + VOLUME_EXTENSIONS + DICOM_EXTENSIONS
+MAX_VOXELS_ENV = "MEDCLIPSAM_MAX_VOXELS"
+DEFAULT_MAX_VOXELS = 1_500_000_000
+MAX_NON_FINITE_SHARE = 0.5  # an image or slice with more NaN/Inf voxels than this share has no picture left
+DICOM_STEP_TOLERANCE = 0.1  # the largest slice step may exceed the smallest by this share of it (0.1: 10%)
 
 
 @dataclass
@@ -65,15 +83,159 @@ def is_supported(uri: str) -> bool:
     return extension_of(uri) in SUPPORTED_EXTENSIONS
 
 
+def max_voxels() -> int:
+    """The largest image, in voxels, this process will read: ``MEDCLIPSAM_MAX_VOXELS`` or the default.
+
+    Read at every call, so a worker's environment decides and a test can change it.
+    """
+    raw = os.environ.get(MAX_VOXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_VOXELS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 1:
+        raise InputError(f"{MAX_VOXELS_ENV} must be a positive number of voxels, got {raw!r}")
+    return int(value)
+
+
+def _check_size(size: tuple[int, ...], uri: str) -> None:
+    """Refuse, from the header alone, an image with no voxels or with more than ``max_voxels()``."""
+    shown = " x ".join(str(n) for n in size)
+    if any(n <= 0 for n in size):
+        raise InputError(f"{uri}: image has a zero-size dimension ({shown}), so it holds no pixels")
+    voxels, limit = math.prod(size), max_voxels()
+    if voxels > limit:
+        raise InputError(f"{uri}: image of {shown} = {voxels} voxels is over the limit of {limit} voxels "
+                         f"({MAX_VOXELS_ENV})")
+
+
+def _header(path: str) -> sitk.ImageFileReader:
+    """A reader that has read ``path``'s header only (size, geometry, pixel type), not its pixels."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+    return reader
+
+
+def _read_file(local: str, uri: str) -> sitk.Image:
+    """Read one image file, after its header has passed the size checks."""
+    reader = _header(local)
+    _check_size(tuple(reader.GetSize()), uri)
+    return reader.Execute()
+
+
+def _mm(value: float) -> str:
+    return f"{round(float(value), 4):g}"
+
+
+def _check_dicom_geometry(headers: list[sitk.ImageFileReader], uri: str) -> None:
+    """The slices of a series must make one volume: one size, one orientation, evenly spaced.
+
+    ITK would stack mixed orientations silently, and give a series with a gap one spacing (so
+    the mask would be written misplaced), so these are refused before any pixel is read.
+    """
+    if len(headers) < 2:
+        return
+    sizes = [tuple(h.GetSize()[:2]) for h in headers]
+    odd = next((size for size in sizes if size != sizes[0]), None)
+    if odd is not None:
+        raise InputError(f"{uri}: DICOM series mixes slice sizes ({sizes[0][0]} x {sizes[0][1]} and "
+                         f"{odd[0]} x {odd[1]}), so it is not one volume")
+    directions = [np.asarray(h.GetDirection(), dtype=np.float64) for h in headers]
+    if len(directions[0]) != 9 or any(not np.allclose(d, directions[0], atol=1e-4) for d in directions):
+        raise InputError(f"{uri}: DICOM series mixes slice orientations, so it is not one volume")
+    axes = directions[0].reshape(3, 3)
+    normal = np.cross(axes[:, 0], axes[:, 1])
+    positions = np.sort([float(np.dot(h.GetOrigin(), normal)) for h in headers])
+    steps = np.diff(positions)
+    if steps.min() < 1e-3:
+        raise InputError(f"{uri}: two DICOM slices share the position {_mm(positions[np.argmin(steps)])} mm, "
+                         "so the series is not one volume")
+    if steps.max() - steps.min() > DICOM_STEP_TOLERANCE * steps.min():
+        raise InputError(f"{uri}: DICOM slice positions are not evenly spaced (steps from {_mm(steps.min())} to "
+                         f"{_mm(steps.max())} mm), so a slice is missing or misplaced")
+
+
+@contextlib.contextmanager
+def _itk_warnings_off() -> Iterator[None]:
+    """ITK prints warnings (with its C++ file and line) to stderr; where we raise a sentence of our
+    own for the same problem, that print is only noise."""
+    before = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(before)
+
+
 def _read_dicom_series(folder: str, uri: str) -> sitk.Image:
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
+    with _itk_warnings_off():  # "No Series were found" for a folder without DICOM files
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
     if not series:
         raise InputError(f"{uri}: folder holds no DICOM series")
     # The longest series is the scan; others are usually localisers.
-    best = max(series, key=lambda s: len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, s)))
+    names = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, s) for s in series), key=len)
+    headers = [_header(name) for name in names]
+    _check_dicom_geometry(headers, uri)
+    first = tuple(headers[0].GetSize())
+    _check_size((*first[:2], (first[2] if len(first) > 2 else 1) * len(names)), uri)
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, best))
+    reader.SetFileNames(names)
     return reader.Execute()
+
+
+_SITK_PREFIX = re.compile(r"Exception thrown in SimpleITK \w+:\s*")
+_CPP_LOCATION = re.compile(r"\S+\.(?:cxx|cpp|cc|hxx|hpp|txx|h)(?::\d+)+:?")
+_ERROR_TAG = re.compile(r"(?:sitk::ERROR|itk::ERROR|ITK ERROR):\s*")
+_OBJECT_ID = re.compile(r"\w+ ?\(0x[0-9a-fA-F]+\):?\s*")
+_METHOD = re.compile(r"^(?:ReadImageInformation|Read|Execute|Update|GenerateOutputInformation|GenerateData):\s*")
+_NOISE_LINE = re.compile(r"^(?:itk::ExceptionObject|Location:|File:|Line:)")
+_LIBRARY_LINE = re.compile(r"^\[\w+\]\s*(?:\w+:\s*)?")  # teem's "[nrrd] _function: reason" chain
+
+
+def reader_reason(exc: Exception, local: str, uri: str) -> str:
+    """SimpleITK's reason for a failed read, as a phrase: without the C++ file and line, object
+    addresses and error tags, with the local (temporary) path shown as the file's name."""
+    text = str(exc)
+    if len(local) > 1:
+        text = text.replace(local.rstrip("/"), storage.basename(uri))
+    main: list[str] = []
+    details: list[str] = []
+    for raw in text.splitlines():
+        line = _OBJECT_ID.sub("", _ERROR_TAG.sub("", _CPP_LOCATION.sub("", _SITK_PREFIX.sub("", raw)))).strip()
+        line = line.removeprefix("Description:").strip()
+        if not line or _NOISE_LINE.match(line):
+            continue
+        if _LIBRARY_LINE.match(line):
+            detail = _LIBRARY_LINE.sub("", line)
+            if detail:
+                details.append(detail)
+        else:
+            main.append(_METHOD.sub("", line))
+    reason = " ".join(main)
+    if details:  # the innermost step of a library's chain says what was wrong
+        reason = f"{reason.rstrip(': ')}: {details[-1]}" if reason else details[-1]
+    reason = re.sub(r"\s+", " ", reason).strip().rstrip(":")
+    return reason[:300] or type(exc).__name__
+
+
+def non_finite_count(array: np.ndarray) -> int:
+    """NaN and infinite values in ``array``; 0 for integer pixel types, which cannot hold them."""
+    if array.dtype.kind not in "fc":
+        return 0
+    return int(array.size - np.count_nonzero(np.isfinite(array)))
+
+
+def check_finite(array: np.ndarray, uri: str, where: str = "") -> int:
+    """Refuse an image (or the part ``where`` names) that is mostly NaN or infinite: a window over
+    what is left would show nothing real. Returns how many values are not finite."""
+    count = non_finite_count(array)
+    if count > MAX_NON_FINITE_SHARE * array.size:
+        raise InputError(f"{uri}: {count} of {array.size} voxels{where} are NaN or infinite (more than half), "
+                         "so there is nothing to segment")
+    return count
 
 
 def _to_medical_image(image: sitk.Image, uri: str, force_2d: bool, single_frame_is_2d: bool = False) -> MedicalImage:
@@ -117,21 +279,19 @@ def read_image(uri: str) -> MedicalImage:
         )
     with storage.local_copy(uri) as local:
         try:
-            if is_dir:
-                image = _read_dicom_series(local, uri)
-            else:
-                image = sitk.ReadImage(local)
+            image = _read_dicom_series(local, uri) if is_dir else _read_file(local, uri)
         except RuntimeError as exc:  # SimpleITK reports unreadable files as RuntimeError
-            first = str(exc).strip().splitlines()
-            fallback = first[-1] if first else ""
-            detail = next((line for line in first if "ERROR" in line or "Exception" in line), fallback)
-            raise InputError(f"{uri}: cannot read image ({detail.strip()[:300]})") from exc
+            raise InputError(f"{uri}: cannot read image ({reader_reason(exc, local, uri)})") from exc
     result = _to_medical_image(
         image, uri, force_2d=ext in IMAGE_2D_EXTENSIONS and image.GetDimension() == 2,
         single_frame_is_2d=not is_dir and ext in DICOM_EXTENSIONS,
     )
-    if result.array.min() == result.array.max():
-        raise InputError(f"{uri}: image is constant (every pixel is {result.array.flat[0]}); nothing to segment")
+    # A few NaN/Inf voxels are left to the windowing, which ignores them; most of them is an error.
+    values = result.array
+    if check_finite(values, uri):
+        values = values[np.isfinite(values)]
+    if values.min() == values.max():
+        raise InputError(f"{uri}: image is constant (every pixel is {values.flat[0]}); nothing to segment")
     return result
 
 
@@ -175,9 +335,9 @@ def read_mask(uri: str) -> MedicalImage:
         raise InputError(f"{uri}: no such file or object")
     with storage.local_copy(uri) as local:
         try:
-            image = sitk.ReadImage(local)
+            image = _read_file(local, uri)
         except RuntimeError as exc:
-            raise InputError(f"{uri}: cannot read mask") from exc
+            raise InputError(f"{uri}: cannot read mask ({reader_reason(exc, local, uri)})") from exc
     ext = extension_of(uri)
     result = _to_medical_image(image, uri, force_2d=ext in IMAGE_2D_EXTENSIONS,
                                single_frame_is_2d=ext in DICOM_EXTENSIONS)

@@ -1,4 +1,9 @@
-"""Turning an input path or URI prefix into a list of cases, keyed by case_id."""
+"""Turning an input path or URI prefix into a list of cases, keyed by case_id.
+
+Symbolic links in a folder are followed (a cohort is often a folder of links into an archive):
+a link to an image file is a case named after the link, a link to a DICOM series folder is a
+series. A broken link is skipped and named in the warning that lists skipped entries.
+"""
 
 from __future__ import annotations
 
@@ -28,12 +33,42 @@ def _looks_like_dicom_folder(files: list[str]) -> bool:
     return plausible and _has_dicom_magic(files[0])
 
 
+def _entries(uri: str) -> tuple[list[str], list[str], list[str]]:
+    """Files (not hidden), sub-folders and broken links directly under ``uri``, sorted, as full URIs.
+
+    fsspec's local listing types a symbolic link as "other" (it does not follow it), so a link
+    is looked up again through its target here; one whose target is missing is broken.
+    """
+    fs, path = storage.filesystem(uri)
+    files: list[str] = []
+    dirs: list[str] = []
+    broken: list[str] = []
+    for entry in fs.ls(path, detail=True):
+        name = entry["name"].rstrip("/")
+        kind = entry["type"]
+        full = fs.unstrip_protocol(name) if storage.is_remote(uri) else name
+        hidden = storage.basename(name).startswith(".")
+        if kind == "other" and entry.get("islink"):
+            try:
+                kind = fs.info(name)["type"]  # a path (not a directory entry) is followed
+            except OSError:  # missing target, a loop, no permission
+                if not hidden:
+                    broken.append(full)
+                continue
+        if kind == "file" and not hidden:
+            files.append(full)
+        elif kind == "directory" and name != path.rstrip("/") and not hidden:  # .staging, .git, ... are no series
+            dirs.append(full)
+    return sorted(files), sorted(dirs), sorted(broken)
+
+
 def list_cases(uri: str) -> dict[str, str]:
     """{case_id: URI} for a file, a folder/prefix of images, or a DICOM series folder.
 
     In a folder, every supported image file is a case, and so is every sub-folder holding a
-    DICOM series (case_id = folder name). Other files are skipped with a log line. Two inputs
-    with the same case_id are an error, since prompts and outputs are keyed by it.
+    DICOM series (case_id = folder name); links to either count as they do. Other files and
+    broken links are skipped with a log line. Two inputs with the same case_id are an error,
+    since prompts and outputs are keyed by it.
     """
     if not storage.exists(uri):
         raise InputError(f"{uri}: no such file, folder or prefix")
@@ -41,15 +76,14 @@ def list_cases(uri: str) -> dict[str, str]:
         if not is_supported(uri):
             raise InputError(f"{uri}: unsupported extension '{extension_of(uri) or '(none)'}'")
         return {case_id_from_uri(uri): uri}
-    files = [f for f in storage.list_files(uri) if not storage.basename(f).startswith(".")]
+    files, subfolders, broken = _entries(uri)
     if _looks_like_dicom_folder(files):
         return {storage.basename(uri): uri}
     cases: dict[str, str] = {}
     candidates = [f for f in files if is_supported(f) and not f.lower().endswith(DICOM_EXTENSIONS)]
-    skipped = [f for f in files if f not in candidates]
-    for sub in storage.list_dirs(uri):
-        inner = storage.list_files(sub)
-        if _looks_like_dicom_folder(inner):
+    skipped = [f"{link} (broken link)" for link in broken] + [f for f in files if f not in candidates]
+    for sub in subfolders:
+        if _looks_like_dicom_folder(_entries(sub)[0]):
             candidates.append(sub)
     for candidate in candidates:
         case_id = case_id_from_uri(candidate)
@@ -57,7 +91,9 @@ def list_cases(uri: str) -> dict[str, str]:
             raise InputError(f"two inputs share case_id '{case_id}': {cases[case_id]} and {candidate}")
         cases[case_id] = candidate
     if skipped:
-        log.warning("skipped %d file(s) that are not images: %s", len(skipped), ", ".join(skipped[:5]))
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        log.warning("skipped %d entr%s that are not usable images: %s%s", len(skipped),
+                    "y" if len(skipped) == 1 else "ies", ", ".join(skipped[:5]), more)
     if not cases:
         raise InputError(f"{uri}: no supported images found")
     return dict(sorted(cases.items()))

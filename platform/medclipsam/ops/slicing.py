@@ -4,6 +4,10 @@ A volume ``Z x Y x X`` is cut along ``axis`` (0 = SimpleITK's first array axis);
 is ``np.take(volume, i, axis)``, whose rows and columns are the remaining axes in order.
 ``stack_slices`` is the exact inverse of ``take_slice`` over all indices; ``model_inputs`` and
 ``assemble_mask`` are the same pair for a whole case (image -> windowed RGB slices -> masks -> mask).
+
+NaN and infinite voxels take no part in a window's statistics and map to its low end (black); a
+slice that is mostly non-finite is an ``InputError`` naming the file and the slice, since its
+picture would be nothing but those holes.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import CT_WINDOWS, ImageConfig, WindowConfig
-from ..io.images import MedicalImage
+from ..io.images import MedicalImage, check_finite
 
 
 def num_slices(volume: np.ndarray, axis: int) -> int:
@@ -35,22 +39,31 @@ def window_to_uint8(image: np.ndarray, window: WindowConfig | None = None) -> np
 
     8-bit input is returned unchanged: its display range is already fixed. Otherwise the
     preset window, or the slice's own percentiles, are stretched to 0..255. A constant slice
-    maps to zeros.
+    maps to zeros. NaN and infinite values are left out of the percentiles (one NaN would make
+    them NaN and the slice black) and map to 0, the low end.
     """
     if image.dtype == np.uint8:
         return image
     window = window or WindowConfig()
     data = image.astype(np.float64)
+    finite = np.isfinite(data) if image.dtype.kind in "fc" else None
+    if finite is not None and finite.all():
+        finite = None
+    values = data if finite is None else data[finite]
+    if values.size == 0:
+        return np.zeros(image.shape, dtype=np.uint8)
     if window.preset is not None:
         centre, width = CT_WINDOWS[window.preset]
         lo, hi = centre - width / 2.0, centre + width / 2.0
     else:
-        lo, hi = np.percentile(data, [window.lower_percentile, window.upper_percentile])
+        lo, hi = np.percentile(values, [window.lower_percentile, window.upper_percentile])
         if hi <= lo:
-            lo, hi = float(data.min()), float(data.max())
+            lo, hi = float(values.min()), float(values.max())
     if hi <= lo:
         return np.zeros(image.shape, dtype=np.uint8)
     scaled = (np.clip(data, lo, hi) - lo) / (hi - lo) * 255.0
+    if finite is not None:
+        scaled[~finite] = 0.0
     return np.round(scaled).astype(np.uint8)
 
 
@@ -69,10 +82,20 @@ def slice_keys(image: MedicalImage, axis: int) -> list[int | None]:
 
 
 def model_inputs(image: MedicalImage, keys: list[int | None], settings: ImageConfig) -> list[np.ndarray]:
-    """``H x W x 3`` uint8 inputs for the given slice indices (None: the 2D image itself)."""
+    """``H x W x 3`` uint8 inputs for the given slice indices (None: the 2D image itself).
+
+    A slice (or 2D image) that is mostly NaN or infinite is an ``InputError`` naming the file and
+    the slice: the model would see only the holes, and answer with garbage marked ok.
+    """
     if not image.is_volume:
+        check_finite(image.array, image.uri)
         return [to_rgb(window_to_uint8(image.array, settings.window)) for _ in keys]
-    return [to_rgb(window_to_uint8(take_slice(image.array, k, settings.axis), settings.window)) for k in keys]
+    inputs = []
+    for key in keys:
+        pixels = take_slice(image.array, key, settings.axis)
+        check_finite(pixels, image.uri, f" of slice {key} (axis {settings.axis})")
+        inputs.append(to_rgb(window_to_uint8(pixels, settings.window)))
+    return inputs
 
 
 def assemble_mask(image: MedicalImage, masks: dict[int | None, np.ndarray], axis: int) -> np.ndarray:
