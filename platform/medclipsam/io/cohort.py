@@ -9,18 +9,20 @@ of the run, not a failure of the whole plan.
 
 from __future__ import annotations
 
+import codecs
+import csv
 import io
 import json
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from ..errors import InputError
+from ..errors import InputError, MedClipSamError
 from . import storage
 from .images import case_id_from_uri
 from .inputs import list_cases
+from .outputs import check_case_id, quoted
 
 MANIFEST_EXTENSIONS = (".csv", ".parquet")
 URI_COLUMNS = ("uri", "image_uri", "case_uri")
@@ -38,23 +40,121 @@ def is_manifest(uri: str) -> bool:
     return uri.lower().endswith(MANIFEST_EXTENSIONS)
 
 
-def _read_table(uri: str) -> pa.Table:
+#: how much of a CSV file the error messages point at: (physical line, {column: stripped value})
+CsvRows = list[tuple[int, dict[str, str]]]
+
+
+def _read_input(uri: str, what: str, error: type[MedClipSamError]) -> bytes:
+    """The bytes of an input file; a missing file, a folder or an unreadable one is one ``error``."""
     try:
-        data = storage.read_bytes(uri)
+        return storage.read_bytes(uri)
+    except IsADirectoryError:
+        raise error(f"{uri} is a folder; give the {what} file itself") from None
     except FileNotFoundError:
-        raise InputError(f"{uri}: manifest not found") from None
+        if storage.isdir(uri):  # an object store's prefix
+            raise error(f"{uri} is a folder; give the {what} file itself") from None
+        raise error(f"{uri}: {what} not found") from None
+    except OSError as exc:
+        raise error(f"{uri}: {what} cannot be read ({exc.strerror or exc})") from None
+
+
+def decode_text(data: bytes) -> str:
+    """Text as editors and spreadsheets save it: UTF-8 with or without a BOM, UTF-16 or UTF-32 with a
+    BOM, and latin-1 when the bytes are not valid UTF-8 (every byte string is latin-1, so that is last).
+
+    Raises ValueError with the reason when the bytes are not text.
+    """
+    for bom, encoding, name in ((codecs.BOM_UTF32_LE, "utf-32", "UTF-32"), (codecs.BOM_UTF32_BE, "utf-32", "UTF-32"),
+                                (codecs.BOM_UTF16_LE, "utf-16", "UTF-16"), (codecs.BOM_UTF16_BE, "utf-16", "UTF-16")):
+        if data.startswith(bom):
+            try:
+                return data.decode(encoding)
+            except UnicodeDecodeError:
+                raise ValueError(f"not valid {name} though it starts with a {name} byte-order mark") from None
+    if b"\x00" in data:
+        raise ValueError("not a text file (it holds NUL bytes; UTF-16 text needs its byte-order mark, "
+                         "or save it as UTF-8)")
     try:
-        if uri.lower().endswith(".parquet"):
-            return pq.read_table(io.BytesIO(data))
-        options = pacsv.ConvertOptions(strings_can_be_null=False, column_types={
-            c: pa.string() for c in ("case_id", "prompt", "gt_uri", *URI_COLUMNS)})
-        return pacsv.read_csv(io.BytesIO(data), convert_options=options)
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def _csv_problem(exc: csv.Error) -> str:
+    text = str(exc)
+    if text == "unexpected end of data":
+        return "a quoted value is not closed"
+    if text.startswith("field larger than field limit"):
+        return f"a value is longer than {csv.field_size_limit()} characters"
+    return f"not valid CSV ({text})"
+
+
+def read_csv_rows(uri: str, what: str, error: type[MedClipSamError] = InputError) -> tuple[list[str], CsvRows]:
+    """The header and rows of a CSV file, each row with its physical line (1-based, counting the header
+    and blank lines) so that messages point where an editor does.
+
+    Blank lines and rows of only commas are skipped, trailing empty columns (a comma at the end of
+    every line, as spreadsheets write) are dropped, and a short row is padded with empty values;
+    a row with more values than the header, a repeated column or broken quoting is one ``error``.
+    """
+    try:
+        text = decode_text(_read_input(uri, what, error))
+    except ValueError as exc:
+        raise error(f"{uri}: {exc}") from None
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header: list[str] | None = None
+    rows: CsvRows = []
+    end = 0  # the physical line the last record ended on
+    try:
+        for fields in reader:
+            line, end = end + 1, reader.line_num
+            if not any(f.strip() for f in fields):
+                continue
+            if header is None:
+                header = [f.strip() for f in fields]
+                while not header[-1]:
+                    header.pop()
+                repeated = next((h for i, h in enumerate(header) if h and h in header[:i]), None)
+                if repeated:
+                    raise error(f"{uri} line {line}: column '{repeated}' appears twice in the header")
+                continue
+            values = len(fields)
+            while values and not fields[values - 1].strip():
+                values -= 1
+            if values > len(header):
+                raise error(f"{uri} line {line}: {values} values, but the header has {len(header)} columns")
+            padded = [f.strip() for f in fields[: len(header)]] + [""] * max(0, len(header) - len(fields))
+            rows.append((line, {name: value for name, value in zip(header, padded, strict=True) if name}))
+    except csv.Error as exc:
+        raise error(f"{uri} line {end + 1}: {_csv_problem(exc)}") from None
+    return header or [], rows
+
+
+def _text(value: object) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def _manifest_rows(uri: str) -> tuple[list[str], list[tuple[str, int, dict]]]:
+    """The columns and rows of a manifest, each row with how to point at it: ("line", physical line)
+    in a CSV file, ("row", 1-based row) in a Parquet table."""
+    if not uri.lower().endswith(".parquet"):
+        header, rows = read_csv_rows(uri, "manifest")
+        return header, [("line", line, row) for line, row in rows]
+    data = _read_input(uri, "manifest", InputError)
+    try:
+        table = pq.read_table(io.BytesIO(data))
     except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"{uri}: not a readable manifest ({exc})") from None
+        raise InputError(f"{uri}: not a readable Parquet manifest ({exc})") from None
+    return table.column_names, [("row", number, row) for number, row in enumerate(table.to_pylist(), start=1)]
 
 
 def parse_prompt(text: str, where: str) -> tuple[str, ...]:
-    """One sentence, or a JSON list of sentences."""
+    """One sentence, or a JSON list of sentences.
+
+    Empty (blank, or ``[]``) means no sentences of its own: the case takes the run's (``--prompt`` or
+    the config's ``text.prompts``), and the plan refuses a text-mode case left with none. A long
+    sentence is kept whole, since BiomedCLIP's tokenizer truncates it at its context length.
+    """
     text = (text or "").strip()
     if not text:
         return ()
@@ -76,26 +176,34 @@ def _resolve(uri: str, base: str) -> str:
 
 
 def read_cohort_manifest(uri: str) -> list[CohortCase]:
-    table = _read_table(uri)
-    column = next((c for c in URI_COLUMNS if c in table.column_names), None)
+    """The cases of a manifest, sorted by case_id; every problem names the file and the row's line.
+
+    An empty ``prompt`` leaves the case without sentences of its own (it takes the run's), and a
+    ``case_id`` (given, or taken from the file name) must be a plain name, since it names output files.
+    """
+    columns, rows = _manifest_rows(uri)
+    column = next((c for c in URI_COLUMNS if c in columns), None)
     if column is None:
         raise InputError(f"{uri}: manifest needs a column named one of {', '.join(URI_COLUMNS)}; "
-                         f"found {', '.join(table.column_names) or 'none'}")
+                         f"found {', '.join(c for c in columns if c) or 'none'}")
     base = uri.rsplit("/", 1)[0] if "/" in uri else "."
-    cases: dict[str, CohortCase] = {}
-    for line, row in enumerate(table.to_pylist(), start=2):
-        where = f"{uri} row {line - 1}" if uri.lower().endswith(".parquet") else f"{uri} line {line}"
-        case_uri = _resolve(str(row.get(column) or "").strip(), base)
+    cases: dict[str, tuple[int, CohortCase]] = {}
+    for kind, number, row in rows:
+        where = f"{uri} {kind} {number}"
+        case_uri = _resolve(_text(row.get(column)), base)
         if not case_uri:
             raise InputError(f"{where}: empty {column}")
-        case_id = str(row.get("case_id") or "").strip() or case_id_from_uri(case_uri)
+        case_id = _text(row.get("case_id")) or case_id_from_uri(case_uri)
+        check_case_id(case_id, where)
         if case_id in cases:
-            raise InputError(f"{where}: case_id '{case_id}' appears twice ({cases[case_id].uri} and {case_uri})")
-        cases[case_id] = CohortCase(case_id, case_uri, parse_prompt(str(row.get("prompt") or ""), where),
-                                    _resolve(str(row.get("gt_uri") or "").strip(), base))
+            first, earlier = cases[case_id]
+            raise InputError(f"{where}: case_id {quoted(case_id)} appears twice ({kind}s {first} and {number}: "
+                             f"{earlier.uri} and {case_uri})")
+        cases[case_id] = number, CohortCase(case_id, case_uri, parse_prompt(_text(row.get("prompt")), where),
+                                            _resolve(_text(row.get("gt_uri")), base))
     if not cases:
         raise InputError(f"{uri}: manifest has no rows")
-    return [cases[k] for k in sorted(cases)]
+    return [cases[k][1] for k in sorted(cases)]
 
 
 def read_cohort(input_uri: str, gt_uri: str | None = None) -> list[CohortCase]:
@@ -107,6 +215,8 @@ def read_cohort(input_uri: str, gt_uri: str | None = None) -> list[CohortCase]:
         cases = read_cohort_manifest(input_uri)
     else:
         cases = [CohortCase(case_id, uri) for case_id, uri in list_cases(input_uri).items()]
+        for case in cases:
+            check_case_id(case.case_id, case.uri)
     if gt_uri:
         truths = list_cases(gt_uri)
         cases = [c if c.gt_uri else CohortCase(c.case_id, c.uri, c.prompts, truths.get(c.case_id, ""))

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 from dataclasses import asdict
 
+from ..errors import InputError
 from . import storage
 from .manifest import CaseRecord, record_from_dict
 
@@ -29,8 +31,34 @@ def absolute_output(output: str) -> str:
     return output if storage.is_remote(output) else os.path.abspath(output.removeprefix("file://"))
 
 
+def quoted(text: str) -> str:
+    """``text`` in quotes for a message, its control characters escaped so they cannot garble a terminal."""
+    return "'" + "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text) + "'"
+
+
+def check_case_id(case_id: str, where: str) -> None:
+    """Refuse a case_id that is not a plain file name: it names the case's output files, so ``/``,
+    ``\\``, ``..`` or an absolute path would write outside the output folder, a leading dot would hide
+    its record from a resume (and clash with temporary names), and control characters garble listings.
+    """
+    if (not case_id or case_id.startswith(".") or "/" in case_id or "\\" in case_id
+            or any(ord(c) < 32 or ord(c) == 127 for c in case_id)):
+        raise InputError(f"{where}: case_id {quoted(case_id)} is not a plain name (it names output files, so it may "
+                         "not be empty, start with '.', or hold '/', '\\' or control characters)")
+
+
+def case_file(output: str, folder: str, case_id: str, suffix: str) -> str:
+    """``<output>/<folder>/<case_id><suffix>``; the last guard that no case writes outside its output."""
+    check_case_id(case_id, f"output {output}")
+    uri = storage.join(output, folder, f"{case_id}{suffix}")
+    inside = posixpath.normpath(storage.join(output, folder))
+    if posixpath.dirname(posixpath.normpath(uri)) != inside:
+        raise InputError(f"output {output}: case_id {quoted(case_id)} would write outside {inside}")
+    return uri
+
+
 def record_uri(output: str, case_id: str) -> str:
-    return storage.join(output, RECORDS, f"{case_id}.json")
+    return case_file(output, RECORDS, case_id, ".json")
 
 
 def write_record(record: CaseRecord, output: str) -> None:

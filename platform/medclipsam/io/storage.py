@@ -18,6 +18,8 @@ from pathlib import Path
 import fsspec
 from fsspec.core import url_to_fs
 
+from ..errors import InputError
+
 
 def is_remote(uri: str) -> bool:
     """True for URIs with a scheme other than ``file``."""
@@ -104,15 +106,32 @@ def makedirs(uri: str) -> None:
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:
-    """Write ``data`` to ``uri`` under a temporary name, then rename it into place."""
+    """Write ``data`` to ``uri`` under a temporary name, then rename it into place.
+
+    A folder (or S3 prefix) already at ``uri`` is refused: a rename would move the file into it and
+    the write would look done while ``uri`` holds no file. The temporary never outlives a failure.
+    """
     fs, path = filesystem(uri)
+    if fs.isdir(path):
+        raise InputError(f"{uri} is a folder; cannot write a file there (remove or rename the folder)")
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent:
-        fs.makedirs(parent, exist_ok=True)
-    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{basename(path)}" if parent else f".tmp-{basename(path)}"
-    with fs.open(tmp, "wb") as handle:
-        handle.write(data)
-    fs.mv(tmp, path)
+        try:
+            fs.makedirs(parent, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise InputError(f"{_with_scheme(fs, parent, uri)} is a file; cannot create a folder there "
+                             f"to write {basename(uri)} (remove or rename the file)") from None
+    name = f".tmp-{uuid.uuid4().hex}-{basename(path)}"
+    tmp = f"{parent}/{name}" if parent else name
+    try:
+        with fs.open(tmp, "wb") as handle:
+            handle.write(data)
+        fs.mv(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        raise
 
 
 def upload_file_atomic(local_path: str | Path, uri: str) -> None:

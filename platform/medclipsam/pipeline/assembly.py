@@ -23,7 +23,7 @@ from ..eval.overlays import overlay_png, overlay_slice
 from ..io import storage
 from ..io.images import MedicalImage, mask_extension, read_mask, write_mask
 from ..io.manifest import STATUS_ERROR, STATUS_NO_PROMPTS, STATUS_NO_TARGET, STATUS_OK, CaseRecord
-from ..io.outputs import COARSE, MASKS, OVERLAYS, PROMPTS, SALIENCY, STAGING, write_record
+from ..io.outputs import COARSE, MASKS, OVERLAYS, PROMPTS, SALIENCY, STAGING, case_file, write_record
 from ..ops.slicing import assemble_mask, take_slice
 from ..prompts.types import SlicePrompts
 from .slices import NO_IMAGE, NO_MAP, NO_MASK, SOURCE_TEXT, Row, reference_image
@@ -79,7 +79,7 @@ def collect_slice(row: Row, settings: AssemblySettings) -> CaseRecord | None:
     n_slices = int(row["n_slices"])
     if n_slices == 1:
         return finish_case([row], settings)
-    folder = storage.join(settings.output, STAGING, str(row["case_id"]))
+    folder = case_file(settings.output, STAGING, str(row["case_id"]), "")
     storage.write_bytes_atomic(storage.join(folder, f"{int(row['slice']):06d}.npz"), _stage_bytes(row))
     staged = [u for u in storage.list_files(folder) if not storage.basename(u).startswith(".")]
     if len(staged) < n_slices:
@@ -136,7 +136,7 @@ def _write_outputs(rows: list[Row], record: CaseRecord, settings: AssemblySettin
     record.n_target_slices = len(prompted) if settings.source == SOURCE_TEXT else 0
     masks = {_key(r): r["mask"] for r in rows}
     mask = assemble_mask(image, masks, axis)
-    record.mask_uri = storage.join(settings.output, MASKS, record.case_id + mask_extension(image))
+    record.mask_uri = case_file(settings.output, MASKS, record.case_id, mask_extension(image))
     write_mask(mask, image, record.mask_uri)
     _write_intermediates(rows, record, image, axis, settings)
     truth = None
@@ -180,14 +180,14 @@ def _write_intermediates(rows: list[Row], record: CaseRecord, image: MedicalImag
         maps = [r["saliency"] if r["saliency"].size else np.zeros(r["mask"].shape, np.float32) for r in rows]
         buffer = io.BytesIO()
         np.save(buffer, _stacked(image, maps, axis).astype(np.float32))
-        storage.write_bytes_atomic(storage.join(settings.output, SALIENCY, f"{record.case_id}.npy"), buffer.getvalue())
+        storage.write_bytes_atomic(case_file(settings.output, SALIENCY, record.case_id, ".npy"), buffer.getvalue())
     if any(r.get("coarse") is not None and r["coarse"].size for r in rows):
         coarse = _stacked(image, [r["coarse"] if r["coarse"].size else np.zeros(r["mask"].shape, bool) for r in rows],
                           axis)
         write_mask(coarse.astype(np.uint8) if image.is_volume else coarse, image,
-                   storage.join(settings.output, COARSE, record.case_id + mask_extension(image)))
+                   case_file(settings.output, COARSE, record.case_id, mask_extension(image)))
     if settings.save_prompts:
-        storage.write_bytes_atomic(storage.join(settings.output, PROMPTS, f"{record.case_id}.json"),
+        storage.write_bytes_atomic(case_file(settings.output, PROMPTS, record.case_id, ".json"),
                                    record.prompts.encode())
 
 
@@ -201,4 +201,4 @@ def _write_overlay(record: CaseRecord, masks: dict, pictures: dict, truth, axis:
     if key not in pictures:
         return
     png = overlay_png(pictures[key], masks[key], truth_slices[key] if truth_slices else None)
-    storage.write_bytes_atomic(storage.join(output, OVERLAYS, f"{record.case_id}.png"), png)
+    storage.write_bytes_atomic(case_file(output, OVERLAYS, record.case_id, ".png"), png)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import PromptError
-from ..io import storage
+from ..io.cohort import read_csv_rows
 from ..io.images import read_mask
 from ..io.inputs import list_cases
 from .from_mask import label_boxes
@@ -41,18 +41,14 @@ class PromptRow:
 
 
 def _read_rows(uri: str, columns: tuple[str, ...]) -> list[PromptRow]:
-    try:
-        text = storage.read_bytes(uri).decode("utf-8-sig")
-    except FileNotFoundError as exc:
-        raise PromptError(f"{uri}: prompt file not found") from exc
-    reader = csv.DictReader(io.StringIO(text))
-    header = [h.strip() for h in (reader.fieldnames or [])]
+    """Rows of a prompt CSV, read as ``read_csv_rows`` reads any input CSV (encodings, trailing
+    commas, blank lines), each remembering its physical line for later messages."""
+    header, records = read_csv_rows(uri, "prompt file", PromptError)
     missing = [c for c in columns if c not in header]
     if missing:
         raise PromptError(f"{uri}: missing column(s) {', '.join(missing)}; expected header {','.join(columns)}")
     rows: list[PromptRow] = []
-    for number, record in enumerate(reader, start=2):
-        raw = {(k or "").strip(): (v or "").strip() for k, v in record.items()}
+    for number, raw in records:
         where = f"{uri} line {number}"
         case_id = raw["case_id"]
         if not case_id:
