@@ -26,6 +26,7 @@ from ..io import storage
 from ..io.registry import KIND_CLIP, KIND_TAG, SHA_TAG
 from ..io.tracking import flatten, resolve_tracking_uri
 from ..models.biomedclip import clip_weights_sha256, load_clip, save_clip
+from ..models.checkpoints import CorruptCheckpoint, read_json_checkpoint, read_torch_checkpoint, restore_newest
 from .losses import contrastive_loss, gather_features
 from .pairs import read_pairs, split_pairs
 from .retrieval import retrieval_metrics
@@ -99,8 +100,32 @@ def evaluate_retrieval(clip, batches, config: FinetuneConfig, device) -> dict[st
                              config.seed)
 
 
+TRAIN_STATE = "train_state.pt"
+TRAIN_STATE_KEYS = ("model", "optimiser", "scheduler", "epoch")
+
+
+def read_train_state(folder: Path, device="cpu") -> dict:
+    """The training state of a checkpoint folder, once every file of the checkpoint is checked.
+
+    ``train_state.pt`` must load and hold the model, optimiser, scheduler and epoch;
+    ``metrics.json`` and ``model/open_clip_config.json`` must be JSON objects and
+    ``model/open_clip_pytorch_model.bin`` a PyTorch file that loads (the final checkpoint's are
+    read at the end of the run). Anything missing, truncated or unreadable is a
+    ``CorruptCheckpoint`` naming the file: ``train_loop`` then resumes from the previous
+    checkpoint Ray Train kept (2 are), or from scratch when none is usable, with a warning
+    (see ``restore_newest``)."""
+    folder = Path(folder)
+    read_json_checkpoint(folder / "metrics.json")
+    read_json_checkpoint(folder / "model" / "open_clip_config.json")
+    read_torch_checkpoint(folder / "model" / "open_clip_pytorch_model.bin", mmap=True)  # a check: mapped, not read
+    state = read_torch_checkpoint(folder / TRAIN_STATE, TRAIN_STATE_KEYS, map_location=device)
+    if not isinstance(state["epoch"], int) or not all(isinstance(state[k], dict) for k in TRAIN_STATE_KEYS[:3]):
+        raise CorruptCheckpoint(f"checkpoint file {folder / TRAIN_STATE}: not a fine-tuning state")
+    return state
+
+
 def train_loop(loop_config: dict) -> None:
-    """Runs on every Ray Train worker."""
+    """Runs on every Ray Train worker. Resumes from the newest usable checkpoint (see ``read_train_state``)."""
     import mlflow
     import ray.train
     import ray.train.torch
@@ -119,14 +144,14 @@ def train_loop(loop_config: dict) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimiser, warmup_cosine(steps_per_epoch * config.optim.epochs, config.optim.warmup_fraction))
     start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / "train_state.pt", map_location=device, weights_only=False)
-            clip.model.load_state_dict(state["model"])
-            optimiser.load_state_dict(state["optimiser"])
-            scheduler.load_state_dict(state["scheduler"])
-            start_epoch = state["epoch"] + 1
+    # the newest checkpoint whose files all read; a corrupt one is reported and the previous one used
+    state = restore_newest(ray.train.get_checkpoint(), lambda folder: read_train_state(folder, device),
+                           what=f"fine-tuning (worker {rank})")
+    if state is not None:
+        clip.model.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = state["epoch"] + 1
     autocast = device.type == "cuda" and config.optim.mixed_precision
     if rank == 0:
         mlflow.set_tracking_uri(loop_config["tracking_uri"])
@@ -174,7 +199,7 @@ def train_loop(loop_config: dict) -> None:
             with tempfile.TemporaryDirectory() as folder:
                 save_clip(clip, Path(folder) / "model")
                 torch.save({"model": clip.model.state_dict(), "optimiser": optimiser.state_dict(),
-                            "scheduler": scheduler.state_dict(), "epoch": epoch}, Path(folder) / "train_state.pt")
+                            "scheduler": scheduler.state_dict(), "epoch": epoch}, Path(folder) / TRAIN_STATE)
                 (Path(folder) / "metrics.json").write_text(json.dumps(metrics))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:

@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import InputError, ModelError
 from ..io import storage
 from ..io.fetch import fetch_folder, fetch_registered
-from ..models.checkpoints import sha256_of
+from ..models.checkpoints import read_torch_checkpoint, sha256_of, torch_file_problem
 from .nnunet_env import FOLD, nnunet_environment, stdout_to
 
 ENSEMBLE_FILE = "ensemble.json"
@@ -61,7 +61,25 @@ def resolve_ensemble(uri: str) -> EnsembleFolder:
     missing = [m for m in [*manifest["members"], FINAL] if not (folder / f"fold_{FOLD}" / m).exists()]
     if missing:
         raise ModelError(f"weak ensemble {uri}: missing member checkpoint(s) {', '.join(missing[:3])}")
+    for name in [*manifest["members"], FINAL]:  # cheap: each file's zip directory, not its tensors
+        problem = torch_file_problem(folder / f"fold_{FOLD}" / name)
+        if problem is not None:
+            raise ModelError(f"weak ensemble {uri}: member checkpoint {folder / f'fold_{FOLD}' / name} is corrupt: "
+                             f"{problem}")
     return EnsembleFolder(folder, manifest, uri)
+
+
+def member_weights(folder: EnsembleFolder, name: str) -> dict:
+    """A member's network weights; an unreadable member is a ``ModelError`` naming the file (and saying
+    whether it still matches the SHA-256 that ``ensemble.json`` recorded)."""
+    path = folder.path / f"fold_{FOLD}" / name
+    try:
+        return read_torch_checkpoint(path, ("network_weights",))["network_weights"]
+    except ModelError as exc:
+        recorded = folder.manifest.get("sha256", {}).get(name)
+        changed = " (its SHA-256 differs from the one ensemble.json recorded)" if (
+            recorded and path.exists() and sha256_of(str(path)) != recorded) else ""
+        raise ModelError(f"weak ensemble {folder.uri}: {exc}{changed}") from exc
 
 
 class Ensemble:
@@ -73,6 +91,7 @@ class Ensemble:
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
         self.folder, self.names = folder, folder.members(members)
+        self.weights = [member_weights(folder, name) for name in self.names]  # first: a corrupt one is named
         torch_device = torch.device(device)
         self.predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=use_gaussian,
                                          use_mirroring=use_mirroring,
@@ -82,8 +101,6 @@ class Ensemble:
         # nnU-Net's trainer lookup finds our trainer class (and narrates its search on stdout)
         with nnunet_environment(None), stdout_to(os.devnull):
             self.predictor.initialize_from_trained_model_folder(str(folder.path), (FOLD,), self.names[0])
-        self.weights = [torch.load(folder.path / f"fold_{FOLD}" / name, map_location="cpu",
-                                   weights_only=False)["network_weights"] for name in self.names]
 
     def member_probabilities(self, array: np.ndarray, properties: dict, is_volume: bool) -> Iterator[np.ndarray]:
         """Each member's foreground probability at the image's own resolution (``H x W`` or ``Z x Y x X``);

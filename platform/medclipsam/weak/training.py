@@ -5,9 +5,10 @@ work folder (reused by a rerun with the same cases), open or reopen the MLflow r
 ``TorchTrainer`` with one worker per GPU (one CPU worker without GPUs), then write
 ``ensemble.json`` next to the members and optionally register the ensemble.
 Workers (``train_loop``): build ``nnUNetTrainerCyclic`` through nnU-Net's trainer lookup, continue
-from Ray's last checkpoint if there is one, and train. After every epoch rank 0 uploads a kept
-member to ``<output>/ensemble/fold_all/`` at once, logs the epoch to MLflow, and reports a Ray
-checkpoint holding the state to continue from; a killed run resumes at the next epoch.
+from Ray's last checkpoint if there is one (the one before it if it is corrupt), and train. After
+every epoch rank 0 uploads a kept member to ``<output>/ensemble/fold_all/`` at once, logs the
+epoch to MLflow, and reports a Ray checkpoint holding the state to continue from; a killed run
+resumes at the next epoch.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ..io.fetch import cache_slot
 from ..io.outputs import absolute_output
 from ..io.registry import KIND_TAG, KIND_WEAK, SHA_TAG
 from ..io.tracking import flatten, resolve_tracking_uri
-from ..models.checkpoints import sha256_of
+from ..models.checkpoints import read_torch_checkpoint, restore_newest, sha256_of
 from .dataset import TrainingCase, export_dataset
 from .ensemble import ENSEMBLE_FILE, FINAL
 from .nnunet_env import CONFIGURATION, FOLD, TRAINER_NAME, dataset_folder_name, nnunet_environment, stdout_to
@@ -111,8 +112,34 @@ def _epoch_metrics(trainer, epoch: int) -> dict:
             "epoch_seconds": float(value("epoch_end_timestamps", step=-1) - value("epoch_start_timestamps", step=-1))}
 
 
+RESUME_STATE = "train_state.pth"
+# what nnU-Net's load_checkpoint reads from a checkpoint (2.8.1)
+NNUNET_STATE_KEYS = ("network_weights", "optimizer_state", "grad_scaler_state", "logging", "_best_ema",
+                     "current_epoch", "init_args")
+
+
+def check_resume_state(folder: Path) -> Path:
+    """The nnU-Net training state (``train_state.pth``) of a Ray checkpoint folder, checked: a missing,
+    truncated or unreadable file, or one without the state nnU-Net loads, is a ``CorruptCheckpoint``
+    naming it. The tensors are memory-mapped, not read: nnU-Net loads the file itself."""
+    path = Path(folder) / RESUME_STATE
+    read_torch_checkpoint(path, NNUNET_STATE_KEYS, mmap=True)
+    return path
+
+
+def resume_from(trainer, folder: Path) -> int:
+    """Load a checked Ray checkpoint folder into the nnU-Net trainer; the epoch it continues at.
+
+    A corrupt state (``check_resume_state``) leaves the trainer as it was, and ``train_loop`` tries
+    the previous checkpoint Ray Train kept (2 are), or starts from scratch when none is usable,
+    with a warning (see ``restore_newest``)."""
+    path = check_resume_state(folder)
+    trainer.load_checkpoint(str(path))
+    return trainer.current_epoch
+
+
 def train_loop(loop_config: dict) -> None:
-    """Runs on every Ray Train worker."""
+    """Runs on every Ray Train worker. Resumes from the newest usable Ray checkpoint (see ``resume_from``)."""
     import mlflow
     import numpy as np
     import ray.train
@@ -136,10 +163,9 @@ def train_loop(loop_config: dict) -> None:
             trainer = get_trainer_from_args(str(config.data.dataset_id), CONFIGURATION, FOLD, TRAINER_NAME,
                                             device=device)
         _configure(trainer, config)
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint:
-            with checkpoint.as_directory() as folder:
-                trainer.load_checkpoint(str(Path(folder) / "train_state.pth"))
+        # the newest Ray checkpoint whose state reads; a corrupt one is reported and the previous one used
+        restore_newest(ray.train.get_checkpoint(), lambda folder: resume_from(trainer, folder),
+                       what=f"weak training (worker {rank})")
         if rank == 0:
             mlflow.set_tracking_uri(loop_config["tracking_uri"])
             mlflow.start_run(run_id=loop_config["run_id"])
@@ -153,7 +179,7 @@ def train_loop(loop_config: dict) -> None:
                 storage.upload_file_atomic(trainer.member_path(epoch), storage.join(members, member_name(epoch)))
             mlflow.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "start_epoch")}, step=epoch)
             with tempfile.TemporaryDirectory() as folder:
-                trainer.save_resume_state(str(Path(folder) / "train_state.pth"))
+                trainer.save_resume_state(str(Path(folder) / RESUME_STATE))
                 (Path(folder) / "metrics.json").write_text(json.dumps(metrics))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
@@ -267,9 +293,10 @@ def run_weak_training(cases: list[TrainingCase], skipped_before: dict[str, str],
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={
             **({"GPU": 1.0, "CPU": 1.0} if use_gpu else {"CPU": cpus_per_worker}), f"node:{here}": 0.001}),
         # Ray Train's checkpoints live with the output, so a rerun from any machine continues there.
+        # Two are kept: when the last one is corrupt, the resume falls back to the one before.
         run_config=RunConfig(name="weak", storage_path=storage.join(absolute_output(output), "ray_train"),
                              failure_config=FailureConfig(max_failures=2),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=list(callbacks or [])),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks or [])),
     )
     try:
         result = trainer.fit()
