@@ -37,5 +37,31 @@ class KillWorkersOnce(UserCallback):
             os.kill(pid, signal.SIGKILL)
 
 
+class FailNth:
+    """Wraps a Ray Data task function (the pipeline's ``read``/``write`` seams): its ``n``-th call,
+    counted over every worker process in the file ``counter``, raises instead of running."""
+
+    def __init__(self, func, n: int, counter: Path, what: str):
+        self.func, self.n, self.counter, self.what = func, n, str(counter), what
+        self.__name__ = getattr(func, "__name__", what)
+
+    def __call__(self, *args, **kwargs):
+        if tick(self.counter) == self.n:
+            raise RuntimeError(f"injected {self.what} failure")
+        return self.func(*args, **kwargs)
+
+
+def tick(counter: str) -> int:
+    """Add one to a counter file shared by processes; the new count."""
+    import fcntl
+
+    with open(counter, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.write("x")
+        handle.flush()
+        handle.seek(0)
+        return len(handle.read())
+
+
 # The callback runs on the Ray Train controller, which cannot import this module: ship it by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -368,3 +368,46 @@ def test_registered_pipeline_reproduces_its_run(tmp_path, ray_session, tracking_
                                         "--output", str(tmp_path / "d"), *common])
     assert changed.exit_code == 2 and "cannot be reproduced" in changed.output, changed.output
     assert not (tmp_path / "d").exists()
+
+
+def test_read_sam_and_write_faults_lose_nothing(cohort, tmp_path, ray_session, tracking_uri, oracle_reference):
+    """The 1st read, the 1st SAM encoder call and the 3rd write fail (counted over every worker
+    process; the write's case may already have failed in SAM). The run goes on and records those
+    cases as errors with their cause; one resume completes them, with the fault-free run's masks;
+    no case is missing from the manifest or twice."""
+    from ray_faults import FailNth, tick
+
+    from medclipsam.pipeline.cpu_tasks import read_case, write_slice
+
+    sam_calls = str(tmp_path / "sam-calls")
+
+    class FlakySam(SamStage):  # SAM's image encoder raises on its 1st call over all actors
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            embed = self.segmenter.embed
+
+            def failing_embed(*a, **k):
+                if tick(sam_calls) == 1:
+                    raise RuntimeError("injected SAM failure")
+                return embed(*a, **k)
+
+            self.segmenter.embed = failing_embed
+
+    config = _config(tracking_uri)
+    output = tmp_path / "run"
+    job = Job(config, str(cohort / "images"), str(output), "labels", str(cohort / "labels"))
+    first = run_pseudolabel(job, sam_stage=FlakySam, read=FailNth(read_case, 1, tmp_path / "reads", "read"),
+                            write=FailNth(write_slice, 3, tmp_path / "writes", "write"))
+    failed = {r.case_id: r.error for r in first.records if r.status == "error"}
+    assert all("injected" in error for error in failed.values()), failed  # each failure names its cause
+    causes = " | ".join(failed.values())
+    assert "injected read failure" in causes and "SAM: injected SAM failure" in causes, failed
+    assert sorted(r.case_id for r in first.records) == sorted(CASES)
+    resumed = run_pseudolabel(job)
+    assert resumed.n_processed == len(failed) and resumed.n_skipped == len(CASES) - len(failed)
+    rows = pq.read_table(output / "manifest.parquet").to_pylist()
+    assert sorted(r["case_id"] for r in rows) == sorted(CASES)  # each case once
+    assert [r["status"] for r in rows] == ["ok"] * len(CASES)
+    for row in rows:
+        name = row["mask_uri"].rsplit("/", 1)[-1]
+        _same_mask(_mask(row["mask_uri"]), _mask(str(oracle_reference / "masks" / name)), row["case_id"])

@@ -122,8 +122,36 @@ def start_ray(address: str | None) -> None:
     if address is None and "RAY_ADDRESS" not in os.environ:  # local: keep library deprecation noise out of logs
         quiet = "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning"
         ray.init(runtime_env={"env_vars": {"PYTHONWARNINGS": quiet}}, **options)
+        _stop_local_ray_on_every_exit()
     else:
         ray.init(address=address, **options)
+
+
+def _stop_local_ray_on_every_exit() -> None:
+    """The local Ray this command started goes with it, however the command ends.
+
+    A return, an error or Ctrl-C end in ``ray.shutdown`` (atexit). SIGTERM and SIGHUP would
+    otherwise reach Ray's own handler, which aborts the process with a stack dump: they become
+    SystemExit, so the same clean-up runs (and the MLflow run is marked failed, to be reopened on
+    resume). A SIGKILL cannot be caught: a watchdog process stops what Ray left then.
+    """
+    import atexit
+    import signal
+
+    import ray
+
+    from . import ray_watchdog
+
+    atexit.register(ray.shutdown)
+
+    def stop(signum, _frame) -> None:
+        click.echo(f"stopped by {signal.Signals(signum).name}; completed cases are kept, run the same command "
+                   "to resume", err=True)
+        sys.exit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+    ray_watchdog.start(os.getpid())
 
 
 # -- what the user sees while a run goes on, and after ------------------------------------------------

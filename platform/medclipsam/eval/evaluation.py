@@ -11,11 +11,13 @@ import pyarrow.parquet as pq
 
 from ..errors import InputError
 from ..io import storage
+from ..io.access import reading
 from ..io.images import MedicalImage, read_mask
 from ..io.inputs import list_cases
 from .metrics import CaseMetrics, case_metrics, summarise
 
 DEFAULT_TOLERANCE = 2.0  # pixels for 2D images, millimetres for volumes
+GEOMETRY_CHECKS = ("warn", "fail", "ignore")  # what a prediction whose geometry differs from its truth gets
 
 
 @dataclass
@@ -29,6 +31,7 @@ class EvaluationRow:
     tolerance: float = DEFAULT_TOLERANCE
     status: str = "ok"
     error: str = ""
+    warning: str = ""  # e.g. the prediction's spacing differs from the truth's (scored voxel by voxel anyway)
 
 
 def score_mask(pred: np.ndarray, pred_uri: str, truth: MedicalImage, tolerance: float) -> CaseMetrics:
@@ -41,23 +44,52 @@ def score_mask(pred: np.ndarray, pred_uri: str, truth: MedicalImage, tolerance: 
     return case_metrics(pred > 0, truth.array, tolerance, spacing)
 
 
-def evaluate_case(case_id: str, pred_uri: str, gt_uri: str, tolerance: float) -> EvaluationRow:
+def geometry_mismatch(pred: MedicalImage, truth: MedicalImage) -> str:
+    """How the prediction's spacing, origin or direction differs from the truth's ('' if they agree).
+
+    Masks are compared voxel by voxel, so a mask written on another grid scores as if it were on
+    the truth's: worth a word, or a failure, rather than silence."""
+    for name in ("spacing", "origin", "direction"):
+        a, b = getattr(pred, name), getattr(truth, name)
+        if len(a) != len(b) or not np.allclose(a, b, rtol=1e-4, atol=1e-4):
+            shown = [tuple(round(float(v), 4) for v in x) for x in (a, b)]
+            return f"{name} {shown[0]} differs from the ground truth's {shown[1]}"
+    return ""
+
+
+def evaluate_case(case_id: str, pred_uri: str, gt_uri: str, tolerance: float, geometry: str = "warn") -> EvaluationRow:
     row = EvaluationRow(case_id, pred_uri, gt_uri, tolerance=tolerance)
     try:
-        metrics = score_mask(read_mask(pred_uri).array, pred_uri, read_mask(gt_uri), tolerance)
+        pred, truth = read_mask(pred_uri), read_mask(gt_uri)
+        mismatch = geometry_mismatch(pred, truth) if geometry != "ignore" else ""
+        if mismatch and geometry == "fail":
+            row.status, row.error = "error", f"{pred_uri}: {mismatch}"
+            return row
+        row.warning = f"{pred_uri}: {mismatch}" if mismatch else ""
+        metrics = score_mask(pred.array, pred_uri, truth, tolerance)
         row.dsc, row.nsd, row.hd95 = metrics.dsc, metrics.nsd, metrics.hd95
     except Exception as exc:  # recorded per case so the rest are still scored
         row.status, row.error = "error", str(exc)
     return row
 
 
-def evaluate(pred: str, gt: str, tolerance: float = DEFAULT_TOLERANCE) -> tuple[list[EvaluationRow], dict[str, float]]:
+def evaluate(pred: str, gt: str, tolerance: float = DEFAULT_TOLERANCE,
+             geometry: str = "warn") -> tuple[list[EvaluationRow], dict[str, float]]:
     """Score every predicted case that has a ground truth of the same case_id.
 
     Returns the per-case rows and a summary (means over scored cases; HD95 over finite values).
     Cases present on only one side are listed with status ``missing_gt`` / ``missing_pred``.
+    ``geometry``: a prediction whose spacing, origin or direction differs from its truth's gets a
+    warning (``warn``), fails (``fail``) or passes unremarked (``ignore``).
     """
-    predictions, truths = list_cases(pred), list_cases(gt)
+    if not tolerance > 0:
+        raise InputError(f"the NSD tolerance must be above 0 (got {tolerance})")
+    if geometry not in GEOMETRY_CHECKS:
+        raise InputError(f"geometry check must be one of {', '.join(GEOMETRY_CHECKS)}")
+    with reading(pred, "predictions folder"):
+        predictions = list_cases(pred)
+    with reading(gt, "ground-truth folder"):
+        truths = list_cases(gt)
     rows: list[EvaluationRow] = []
     for case_id in sorted(set(predictions) | set(truths)):
         if case_id not in truths:
@@ -67,7 +99,7 @@ def evaluate(pred: str, gt: str, tolerance: float = DEFAULT_TOLERANCE) -> tuple[
             rows.append(EvaluationRow(case_id, "", truths[case_id], status="missing_pred",
                                       error=f"no prediction for case '{case_id}' under {pred}"))
         else:
-            rows.append(evaluate_case(case_id, predictions[case_id], truths[case_id], tolerance))
+            rows.append(evaluate_case(case_id, predictions[case_id], truths[case_id], tolerance, geometry))
     scored = [r for r in rows if r.status == "ok"]
     summary = {
         "n_scored": float(len(scored)),

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+PARAM_LIMIT = 6000  # characters of one MLflow param value
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
@@ -29,7 +30,9 @@ def flatten(settings: dict, prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict):
             flat.update(flatten(value, name + "."))
         else:
-            flat[name] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+            text = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+            # MLflow refuses a param over 6000 characters (a long prompt): keep its head, say it was cut
+            flat[name] = text if len(text) <= PARAM_LIMIT else text[: PARAM_LIMIT - 20] + " ...(truncated)"
     return flat
 
 

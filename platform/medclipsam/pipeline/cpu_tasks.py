@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 
+from ..io.manifest import STATUS_ERROR, CaseRecord
 from .assembly import AssemblySettings, collect_slice
 from .job import Job
-from .slices import CaseTask, case_slices
+from .slices import CaseTask, case_slices, failed_read
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +25,39 @@ def read_case(row: dict, job: Job) -> list[dict]:
 
 
 def write_slice(row: dict, settings: AssemblySettings) -> list[dict]:
-    """Stage one slice; the case's record (as a dict) once its last slice is in, else nothing."""
+    """Stage one slice; the case's record (as a dict) once its last slice is in, else nothing.
+
+    A slice that cannot be staged makes its case an error row with the cause (the case can no
+    longer complete in this run; a rerun retries it)."""
     try:
         record = collect_slice(row, settings)
-    except Exception:  # a slice that cannot be staged leaves its case incomplete; the driver reports it
-        log.exception("case %s slice %s could not be staged", row["case_id"], row["slice"])
-        return []
+    except Exception as exc:
+        return failed_write(row, exc)
     return [] if record is None else [asdict(record)]
+
+
+def failed_write(row: dict, exc: BaseException) -> list[dict]:
+    log.error("case %s slice %s could not be written: %s", row["case_id"], row["slice"], exc)
+    failed = CaseRecord(row["case_id"], row["uri"], gt_uri=row.get("gt_uri", ""), status=STATUS_ERROR,
+                        error=f"slice {row['slice']} could not be written: {type(exc).__name__}: {exc}"[:500],
+                        n_slices=int(row.get("n_slices", 0) or 0))
+    return [asdict(failed)]
+
+
+class Contained:
+    """A read or write task whose exception becomes its case's error row instead of a failed Ray task.
+
+    A task that raises would stop the whole run (Ray Data does not retry application errors); an
+    error row costs one case, which a rerun retries."""
+
+    def __init__(self, func, kind: str) -> None:
+        self.func, self.kind = func, kind
+
+    def __call__(self, row: dict, **kwargs) -> list[dict]:
+        try:
+            return self.func(row, **kwargs)
+        except Exception as exc:
+            if self.kind == "write":
+                return failed_write(row, exc)
+            log.error("case %s could not be read: %s", row["case_id"], exc)
+            return [failed_read(CaseTask(**row), f"{type(exc).__name__}: {exc}")]

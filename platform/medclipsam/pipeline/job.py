@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 
 from ..config import BIOMEDCLIP_HUB, TaskConfig
 from ..errors import InputError
+from ..io.access import reading
 from ..io.cohort import CohortCase, read_cohort
 from ..io.outputs import absolute_output
 from ..io.registry import ModelPin
@@ -87,7 +88,8 @@ class Job:
 
 def plan(job: Job) -> list[CaseTask]:
     """The job's cases with their prompts, sorted by case_id; input errors are raised here."""
-    cases = read_cohort(job.input_uri, job.gt_uri)
+    with reading(job.input_uri, "cohort"):
+        cases = read_cohort(job.input_uri, job.gt_uri)
     rows: dict[str, str] = {}
     if job.source == SOURCE_FILES:
         boxes = read_box_rows(job.boxes_csv) if job.boxes_csv else []
@@ -98,6 +100,9 @@ def plan(job: Job) -> list[CaseTask]:
             for row in found:
                 by_case[row.case_id][kind].append(row)
         rows = {case_id: rows_to_json(*lists) for case_id, lists in by_case.items()}
+    if job.source == SOURCE_LABELS and not any(c.gt_uri for c in cases):
+        raise InputError("--prompt-source labels takes its boxes from the ground truth, and no case has one: give "
+                         "--gt or a gt_uri column in the manifest")
     if job.attribution and not any(c.gt_uri for c in cases):
         raise InputError("stage attribution scores against the truth: give --gt or a gt_uri column in the manifest")
     if job.source == SOURCE_TEXT:

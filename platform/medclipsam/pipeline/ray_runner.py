@@ -19,7 +19,7 @@ import numpy as np
 from ..config import ActorPoolConfig, CoarseMaskConfig, SaliencyConfig, SamConfig, VisualPromptConfig
 from ..io.manifest import CaseRecord, record_from_dict
 from ..io.tracking import resolve_tracking_uri
-from .cpu_tasks import read_case, write_slice
+from .cpu_tasks import Contained, read_case, write_slice
 from .job import Job
 from .pools import pool_sizes
 from .slices import SOURCE_TEXT, CaseTask
@@ -106,8 +106,12 @@ def cluster_pool_sizes(job: Job) -> dict[str, int]:
                       float(resources.get("GPU", 0.0)))
 
 
-def build_dataset(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = SamStage):
-    """The Ray Data chain for ``tasks``; lazy until iterated. ``sam_stage`` may be a subclass."""
+def build_dataset(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = SamStage, read=read_case,
+                  write=write_slice):
+    """The Ray Data chain for ``tasks``; lazy until iterated.
+
+    ``sam_stage`` may be a subclass, ``read`` and ``write`` wrappers of the CPU tasks: the seams
+    through which tests inject faults (production code reads no test flags)."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -116,7 +120,7 @@ def build_dataset(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = S
     sizes = cluster_pool_sizes(job)
     log.info("actor pools: %s", sizes)
     ds = ray.data.from_items([asdict(t) for t in tasks], override_num_blocks=max(1, min(len(tasks), 1000)))
-    ds = ds.flat_map(read_case, fn_kwargs={"job": job}, num_cpus=pipeline.task_cpus)
+    ds = ds.flat_map(Contained(read, "read"), fn_kwargs={"job": job}, num_cpus=pipeline.task_cpus)
     if job.source == SOURCE_TEXT:
         ds = ds.map_batches(SaliencyStage, fn_constructor_kwargs={
             "clip_uri": job.clip, "device": _device(pipeline.saliency, c.sam.device), "saliency": c.saliency,
@@ -129,7 +133,8 @@ def build_dataset(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = S
         compute=ActorPoolStrategy(size=sizes["sam"]), batch_size=c.sam.batch_size,
         num_gpus=pipeline.sam.num_gpus, num_cpus=pipeline.sam.num_cpus)
     memory = {"memory": pipeline.write_memory_mb * 2**20} if pipeline.write_memory_mb else {}
-    return ds.flat_map(write_slice, fn_kwargs={"settings": job.assembly()}, num_cpus=pipeline.task_cpus, **memory)
+    return ds.flat_map(Contained(write, "write"), fn_kwargs={"settings": job.assembly()},
+                       num_cpus=pipeline.task_cpus, **memory)
 
 
 def quiet_ray_data(verbose: bool = False) -> None:
@@ -150,7 +155,8 @@ def quiet_ray_data(verbose: bool = False) -> None:
     logging.getLogger("ray.data._internal.progress").setLevel(logging.INFO if verbose else logging.ERROR)
 
 
-def run_ray(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = SamStage) -> Iterator[CaseRecord]:
+def run_ray(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = SamStage, read=read_case,
+            write=write_slice) -> Iterator[CaseRecord]:
     """Yield each case's record as its last slice is written (on the Ray this process is connected to)."""
     if not tasks:
         return
@@ -159,7 +165,7 @@ def run_ray(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = SamStag
     if not ray.is_initialized():
         ray.init()
     seen: set[str] = set()
-    for row in build_dataset(tasks, job, sam_stage).iter_rows():
+    for row in build_dataset(tasks, job, sam_stage, read, write).iter_rows():
         record = record_from_dict(row)
         if record.case_id not in seen:  # two writers raced to the last slice: same files, one record
             seen.add(record.case_id)

@@ -14,6 +14,7 @@ from typing import Literal
 import numpy as np
 
 from ..io import storage
+from ..io.access import check_output_folder
 from ..io.manifest import COMPLETED, STATUS_ERROR, CaseRecord, status_counts, write_manifest
 from ..io.outputs import MANIFEST, STAGING, read_records
 from ..io.registry import ModelPin
@@ -47,8 +48,10 @@ def run_job(job: Job, runner: Runner = "ray", progress: Progress | None = None, 
     over a finished output starts nothing. ``runner_options`` go to the runner (``sam_stage`` for
     Ray: a ``SamStage`` subclass).
     """
-    tasks = plan(job.resolved())  # a bad input fails here, before any model loads
-    job, pins = pin_models(job.resolved())  # models:/NAME@alias -> the version it names now
+    job = job.resolved()
+    tasks = plan(job)  # a bad input fails here, before any model loads
+    check_output_folder(job.output)  # and so does an output that cannot be written
+    job, pins = pin_models(job)  # models:/NAME@alias -> the version it names now
     parameters = job.parameters()
     previous = tracking.check_settings(job, parameters, pins) if resume else None
     done = _completed(job, tasks) if resume else {}

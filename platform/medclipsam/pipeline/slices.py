@@ -91,6 +91,11 @@ def _base_row(task: CaseTask) -> Row:
             "error": "", "seconds_read": 0.0, "prompts": "", "oracle_prompts": ""}
 
 
+def failed_read(task: CaseTask, error: str, seconds: float = 0.0) -> Row:
+    """The one row of a case that could not be read: it flows through the stages as an error."""
+    return {**_base_row(task), "error": error, "seconds_read": seconds}
+
+
 def _given_prompts(task: CaseTask, image: MedicalImage, source: str, settings: ImageConfig,
                    box_margin: float) -> dict[int | None, SlicePrompts]:
     """The prompts a case brings with it: boxes from its labels, or rows of the prompt files."""
@@ -137,7 +142,7 @@ def case_slices(task: CaseTask, settings: ImageConfig, source: str, box_margin: 
         inputs = model_inputs(image, keys, settings)
         geometry = geometry_of(image, settings.axis)
     except Exception as exc:  # recorded in the row: the case ends as an error row of the manifest
-        return [{**_base_row(task), "error": str(exc), "seconds_read": time.perf_counter() - start}]
+        return [failed_read(task, str(exc), time.perf_counter() - start)]
     share = (time.perf_counter() - start) / len(keys)
     rows = []
     for key, pixels in zip(keys, inputs, strict=True):

@@ -21,10 +21,11 @@ import numpy as np
 from ..errors import InputError
 from ..eval.evaluation import score_mask
 from ..io import storage
+from ..io.access import check_output_folder, reading
 from ..io.cohort import CohortCase, read_cohort
 from ..io.images import mask_extension, read_image, read_mask, write_mask
 from ..io.manifest import COMPLETED, STATUS_ERROR, CaseRecord, record_from_dict, status_counts, write_manifest
-from ..io.outputs import MANIFEST, MASKS, RUN_FILE, absolute_output, read_records, write_record
+from ..io.outputs import MANIFEST, MASKS, RUN_FILE, absolute_output, case_file, read_records, write_record
 from ..io.registry import is_registered, resolve_registered
 from .dataset import nnunet_input
 from .ensemble import Ensemble, EnsembleFolder, resolve_ensemble
@@ -68,11 +69,11 @@ def predict_case(ensemble: Ensemble, case: CohortCase, settings: PredictSettings
         mask = p > settings.threshold
         entropy = binary_entropy(p)
         record.uncertainty = case_uncertainty(entropy, mask)
-        record.mask_uri = storage.join(settings.output, MASKS, case.case_id + mask_extension(image))
+        record.mask_uri = case_file(settings.output, MASKS, case.case_id, mask_extension(image))
         write_mask(mask, image, record.mask_uri)
         if settings.save_maps:
-            _save_array(p, storage.join(settings.output, PROB, f"{case.case_id}.npy"))
-            _save_array(entropy, storage.join(settings.output, ENTROPY, f"{case.case_id}.npy"))
+            _save_array(p, case_file(settings.output, PROB, case.case_id, ".npy"))
+            _save_array(entropy, case_file(settings.output, ENTROPY, case.case_id, ".npy"))
         if case.gt_uri:
             try:
                 scores = score_mask(mask, record.mask_uri, read_mask(case.gt_uri), settings.tolerance)
@@ -143,9 +144,11 @@ def run_weak_predict(model: str, input_uri: str, output: str, config: WeakConfig
         model, version = ref.uri, ref.version
     else:
         model = absolute_output(model)  # the actors resolve it again, from their own working directory
-    cases = read_cohort(input_uri, gt)
+    with reading(input_uri, "cohort"):
+        cases = read_cohort(input_uri, gt)
     if not cases:
         raise InputError(f"{input_uri}: no cases")
+    check_output_folder(output)  # before the ensemble is fetched and loaded
     folder = resolve_ensemble(model)
     settings = _settings(folder, output, config, threshold, members, save_maps)
     _record_run(output, {"requested": requested, "uri": model, "version": version, "sha256": folder.sha256},
