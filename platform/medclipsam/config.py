@@ -228,21 +228,33 @@ def resolve_config(uri: str | Path) -> str:
     return str(packaged_config(uri)) if _is_bare_name(uri) else uri
 
 
+def parse_yaml(data: bytes | str, source: str) -> object:
+    """YAML text -> Python objects; malformed YAML or text that is not UTF-8 is one InputError naming
+    ``source`` and the line and column at fault (PyYAML's own message spans several lines)."""
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{source}: not UTF-8 text (byte {exc.start})") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        where = f"line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}: " if exc.problem_mark else ""
+        raise InputError(f"{source}: not valid YAML ({where}{exc.problem or exc.context})") from exc
+    except yaml.YAMLError as exc:
+        raise InputError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+
+
 def load_model(uri: str | Path, model: type[M]) -> M:
     """Read a YAML file from a path, a URI or a packaged config's name and validate it against a settings model."""
     uri = str(uri)
     try:
         if _is_bare_name(uri):
-            text = packaged_config(uri).read_text(encoding="utf-8")
+            text = packaged_config(uri).read_bytes()
         else:
-            text = storage.read_bytes(uri).decode("utf-8")
+            text = storage.read_bytes(uri)
     except FileNotFoundError:
         raise InputError(f"{uri}: config file not found") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise InputError(f"{uri}: not valid YAML ({exc})") from None
-    return parse_model(data, model, uri)
+    return parse_model(parse_yaml(text, uri), model, uri)
 
 
 def parse_config(data: object, source: str = "<config>") -> TaskConfig:

@@ -10,6 +10,7 @@ import os
 
 import click
 
+from .common import unexpected
 from .data import data
 from .demo import demo
 from .evaluate import evaluate
@@ -21,7 +22,20 @@ from .tune import tune
 from .weak import weak
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The command group; an exception that escapes a command is reported as one sentence."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort,
+                SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a defect or an unforeseen environment failure, not an input error
+            unexpected(exc, bool(ctx.params.get("verbose")))
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages, and show Ray's own progress and logs.")
 @click.pass_context
 def main(context: click.Context, verbose: bool) -> None:

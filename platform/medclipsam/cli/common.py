@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from collections.abc import Iterable
 from typing import NoReturn
 
@@ -21,9 +22,26 @@ from ..io.manifest import STATUS_ERROR, CaseRecord
 
 
 def fail(message: str) -> NoReturn:
-    """A usage or input error: one sentence on stderr, exit code 2."""
+    """A usage or input error: one sentence on stderr, exit code 2.
+
+    Called while handling an exception, ``-v`` prints its traceback first, so a user reporting a
+    problem (or a developer chasing one) can see where the sentence came from.
+    """
+    if verbose() and sys.exc_info()[1] is not None:
+        traceback.print_exc(file=sys.stderr)
     click.echo(f"error: {message}", err=True)
     sys.exit(2)
+
+
+def unexpected(exc: BaseException, verbose_flag: bool) -> NoReturn:
+    """An error no check anticipated: the cause in a sentence, exit code 1; ``-v`` shows the traceback."""
+    if verbose_flag:
+        traceback.print_exception(exc, file=sys.stderr)
+    lines = str(exc).strip().splitlines()
+    cause = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    hint = "" if verbose_flag else " (run with -v for the traceback)"
+    click.echo(f"error: unexpected failure, {cause}{hint}", err=True)
+    sys.exit(1)
 
 
 def verbose() -> bool:

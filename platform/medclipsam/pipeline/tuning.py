@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import yaml
 
-from ..config import SaliencyConfig, SamConfig, TaskConfig, load_model, parse_config
+from ..config import SaliencyConfig, SamConfig, TaskConfig, load_model, parse_config, parse_yaml
 from ..errors import InputError, ModelError
 from ..eval.evaluation import score_mask
 from ..eval.metrics import dice
@@ -58,9 +58,10 @@ def read_space(uri: str | None) -> dict[str, list]:
     if uri is None:
         return dict(DEFAULT_SPACE)
     try:
-        data = yaml.safe_load(storage.read_bytes(uri).decode("utf-8"))
-    except Exception as exc:
+        raw = storage.read_bytes(uri)
+    except OSError as exc:
         raise InputError(f"{uri}: cannot read the search space ({exc})") from exc
+    data = parse_yaml(raw, uri)
     if not isinstance(data, dict) or not data:
         raise InputError(f"{uri}: the search space must map setting names to lists of values")
     for key, values in data.items():
