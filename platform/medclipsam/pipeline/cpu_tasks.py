@@ -27,12 +27,9 @@ def read_case(row: dict, job: Job) -> list[dict]:
 def write_slice(row: dict, settings: AssemblySettings) -> list[dict]:
     """Stage one slice; the case's record (as a dict) once its last slice is in, else nothing.
 
-    A slice that cannot be staged makes its case an error row with the cause (the case can no
-    longer complete in this run; a rerun retries it)."""
-    try:
-        record = collect_slice(row, settings)
-    except Exception as exc:
-        return failed_write(row, exc)
+    Ray runs it inside ``Contained``: a slice that cannot be staged makes its case an error row with
+    the cause (the case can no longer complete in this run; a rerun retries it)."""
+    record = collect_slice(row, settings)
     return [] if record is None else [asdict(record)]
 
 
