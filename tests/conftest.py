@@ -81,9 +81,10 @@ def litemedsam():
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    """A real S3-compatible server (moto in server mode) on loopback; yields its endpoint URL."""
-    from moto.server import ThreadedMotoServer
+def s3_switch():
+    """A real S3-compatible server (moto in server mode) on loopback that a test can stop, restart or
+    make answer 503 (``tests/s3_switch.py``); every S3 test in the process shares it."""
+    from s3_switch import SwitchableS3
 
     for key, value in {
         "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
@@ -92,18 +93,23 @@ def s3_server():
     import logging
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server = SwitchableS3()
     server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+    endpoint = server.endpoint
     os.environ["AWS_ENDPOINT_URL"] = endpoint
     os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
     import fsspec
 
     fsspec.config.conf.setdefault("s3", {})["client_kwargs"] = {"endpoint_url": endpoint}
-    yield endpoint
+    yield server
     fsspec.config.conf.get("s3", {}).pop("client_kwargs", None)
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(s3_switch):
+    """The S3 server's endpoint URL."""
+    return s3_switch.endpoint
 
 
 @pytest.fixture()

@@ -21,8 +21,9 @@ from ..config import CT_WINDOWS, MERGE_METHODS, SAM_BACKENDS, TaskConfig, load_c
 from ..io.manifest import STATUS_ERROR, CaseRecord
 
 
-def fail(message: str) -> NoReturn:
-    """A usage or input error: one sentence on stderr, exit code 2.
+def fail(message: str, code: int = 2) -> NoReturn:
+    """A usage or input error: one sentence on stderr, exit code 2 (or ``code``: an error's own
+    ``exit_code``, 1 for a store that stopped answering).
 
     Called while handling an exception, ``-v`` prints its traceback first, so a user reporting a
     problem (or a developer chasing one) can see where the sentence came from.
@@ -30,7 +31,7 @@ def fail(message: str) -> NoReturn:
     if verbose() and sys.exc_info()[1] is not None:
         traceback.print_exc(file=sys.stderr)
     click.echo(f"error: {message}", err=True)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def unexpected(exc: BaseException, verbose_flag: bool) -> NoReturn:

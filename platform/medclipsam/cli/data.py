@@ -26,7 +26,7 @@ def samples(cache_dir: str | None, force: bool) -> None:
     try:
         root = fetch_samples(Path(cache_dir) if cache_dir else None, force=force)
     except MedClipSamError as exc:
-        fail(str(exc))
+        fail(str(exc), exc.exit_code)
     for kind in ("images", "labels"):
         names = sorted(p.name for p in (root / kind).glob("*.nrrd"))
         click.echo(f"{root / kind}: {', '.join(names)}")

@@ -37,7 +37,7 @@ def demo(output: str, cache_dir: str | None, clip_model: str | None, address: st
         result = run_job(job, "ray", progress, connect=lambda: start_ray(address))
         page = write_report(result.manifest_uri.rsplit("/", 1)[0])
     except MedClipSamError as exc:
-        fail(str(exc))
+        fail(str(exc), exc.exit_code)
     finally:
         progress.close()
     print_scores(result.records)

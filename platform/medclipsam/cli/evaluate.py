@@ -30,7 +30,7 @@ def evaluate(pred: str, gt: str, tolerance: float, geometry: str, output: str | 
             check_output_file(output)  # before any case is scored
         rows, summary = run_evaluation(pred, gt, tolerance, geometry)
     except MedClipSamError as exc:
-        fail(str(exc))
+        fail(str(exc), exc.exit_code)
     print_scores(rows, summary)
     for row in rows:
         if row.warning:

@@ -31,7 +31,7 @@ def finetune(config_path: str | None, pairs: str, workers: int, gpu: bool, stora
         start_ray(address)
         result = run_finetune(config, pairs, workers, gpu, storage, name)
     except MedClipSamError as exc:
-        fail(str(exc))
+        fail(str(exc), exc.exit_code)
     click.echo(f"pairs used: {result.pairs_used} (dropped {result.dropped_short} short captions, "
                f"skipped {result.skipped_images} unreadable images)")
     shown = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if isinstance(v, float))

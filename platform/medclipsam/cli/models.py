@@ -44,7 +44,7 @@ def list_models(name: str | None, tracking_uri: str | None) -> None:
         client, _ = _client(tracking_uri)
         lines = describe_model(client, name) if name else describe_models(client)
     except MedClipSamError as exc:
-        fail(str(exc))
+        fail(str(exc), exc.exit_code)
     for line in lines:
         click.echo(line)
 
@@ -94,7 +94,7 @@ def promote(name: str, version: str, eval_set: str | None, metric: str, margin: 
                                         work_dir, progress)
         decision = run_gate(client, request, plan, say=lambda line: click.echo(line, err=True))
     except MedClipSamError as exc:
-        fail(str(exc))
+        fail(str(exc), exc.exit_code)
     finally:
         progress.close()
     for score in (decision.candidate_score, decision.holder_score):
@@ -147,7 +147,7 @@ def register_pipeline(name: str, config_path: str, clip_model: str | None, track
         _client(tracking_uri)
         version, pipeline = register(name, config, config_path)
     except MedClipSamError as exc:
-        fail(str(exc))
+        fail(str(exc), exc.exit_code)
     clip, sam = pipeline.pins["clip"], pipeline.pins["sam"]
     click.echo(f"CLIP: {clip['uri']} (weights {clip['sha256'][:12]}...)")
     click.echo(f"SAM: {sam['backend']} {sam['checkpoint'] or '(default checkpoint)'} (weights {sam['sha256'][:12]}...)")

@@ -78,7 +78,7 @@ def pseudolabel(input_uri: str, output: str, gt_uri, text_prompts, clip_model, p
                   attribution=attribution, pins=pins)
         result = run_job(job, "ray", progress, connect=lambda: start_ray(address))
     except MedClipSamError as exc:
-        fail(str(exc))
+        fail(str(exc), exc.exit_code)
     finally:
         progress.close()
     summarise_run(result)
@@ -109,5 +109,5 @@ def report(run_output: str, destination: str | None) -> None:
     try:
         written = write_report(run_output, destination)
     except MedClipSamError as exc:
-        fail(str(exc))
+        fail(str(exc), exc.exit_code)
     click.echo(f"report: {written}")

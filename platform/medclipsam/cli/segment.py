@@ -58,7 +58,7 @@ def segment(input_uri: str, output: str, boxes: str | None, points: str | None, 
                   clip_uri=clip_model, boxes_csv=boxes, points_csv=points, save_intermediates=save_intermediates)
         result = run_job(job, "local", progress, resume=False, track=False)
     except MedClipSamError as exc:
-        fail(str(exc))
+        fail(str(exc), exc.exit_code)
     finally:
         progress.close()
     summarise_run(result)

@@ -42,7 +42,7 @@ def tune(config_path, input_uri, gt_uri, output, space_uri, metric, max_trials, 
         result = tune_task(config_path, input_uri, gt_uri, output, space_uri, metric, max_trials, tracking_uri,
                            experiment, progress=progress, connect=lambda: start_ray(address))
     except MedClipSamError as exc:
-        fail(str(exc))
+        fail(str(exc), exc.exit_code)
     names = [k for k in result.best if "." in k]
     click.echo(f"{len(result.trials)} trial(s) in {result.seconds:.0f} s; M2IB ran for {result.m2ib_images} image(s)")
     click.echo("best: " + ", ".join(f"{k}={result.best[k]}" for k in names)

@@ -83,7 +83,7 @@ def train(pseudo, images, labels, output, config_path, epochs, cycles, keep_per_
                                    connect=lambda: start_ray(address),
                                    work=Path(work_dir).resolve() if work_dir else None)
     except MedClipSamError as exc:
-        fail(str(exc))
+        fail(str(exc), exc.exit_code)
     if result.skipped:
         shown = "; ".join(f"{k}: {v}" for k, v in list(result.skipped.items())[:5])
         click.echo(f"skipped {len(result.skipped)} case(s): {shown}{' ...' if len(result.skipped) > 5 else ''}")
@@ -130,7 +130,7 @@ def predict(model, input_uri, output, gt_uri, threshold, members, save_maps, con
         result = run_weak_predict(model, input_uri, output, config, gt_uri, threshold, members, save_maps,
                                   "local" if local else "ray", uri, progress, connect=lambda: start_ray(address))
     except MedClipSamError as exc:
-        fail(str(exc))
+        fail(str(exc), exc.exit_code)
     finally:
         progress.close()
     scored = sorted((r for r in result.records if not math.isnan(r.dsc)), key=lambda r: r.case_id)

@@ -2,7 +2,8 @@
 
 SimpleITK and torch read only local files, so remote objects are fetched into a temporary
 directory (``local_copy``); writes go through a temporary name and a rename so that no
-half-written file is ever visible under its final name.
+half-written file is ever visible under its final name. Every remote operation rides out an
+outage of the store (``retry``): repeated with backoff, or ``StorageUnavailable`` in the end.
 """
 
 from __future__ import annotations
@@ -12,13 +13,18 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
 
 from ..errors import InputError
+from .retry import retrying
+
+T = TypeVar("T")
+TEMPORARY_PREFIX = ".tmp-"  # an atomic write's name until its rename
 
 
 def is_remote(uri: str) -> bool:
@@ -27,8 +33,19 @@ def is_remote(uri: str) -> bool:
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem of ``uri`` and the path inside it."""
+    """The fsspec filesystem of ``uri`` and the path inside it.
+
+    Remote listings are never cached: other processes (Ray tasks, a rerun) write into the same
+    prefixes, and a cached listing would call their new objects missing.
+    """
+    if is_remote(uri):
+        return url_to_fs(uri, use_listings_cache=False)
     return url_to_fs(uri)
+
+
+def retried(uri: str, func: Callable[[], T]) -> T:
+    """``func()`` (an operation on ``uri``'s store), retried through an outage when ``uri`` is remote."""
+    return retrying(uri, func) if is_remote(uri) else func()
 
 
 def _with_scheme(fs: fsspec.AbstractFileSystem, path: str, like: str) -> str:
@@ -47,34 +64,34 @@ def join(uri: str, *parts: str) -> str:
 
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
-    return fs.exists(path)
+    return retried(uri, lambda: fs.exists(path))
 
 
 def isdir(uri: str) -> bool:
     fs, path = filesystem(uri)
-    return fs.isdir(path)
+    return retried(uri, lambda: fs.isdir(path))
 
 
 def list_files(uri: str, recursive: bool = False) -> list[str]:
     """Files directly under ``uri`` (or below it, when recursive), sorted, as full URIs."""
     fs, path = filesystem(uri)
     if recursive:
-        found = [p for p in fs.find(path)]
+        found = retried(uri, lambda: list(fs.find(path)))
     else:
-        found = [e["name"] for e in fs.ls(path, detail=True) if e["type"] == "file"]
+        found = [e["name"] for e in retried(uri, lambda: fs.ls(path, detail=True)) if e["type"] == "file"]
     return sorted(_with_scheme(fs, p, uri) for p in found)
 
 
 def list_dirs(uri: str) -> list[str]:
     """Sub-directories directly under ``uri``, sorted, as full URIs."""
     fs, path = filesystem(uri)
-    found = [e["name"] for e in fs.ls(path, detail=True) if e["type"] == "directory"]
+    found = [e["name"] for e in retried(uri, lambda: fs.ls(path, detail=True)) if e["type"] == "directory"]
     return sorted(_with_scheme(fs, p.rstrip("/"), uri) for p in found if p.rstrip("/") != path.rstrip("/"))
 
 
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
-    return fs.cat_file(path)
+    return retried(uri, lambda: fs.cat_file(path))
 
 
 def basename(uri: str) -> str:
@@ -91,10 +108,10 @@ def local_copy(uri: str) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix="medclipsam-")
     try:
         target = os.path.join(tmp, basename(uri))
-        if fs.isdir(path):
-            fs.get(path.rstrip("/") + "/", target + "/", recursive=True)
+        if retried(uri, lambda: fs.isdir(path)):
+            retried(uri, lambda: fs.get(path.rstrip("/") + "/", target + "/", recursive=True))
         else:
-            fs.get(path, target)
+            retried(uri, lambda: fs.get(path, target))
         yield target
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -102,7 +119,7 @@ def local_copy(uri: str) -> Iterator[str]:
 
 def makedirs(uri: str) -> None:
     fs, path = filesystem(uri)
-    fs.makedirs(path, exist_ok=True)
+    retried(uri, lambda: fs.makedirs(path, exist_ok=True))
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:
@@ -112,26 +129,42 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     the write would look done while ``uri`` holds no file. The temporary never outlives a failure.
     """
     fs, path = filesystem(uri)
-    if fs.isdir(path):
+    if retried(uri, lambda: fs.isdir(path)):
         raise InputError(f"{uri} is a folder; cannot write a file there (remove or rename the folder)")
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent:
         try:
-            fs.makedirs(parent, exist_ok=True)
+            retried(uri, lambda: fs.makedirs(parent, exist_ok=True))
         except (FileExistsError, NotADirectoryError):
             raise InputError(f"{_with_scheme(fs, parent, uri)} is a file; cannot create a folder there "
                              f"to write {basename(uri)} (remove or rename the file)") from None
-    name = f".tmp-{uuid.uuid4().hex}-{basename(path)}"
+    name = f"{TEMPORARY_PREFIX}{uuid.uuid4().hex}-{basename(path)}"
     tmp = f"{parent}/{name}" if parent else name
-    try:
+    def put() -> None:
         with fs.open(tmp, "wb") as handle:
             handle.write(data)
-        fs.mv(tmp, path)
+
+    try:
+        retried(uri, put)
+        retried(uri, lambda: fs.mv(tmp, path))
     except BaseException:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(Exception):  # best effort: the store may be the reason we are here
             if fs.exists(tmp):
                 fs.rm(tmp)
         raise
+
+
+def remove_temporaries(uri: str) -> int:
+    """Delete what atomic writes left below ``uri`` when their clean-up failed too (the store was
+    down); returns how many. Nothing to do if ``uri`` is absent."""
+    if not exists(uri):
+        return 0
+    fs, _ = filesystem(uri)
+    left = [p for p in list_files(uri, recursive=True) if basename(p).startswith(TEMPORARY_PREFIX)]
+    for leftover in left:
+        path = filesystem(leftover)[1]
+        retried(leftover, lambda path=path: fs.rm(path))
+    return len(left)
 
 
 def upload_file_atomic(local_path: str | Path, uri: str) -> None:
@@ -145,7 +178,7 @@ def read_many(uris: list[str]) -> dict[str, bytes]:
         return {}
     fs, _ = filesystem(uris[0])
     paths = {filesystem(uri)[1]: uri for uri in uris}
-    found = fs.cat(list(paths))
+    found = retried(uris[0], lambda: fs.cat(list(paths)))
     if len(paths) == 1 and not isinstance(found, dict):
         found = {next(iter(paths)): found}
     return {paths[p]: data for p, data in found.items()}
@@ -154,5 +187,5 @@ def read_many(uris: list[str]) -> dict[str, bytes]:
 def remove_tree(uri: str) -> None:
     """Delete a folder or prefix and everything below it; nothing to do if it is absent."""
     fs, path = filesystem(uri)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    if retried(uri, lambda: fs.exists(path)):
+        retried(uri, lambda: fs.rm(path, recursive=True))

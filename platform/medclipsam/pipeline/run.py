@@ -1,11 +1,13 @@
 """A run, top to bottom: plan the cases, skip those an earlier run completed, open the MLflow run,
 stream every remaining case through the stages (in this process or on Ray), then write the
 manifest and log the figures. ``segment`` runs it in-process and untracked; ``pseudolabel`` and
-the demo run it on Ray, tracked and resumable.
+the demo run it on Ray, tracked and resumable. A store that stops answering (longer than the
+storage layer's retries) stops the run: every case finished before it is kept for the resume.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,11 +15,13 @@ from typing import Literal
 
 import numpy as np
 
+from ..errors import StorageUnavailable
 from ..io import storage
 from ..io.access import check_output_folder
 from ..io.manifest import COMPLETED, STATUS_ERROR, CaseRecord, status_counts, write_manifest
 from ..io.outputs import MANIFEST, STAGING, read_records
 from ..io.registry import ModelPin
+from ..io.retry import OUTAGE
 from . import tracking
 from .job import Job, plan
 from .pins import pin_models
@@ -62,11 +66,15 @@ def run_job(job: Job, runner: Runner = "ray", progress: Progress | None = None, 
         if todo and connect is not None:
             connect()
         storage.remove_tree(storage.join(job.output, STAGING))  # slices staged by a killed run are stale
+        storage.remove_temporaries(job.output)  # and writes an outage cut short left their temporaries
         start = time.perf_counter()
-        for record in _stream(todo, job, runner, runner_options):
-            new[record.case_id] = record
-            if progress is not None:
-                progress(len(done) + len(new), len(tasks), record)
+        with contextlib.closing(_stream(todo, job, runner, runner_options)) as stream:
+            for record in stream:
+                new[record.case_id] = record
+                if progress is not None:
+                    progress(len(done) + len(new), len(tasks), record)
+                if OUTAGE in record.error:
+                    raise _stopped_by_outage(record, job, len(done) + _finished(new))
         seconds = time.perf_counter() - start
         for task in todo:  # a case whose slices never all arrived: report it, a rerun retries it
             if task.case_id not in new:
@@ -87,6 +95,17 @@ def run_job(job: Job, runner: Runner = "ray", progress: Progress | None = None, 
         raise
     return RunResult(records, len(done), len(todo), seconds, run_id, manifest_uri, status_counts(records), metrics,
                      pins)
+
+
+def _finished(records: dict[str, CaseRecord]) -> int:
+    return sum(1 for r in records.values() if r.status in COMPLETED)
+
+
+def _stopped_by_outage(record: CaseRecord, job: Job, kept: int) -> StorageUnavailable:
+    """Going on would turn every remaining case into an error row after a full retry budget each."""
+    return StorageUnavailable(
+        f"the run stopped: case {record.case_id}: {record.error}. The {kept} finished cases are kept "
+        f"under {job.output}; run the same command again to resume once the store answers")
 
 
 def _completed(job: Job, tasks: list[CaseTask]) -> dict[str, CaseRecord]:

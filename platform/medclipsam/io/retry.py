@@ -1,0 +1,117 @@
+"""Riding out an object-store outage: which failures are worth repeating, and for how long.
+
+A request that failed because the store is down or restarting (connection refused or cut), slow
+(timeouts) or overloaded (HTTP 5xx, 429, SlowDown) may well succeed later; one that failed for what
+it asked (no such key, access denied, a malformed name) never will. ``retrying`` repeats the first
+kind with exponential backoff and jitter until it succeeds or the budget is spent, then raises
+``StorageUnavailable``, one sentence naming the URI, the tries and the last cause. The budget is
+``MEDCLIPSAM_STORAGE_RETRY_SECONDS`` (default 120 s); the SDK's own quick retries (botocore's, a few
+seconds) happen inside each try. ``fail_fast`` turns the budget off for a block: the first contact
+with an input, where an unreachable endpoint is far more often a typo than an outage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from typing import TypeVar
+
+from ..errors import InputError, StorageUnavailable, describe
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+RETRY_SECONDS_ENV = "MEDCLIPSAM_STORAGE_RETRY_SECONDS"
+DEFAULT_RETRY_SECONDS = 120.0
+FIRST_DELAY_S, MAX_DELAY_S = 0.5, 15.0
+OUTAGE = "the object store did not answer"  # how an outage reads in error rows and messages
+
+# Exception types (by name: the storage libraries are optional) that mean "no answer", not "no".
+_TRANSIENT_TYPES = {
+    "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
+    "HTTPClientError", "ProxyConnectionError", "ClientConnectorError", "ClientConnectionError",
+    "ServerDisconnectedError", "ClientOSError", "ServerTimeoutError", "ClientPayloadError", "FSTimeoutError",
+    "IncompleteRead", "ResponseParserError",
+}
+_TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
+                    "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException"}
+
+_fail_fast: ContextVar[bool] = ContextVar("storage_fail_fast", default=False)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when ``exc`` (or an exception behind it) says the store did not answer, not that it refused."""
+    for error in _chain(exc):
+        if isinstance(error, (ConnectionError, TimeoutError)):  # refused, reset, aborted, timed out
+            return True
+        if type(error).__name__ in _TRANSIENT_TYPES:
+            return True
+        response = getattr(error, "response", None)
+        if isinstance(response, dict):  # a botocore ClientError (s3fs wraps it in an OSError)
+            status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            if status >= 500 or status == 429 or response.get("Error", {}).get("Code") in _TRANSIENT_CODES:
+                return True
+    return False
+
+
+def retry_budget() -> float:
+    """Seconds to keep retrying a transient failure (``MEDCLIPSAM_STORAGE_RETRY_SECONDS``)."""
+    raw = os.environ.get(RETRY_SECONDS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_RETRY_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InputError(f"{RETRY_SECONDS_ENV}={raw!r} is not a number of seconds") from None
+    if not value >= 0:
+        raise InputError(f"{RETRY_SECONDS_ENV}={raw!r} must be 0 or more seconds")
+    return value
+
+
+@contextlib.contextmanager
+def fail_fast() -> Iterator[None]:
+    """Within this block (this thread or task), no retries beyond the SDK's own: a transient failure
+    is raised as it came, for the caller to report as an input that cannot be read."""
+    token = _fail_fast.set(True)
+    try:
+        yield
+    finally:
+        _fail_fast.reset(token)
+
+
+def retrying(uri: str, func: Callable[[], T], sleep: Callable[[float], None] = time.sleep) -> T:
+    """``func()``, repeated through transient failures of the store holding ``uri``."""
+    if _fail_fast.get():
+        return func()
+    budget = retry_budget()
+    start = time.monotonic()
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            return func()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            elapsed = time.monotonic() - start
+            delay = min(MAX_DELAY_S, FIRST_DELAY_S * 2 ** (tries - 1)) * random.uniform(0.5, 1.0)
+            if elapsed + delay > budget:
+                raise StorageUnavailable(f"{uri}: {OUTAGE} ({tries} {'try' if tries == 1 else 'tries'} over "
+                                         f"{elapsed:.0f} s; last: {describe(exc)})") from exc
+            if tries == 1:
+                log.warning("%s: %s (%s); retrying for up to %.0f s", uri, OUTAGE, describe(exc), budget)
+            sleep(delay)

@@ -1,0 +1,176 @@
+"""The storage layer rides out an object-store outage: against the moto server on loopback taken down
+or answering 503, reads and writes are retried with growing, jittered delays until they succeed, or
+until the budget is spent and one sentence says so; what the store refuses (no such key) is not
+retried, and the first contact with an input (``fail_fast``) reports an unreachable store at once.
+
+botocore's own retries are turned off here (one attempt per try), so what rides out the outage is
+this package's retry layer and nothing else.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from medclipsam.errors import InputError, StorageUnavailable
+from medclipsam.io import retry, storage
+from medclipsam.io.access import reading
+
+
+@pytest.fixture()
+def store(s3_switch, s3_bucket, monkeypatch):
+    """The switchable server, a bucket on it, one botocore attempt per call, a 20 s retry budget."""
+    import fsspec
+    import s3fs
+
+    conf = {**fsspec.config.conf.get("s3", {}), "config_kwargs": {"retries": {"max_attempts": 1}}}
+    monkeypatch.setitem(fsspec.config.conf, "s3", conf)
+    monkeypatch.setenv(retry.RETRY_SECONDS_ENV, "20")
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield s3_switch, s3_bucket
+    s3_switch.unavailable_until = 0.0
+    if s3_switch.is_refusing():
+        s3_switch.start()
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _down_for(server, seconds: float) -> threading.Thread:
+    server.stop()
+    assert server.is_refusing()
+    thread = threading.Thread(target=lambda: (time.sleep(seconds), server.start()), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_reads_and_writes_ride_out_503s(store, caplog):
+    server, bucket = store
+    storage.write_bytes_atomic(f"{bucket}/a.bin", b"before")
+    served = server.answered_503
+    server.unavailable(2.5)
+    begin = time.monotonic()
+    storage.write_bytes_atomic(f"{bucket}/b.bin", b"during")
+    assert storage.read_bytes(f"{bucket}/a.bin") == b"before"
+    assert time.monotonic() - begin >= 2.0  # it waited the window out
+    assert server.answered_503 - served >= 2  # more than one try was refused
+    assert storage.read_bytes(f"{bucket}/b.bin") == b"during"
+    assert [p for p in storage.list_files(bucket) if ".tmp-" in p] == []  # no temporary left behind
+    assert "the object store did not answer" in caplog.text and "retrying for up to 20 s" in caplog.text
+
+
+def test_a_store_that_goes_down_and_comes_back(store):
+    server, bucket = store
+    storage.write_bytes_atomic(f"{bucket}/c.bin", b"kept")
+    returned = _down_for(server, 2.0)
+    assert storage.read_bytes(f"{bucket}/c.bin") == b"kept"  # objects survive the restart
+    storage.write_bytes_atomic(f"{bucket}/d.bin", b"after")
+    returned.join()
+    assert storage.read_bytes(f"{bucket}/d.bin") == b"after"
+    assert storage.exists(f"{bucket}/c.bin") and not storage.exists(f"{bucket}/nothing.bin")
+
+
+def test_an_outage_longer_than_the_budget_is_one_sentence(store, monkeypatch):
+    server, bucket = store
+    monkeypatch.setenv(retry.RETRY_SECONDS_ENV, "2")
+    returned = _down_for(server, 6.0)
+    begin = time.monotonic()
+    with pytest.raises(StorageUnavailable) as caught:
+        storage.read_bytes(f"{bucket}/c.bin")
+    took = time.monotonic() - begin
+    message = str(caught.value)
+    assert message.startswith(f"{bucket}/c.bin: the object store did not answer (")
+    assert "tries over" in message and "last: EndpointConnectionError: Could not connect" in message
+    assert "\n" not in message and caught.value.exit_code == 1
+    assert 1.0 <= took <= 4.0  # about the budget, not the whole outage
+    returned.join()
+
+
+def test_what_the_store_refuses_is_not_retried(store):
+    _, bucket = store
+    begin = time.monotonic()
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(f"{bucket}/never-written.bin")
+    assert time.monotonic() - begin < 1.0
+
+
+def test_first_contact_fails_fast(store):
+    server, bucket = store
+    returned = _down_for(server, 3.0)
+    begin = time.monotonic()
+    with pytest.raises(InputError, match=r"the cohort cannot be read \(EndpointConnectionError"):
+        with reading(f"{bucket}/cohort", "cohort"):
+            storage.list_files(f"{bucket}/cohort")
+    assert time.monotonic() - begin < 1.5
+    returned.join()
+
+
+def test_backoff_doubles_with_jitter_and_stops_within_the_budget(monkeypatch):
+    clock = [0.0]
+    delays: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        delays.append(seconds)
+        clock[0] += seconds
+
+    monkeypatch.setattr(retry.time, "monotonic", lambda: clock[0])
+    monkeypatch.setenv(retry.RETRY_SECONDS_ENV, "60")
+    calls = []
+
+    def refused() -> None:
+        calls.append(clock[0])
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    with pytest.raises(StorageUnavailable, match=r"^s3://b/k: the object store did not answer \(\d+ tries over"):
+        retry.retrying("s3://b/k", refused, sleep=sleep)
+    assert len(calls) == len(delays) + 1
+    for n, delay in enumerate(delays):
+        nominal = min(retry.MAX_DELAY_S, retry.FIRST_DELAY_S * 2**n)
+        assert 0.5 * nominal <= delay <= nominal
+    assert max(delays) > 0.5 * retry.MAX_DELAY_S  # it reached the cap
+    assert sum(delays) <= 60.0  # never slept past the budget
+
+
+def test_the_budget_setting_is_checked(monkeypatch):
+    monkeypatch.setenv(retry.RETRY_SECONDS_ENV, "soon")
+    with pytest.raises(InputError, match="MEDCLIPSAM_STORAGE_RETRY_SECONDS='soon' is not a number of seconds"):
+        retry.retry_budget()
+    monkeypatch.setenv(retry.RETRY_SECONDS_ENV, "-1")
+    with pytest.raises(InputError, match="must be 0 or more"):
+        retry.retry_budget()
+    monkeypatch.delenv(retry.RETRY_SECONDS_ENV)
+    assert retry.retry_budget() == retry.DEFAULT_RETRY_SECONDS
+
+
+def test_transient_failures_are_told_from_refusals():
+    from botocore.exceptions import ClientError
+
+    def client_error(status: int, code: str) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                           "GetObject")
+
+    def wrapped(cause: BaseException) -> OSError:  # as s3fs hands a ClientError on
+        try:
+            raise OSError(5, "wrapped") from cause
+        except OSError as exc:
+            return exc
+
+    assert retry.is_transient(wrapped(client_error(503, "ServiceUnavailable")))
+    assert retry.is_transient(client_error(500, "InternalError"))
+    assert retry.is_transient(client_error(400, "SlowDown"))
+    assert retry.is_transient(client_error(429, "TooManyRequests"))
+    assert retry.is_transient(ConnectionResetError())
+    assert not retry.is_transient(wrapped(client_error(403, "AccessDenied")))
+    assert not retry.is_transient(client_error(404, "NoSuchKey"))
+    assert not retry.is_transient(FileNotFoundError("s3://b/k"))
+    assert not retry.is_transient(ValueError("bad"))
+
+
+def test_temporaries_left_by_an_outage_are_removed(store):
+    _, bucket = store
+    storage.write_bytes_atomic(f"{bucket}/run/masks/c1.png", b"mask")
+    storage.write_bytes_atomic(f"{bucket}/run/masks/.tmp-0123-c2.png", b"half")  # as a cut-short write leaves it
+    storage.write_bytes_atomic(f"{bucket}/run/records/.tmp-4567-c2.json", b"{")
+    assert storage.remove_temporaries(f"{bucket}/run") == 2
+    assert storage.list_files(f"{bucket}/run", recursive=True) == [f"{bucket}/run/masks/c1.png"]
+    assert storage.remove_temporaries(f"{bucket}/absent") == 0
