@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 
 # Tags on a model version: which kind of model it is (how the promotion gate evaluates it), and the
 # SHA-256 of its weights.
@@ -88,7 +88,7 @@ def resolve_registered(uri: str, client=None) -> RegisteredRef:
         raise
     except Exception as exc:
         raise ModelError(f"model {uri}: not found in the MLflow registry at {_where(client)} "
-                         f"({_first_line(exc)})") from exc
+                         f"({first_line(exc)})") from exc
     return RegisteredRef(uri, name, str(found.version), alias)
 
 
@@ -98,6 +98,3 @@ def _where(client) -> str:
     return redact_uri(str(getattr(client, "_registry_uri", "") or getattr(client, "tracking_uri", "")))
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

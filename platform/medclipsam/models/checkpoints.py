@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ..errors import ModelError
+from ..errors import ModelError, describe
 from ..io.fetch import fetch_file
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def read_torch_checkpoint(path: str | Path, keys: Iterable[str] = (), map_locati
         try:
             state = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
         except Exception as exc:
-            problem = f"cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+            problem = f"cannot be loaded ({describe(exc)})"
         else:
             missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
             if not isinstance(state, dict) or missing:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..config import SAM_BACKENDS
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 from ..ops.transforms import LongestSidePad, Stretch
 from .checkpoints import load_into, resolve_checkpoint, sha256_of
 
@@ -229,7 +229,7 @@ def build_segmenter(backend: str, checkpoint: str | None = None, device: str = "
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as exc:
-        raise ModelError(f"device '{device}' is not usable here ({str(exc).splitlines()[0]})") from None
+        raise ModelError(f"device '{device}' is not usable here ({first_line(exc)})") from None
     path = resolve_checkpoint(checkpoint)
     net = spec.build()
     load_into(net, path)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import TaskConfig
-from ..errors import InputError, ModelError
+from ..errors import InputError, ModelError, first_line
 from ..io import storage
 from ..io.manifest import CaseRecord
 from ..io.registry import KIND_CLIP, KIND_PIPELINE, KIND_TAG, KIND_WEAK, KINDS
@@ -93,7 +93,7 @@ def model_kind(client, name: str, version: str) -> str:
     try:
         found = client.get_model_version(name, version)
     except Exception as exc:
-        raise ModelError(f"model {name} has no version {version} ({str(exc).splitlines()[0][:200]})") from exc
+        raise ModelError(f"model {name} has no version {version} ({first_line(exc)})") from exc
     kind = (found.tags or {}).get(KIND_TAG) or (found.tags or {}).get("kind")
     if kind in KINDS:
         return kind

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from ..errors import InputError, ModelError
+from ..errors import InputError, ModelError, first_line
 from .evaluation import METRICS, EvalPlan, Score, evaluate_version
 from .lock import AliasLock
 
@@ -69,7 +69,7 @@ def current_holder(client, name: str, alias: str) -> str | None:
     except Exception as exc:
         if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
-        raise ModelError(f"cannot read the alias {name}@{alias} ({str(exc).splitlines()[0][:200]})") from exc
+        raise ModelError(f"cannot read the alias {name}@{alias} ({first_line(exc)})") from exc
 
 
 def decide(candidate: Score, holder: Score | None, metric: str, margin: float) -> tuple[bool, str]:
