@@ -174,3 +174,13 @@ def test_temporaries_left_by_an_outage_are_removed(store):
     assert storage.remove_temporaries(f"{bucket}/run") == 2
     assert storage.list_files(f"{bucket}/run", recursive=True) == [f"{bucket}/run/masks/c1.png"]
     assert storage.remove_temporaries(f"{bucket}/absent") == 0
+
+
+def test_a_case_that_met_an_outage_stops_the_run():
+    retry.stop_on_outage("c1", "slice 0 could not be written: FileNotFoundError: s3://b/x", "s3://b/run", 3)  # no
+    with pytest.raises(StorageUnavailable) as caught:
+        retry.stop_on_outage("c2", f"s3://b/run/masks/c2.png: {retry.OUTAGE} (4 tries over 9 s; last: ...)",
+                             "s3://b/run", 3)
+    assert str(caught.value) == (
+        f"the run stopped: case c2: s3://b/run/masks/c2.png: {retry.OUTAGE} (4 tries over 9 s; last: ...). "
+        "The 3 finished cases are kept under s3://b/run; run the same command again to resume once the store answers")

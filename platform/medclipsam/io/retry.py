@@ -115,3 +115,13 @@ def retrying(uri: str, func: Callable[[], T], sleep: Callable[[float], None] = t
             if tries == 1:
                 log.warning("%s: %s (%s); retrying for up to %.0f s", uri, OUTAGE, describe(exc), budget)
             sleep(delay)
+
+
+def stop_on_outage(case_id: str, error: str, output: str, kept: int) -> None:
+    """A case failed because the store stopped answering: stop the run (raise), since going on would
+    spend a whole retry budget on every remaining case and make each an error row. ``kept`` cases
+    finished before it stay under ``output`` for the resume."""
+    if OUTAGE in error:
+        raise StorageUnavailable(
+            f"the run stopped: case {case_id}: {error}. The {kept} finished cases are kept under {output}; "
+            "run the same command again to resume once the store answers")

@@ -15,13 +15,12 @@ from typing import Literal
 
 import numpy as np
 
-from ..errors import StorageUnavailable
 from ..io import storage
 from ..io.access import check_output_folder
 from ..io.manifest import COMPLETED, STATUS_ERROR, CaseRecord, status_counts, write_manifest
 from ..io.outputs import MANIFEST, STAGING, read_records
 from ..io.registry import ModelPin
-from ..io.retry import OUTAGE
+from ..io.retry import stop_on_outage
 from . import tracking
 from .job import Job, plan
 from .pins import pin_models
@@ -73,8 +72,7 @@ def run_job(job: Job, runner: Runner = "ray", progress: Progress | None = None, 
                 new[record.case_id] = record
                 if progress is not None:
                     progress(len(done) + len(new), len(tasks), record)
-                if OUTAGE in record.error:
-                    raise _stopped_by_outage(record, job, len(done) + _finished(new))
+                stop_on_outage(record.case_id, record.error, job.output, len(done) + _finished(new))
         seconds = time.perf_counter() - start
         for task in todo:  # a case whose slices never all arrived: report it, a rerun retries it
             if task.case_id not in new:
@@ -99,13 +97,6 @@ def run_job(job: Job, runner: Runner = "ray", progress: Progress | None = None, 
 
 def _finished(records: dict[str, CaseRecord]) -> int:
     return sum(1 for r in records.values() if r.status in COMPLETED)
-
-
-def _stopped_by_outage(record: CaseRecord, job: Job, kept: int) -> StorageUnavailable:
-    """Going on would turn every remaining case into an error row after a full retry budget each."""
-    return StorageUnavailable(
-        f"the run stopped: case {record.case_id}: {record.error}. The {kept} finished cases are kept "
-        f"under {job.output}; run the same command again to resume once the store answers")
 
 
 def _completed(job: Job, tasks: list[CaseTask]) -> dict[str, CaseRecord]:

@@ -10,6 +10,7 @@ manifest (with an ``uncertainty`` column) is rewritten from all records at the e
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import time
@@ -27,6 +28,7 @@ from ..io.images import mask_extension, read_image, read_mask, write_mask
 from ..io.manifest import COMPLETED, STATUS_ERROR, CaseRecord, record_from_dict, status_counts, write_manifest
 from ..io.outputs import MANIFEST, MASKS, RUN_FILE, absolute_output, case_file, read_records, write_record
 from ..io.registry import is_registered, resolve_registered
+from ..io.retry import stop_on_outage
 from .dataset import nnunet_input
 from .ensemble import Ensemble, EnsembleFolder, resolve_ensemble
 from .settings import WeakConfig
@@ -158,10 +160,13 @@ def run_weak_predict(model: str, input_uri: str, output: str, config: WeakConfig
     records = []
     if todo and runner == "ray" and connect is not None:
         connect()
-    for number, record in enumerate(_run(todo, model, folder, config, settings, runner, tracking_uri), start=1):
-        records.append(record)
-        if progress:
-            progress(number, len(todo), record)
+    with contextlib.closing(_run(todo, model, folder, config, settings, runner, tracking_uri)) as stream:
+        for number, record in enumerate(stream, start=1):
+            records.append(record)
+            if progress:
+                progress(number, len(todo), record)
+            stop_on_outage(record.case_id, record.error, output,
+                           len(done) + sum(1 for r in records if r.status in COMPLETED))
     every = read_records(output)
     write_manifest([every[c.case_id] for c in cases if c.case_id in every], storage.join(output, MANIFEST))
     return WeakPredictResult(output, model, records, status_counts(every.values()), len(done),
