@@ -43,6 +43,7 @@ class SwitchableS3:
         self.connections: set[socket.socket] = set()
         self.unavailable_until = 0.0
         self.answered_503 = 0
+        self.requests: list[str] = []  # "METHOD path?query" of every request answered
         self.refused_while_down = False
         self._server = None
         self._thread: threading.Thread | None = None
@@ -50,6 +51,9 @@ class SwitchableS3:
 
     # -- the WSGI app: moto, unless told to be unavailable ----------------------------------------
     def _wsgi(self, environ, start_response):
+        query = f"?{environ['QUERY_STRING']}" if environ.get("QUERY_STRING") else ""
+        with self.lock:
+            self.requests.append(f"{environ['REQUEST_METHOD']} {environ.get('PATH_INFO', '')}{query}")
         if time.monotonic() < self.unavailable_until:
             with self.lock:
                 self.answered_503 += 1

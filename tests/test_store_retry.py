@@ -184,3 +184,17 @@ def test_a_case_that_met_an_outage_stops_the_run():
     assert str(caught.value) == (
         f"the run stopped: case c2: s3://b/run/masks/c2.png: {retry.OUTAGE} (4 tries over 9 s; last: ...). "
         "The 3 finished cases are kept under s3://b/run; run the same command again to resume once the store answers")
+
+
+def test_an_object_store_write_is_one_put(store):
+    """A PUT is atomic on S3: no temporary object, no copy, no delete; one listing for the folder check."""
+    server, bucket = store
+    storage.write_bytes_atomic(f"{bucket}/run/masks/c0.png", b"first")
+    server.requests.clear()
+    storage.write_bytes_atomic(f"{bucket}/run/masks/c1.png", b"second")
+    storage.write_bytes_atomic(f"{bucket}/run/masks/c0.png", b"replaced")
+    name = bucket.removeprefix("s3://")
+    puts = [r for r in server.requests if r.startswith("PUT ")]
+    assert puts == [f"PUT /{name}/run/masks/c1.png", f"PUT /{name}/run/masks/c0.png"]
+    assert len(server.requests) == 4 and not any(".tmp-" in r for r in server.requests), server.requests
+    assert storage.read_bytes(f"{bucket}/run/masks/c0.png") == b"replaced"
