@@ -110,7 +110,7 @@ def test_the_voxel_limit_comes_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDCLIPSAM_MAX_VOXELS", "480")
     assert read_image(str(path)).array.shape == (4, 12, 10)
     monkeypatch.setenv("MEDCLIPSAM_MAX_VOXELS", "lots")
-    with pytest.raises(InputError, match="MEDCLIPSAM_MAX_VOXELS must be a positive number of voxels, got 'lots'"):
+    with pytest.raises(InputError, match="MEDCLIPSAM_MAX_VOXELS must be a number of voxels of at least 1, got 'lots'"):
         read_image(str(path))
 
 

@@ -133,10 +133,11 @@ def test_backoff_doubles_with_jitter_and_stops_within_the_budget(monkeypatch):
 
 def test_the_budget_setting_is_checked(monkeypatch):
     monkeypatch.setenv(retry.RETRY_SECONDS_ENV, "soon")
-    with pytest.raises(InputError, match="MEDCLIPSAM_STORAGE_RETRY_SECONDS='soon' is not a number of seconds"):
+    expected = r"^MEDCLIPSAM_STORAGE_RETRY_SECONDS must be a number of seconds of at least 0, got 'soon'$"
+    with pytest.raises(InputError, match=expected):
         retry.retry_budget()
     monkeypatch.setenv(retry.RETRY_SECONDS_ENV, "-1")
-    with pytest.raises(InputError, match="must be 0 or more"):
+    with pytest.raises(InputError, match="of at least 0, got '-1'"):
         retry.retry_budget()
     monkeypatch.delenv(retry.RETRY_SECONDS_ENV)
     assert retry.retry_budget() == retry.DEFAULT_RETRY_SECONDS

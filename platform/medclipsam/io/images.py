@@ -30,6 +30,7 @@ import SimpleITK as sitk
 
 from ..errors import InputError
 from . import storage
+from .environment import number_from_env
 
 IMAGE_2D_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 VOLUME_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -84,20 +85,8 @@ def is_supported(uri: str) -> bool:
 
 
 def max_voxels() -> int:
-    """The largest image, in voxels, this process will read: ``MEDCLIPSAM_MAX_VOXELS`` or the default.
-
-    Read at every call, so a worker's environment decides and a test can change it.
-    """
-    raw = os.environ.get(MAX_VOXELS_ENV, "").strip()
-    if not raw:
-        return DEFAULT_MAX_VOXELS
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 1:
-        raise InputError(f"{MAX_VOXELS_ENV} must be a positive number of voxels, got {raw!r}")
-    return int(value)
+    """The largest image, in voxels, this process will read: ``MEDCLIPSAM_MAX_VOXELS`` or the default."""
+    return int(number_from_env(MAX_VOXELS_ENV, DEFAULT_MAX_VOXELS, 1, "voxels"))
 
 
 def _check_size(size: tuple[int, ...], uri: str) -> None:

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import TypeVar
 
-from ..errors import InputError, StorageUnavailable, describe
+from ..errors import StorageUnavailable, describe
+from .environment import number_from_env
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +70,7 @@ def is_transient(exc: BaseException) -> bool:
 
 def retry_budget() -> float:
     """Seconds to keep retrying a transient failure (``MEDCLIPSAM_STORAGE_RETRY_SECONDS``)."""
-    raw = os.environ.get(RETRY_SECONDS_ENV, "").strip()
-    if not raw:
-        return DEFAULT_RETRY_SECONDS
-    try:
-        value = float(raw)
-    except ValueError:
-        raise InputError(f"{RETRY_SECONDS_ENV}={raw!r} is not a number of seconds") from None
-    if not value >= 0:
-        raise InputError(f"{RETRY_SECONDS_ENV}={raw!r} must be 0 or more seconds")
-    return value
+    return number_from_env(RETRY_SECONDS_ENV, DEFAULT_RETRY_SECONDS, 0, "seconds")
 
 
 @contextlib.contextmanager
