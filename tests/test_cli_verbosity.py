@@ -131,3 +131,22 @@ def test_yaml_errors_name_the_line_and_column(tmp_path):
     with pytest.raises(InputError, match=r"^t.yaml: not UTF-8 text \(byte 7\)$"):
         parse_yaml("task: d\xe9mo\n".encode("latin-1"), "t.yaml")
     assert parse_yaml(b"task: demo\n", "t.yaml") == {"task": "demo"}
+
+
+def test_a_known_error_outside_a_commands_own_checks_keeps_its_sentence_and_code(files, monkeypatch, tmp_path):
+    """``evaluate`` writes its table after its own error handling: an outage there is still the
+    outage's sentence and exit code 1, not an 'unexpected failure'."""
+    import medclipsam.eval.evaluation as evaluation
+    from medclipsam.errors import StorageUnavailable
+
+    _, data = files
+
+    def store_gone(rows, uri):
+        raise StorageUnavailable(f"{uri}: the object store did not answer (3 tries over 9 s; last: ...)")
+
+    monkeypatch.setattr(evaluation, "write_table", store_gone)
+    table = tmp_path / "scores.csv"
+    result = _run(["evaluate", "--pred", str(data / "labels"), "--gt", str(data / "labels"), "--output", str(table)])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: {table}: the object store did not answer (3 tries over 9 s; last: ...)")

@@ -10,7 +10,8 @@ import os
 
 import click
 
-from .common import unexpected
+from ..errors import MedClipSamError
+from .common import fail, unexpected
 from .data import data
 from .demo import demo
 from .evaluate import evaluate
@@ -31,6 +32,8 @@ class _Commands(click.Group):
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort,
                 SystemExit, KeyboardInterrupt):
             raise
+        except MedClipSamError as exc:  # one a command did not catch itself (e.g. while writing its results)
+            fail(str(exc), exc.exit_code)
         except Exception as exc:  # a defect or an unforeseen environment failure, not an input error
             unexpected(exc, bool(ctx.params.get("verbose")))
 

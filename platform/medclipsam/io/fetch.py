@@ -11,7 +11,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from ..errors import ModelError
+from ..errors import ModelError, StorageUnavailable
 from . import storage
 
 CACHE_DIR = Path(os.environ.get("MEDCLIPSAM_CACHE", Path.home() / ".cache" / "medclipsam"))
@@ -37,9 +37,9 @@ def fetch_file(uri: str, what: str = "file") -> str:
             target.parent.mkdir(parents=True, exist_ok=True)
             partial = target.with_name(target.name + ".part")
             fs, path = storage.filesystem(uri)
-            fs.get(path, str(partial))
+            storage.retried(uri, lambda: fs.get(path, str(partial)))
             partial.replace(target)
-        except ModelError:
+        except (ModelError, StorageUnavailable):
             raise
         except Exception as exc:  # network, permission, credentials
             raise ModelError(f"{what} {uri}: cannot fetch ({exc}); download it and pass its local path instead") \
@@ -64,9 +64,9 @@ def fetch_folder(uri: str, what: str = "model", marker: str | None = None) -> Pa
                 raise ModelError(f"{what} {uri}: no such directory")
             fs, path = storage.filesystem(uri)
             partial = Path(str(target) + ".part")
-            fs.get(path.rstrip("/") + "/", str(partial) + "/", recursive=True)
+            storage.retried(uri, lambda: fs.get(path.rstrip("/") + "/", str(partial) + "/", recursive=True))
             os.replace(partial, target)
-        except ModelError:
+        except (ModelError, StorageUnavailable):
             raise
         except Exception as exc:
             raise ModelError(f"{what} {uri}: cannot fetch ({exc})") from exc

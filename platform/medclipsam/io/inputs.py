@@ -12,16 +12,23 @@ import logging
 from ..errors import InputError
 from . import storage
 from .images import DICOM_EXTENSIONS, case_id_from_uri, extension_of, is_supported
+from .retry import is_transient
 
 log = logging.getLogger(__name__)
 
 
 def _has_dicom_magic(uri: str) -> bool:
     fs, path = storage.filesystem(uri)
-    try:
+
+    def preamble() -> bytes:
         with fs.open(path, "rb") as handle:
-            return handle.read(132)[128:132] == b"DICM"
-    except OSError:
+            return handle.read(132)
+
+    try:
+        return storage.retried(uri, preamble)[128:132] == b"DICM"
+    except OSError as exc:
+        if is_transient(exc):  # the store did not answer: that says nothing about the file
+            raise
         return False
 
 
@@ -43,15 +50,17 @@ def _entries(uri: str) -> tuple[list[str], list[str], list[str]]:
     files: list[str] = []
     dirs: list[str] = []
     broken: list[str] = []
-    for entry in fs.ls(path, detail=True):
+    for entry in storage.retried(uri, lambda: fs.ls(path, detail=True)):
         name = entry["name"].rstrip("/")
         kind = entry["type"]
         full = fs.unstrip_protocol(name) if storage.is_remote(uri) else name
         hidden = storage.basename(name).startswith(".")
         if kind == "other" and entry.get("islink"):
             try:
-                kind = fs.info(name)["type"]  # a path (not a directory entry) is followed
-            except OSError:  # missing target, a loop, no permission
+                kind = storage.retried(full, lambda name=name: fs.info(name))["type"]  # a path is followed
+            except OSError as exc:  # missing target, a loop, no permission
+                if is_transient(exc):
+                    raise
                 if not hidden:
                     broken.append(full)
                 continue

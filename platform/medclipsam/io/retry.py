@@ -44,27 +44,42 @@ _TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestT
 _fail_fast: ContextVar[bool] = ContextVar("storage_fail_fast", default=False)
 
 
+_TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+
+
 def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from (or, unless suppressed, while handling)."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         yield current
-        current = current.__cause__ or current.__context__
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+
+
+def _verdict(error: BaseException) -> bool | None:
+    """True: no answer; False: an answer that is a refusal; None: this exception does not say."""
+    if isinstance(error, StorageUnavailable):  # already retried for a whole budget
+        return False
+    response = getattr(error, "response", None)
+    if isinstance(response, dict):  # a botocore ClientError (s3fs wraps it in an OSError)
+        status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        code = response.get("Error", {}).get("Code")
+        return status in _TRANSIENT_STATUS or code in _TRANSIENT_CODES
+    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False  # the store answered: no such object, access denied
+    if isinstance(error, (ConnectionError, TimeoutError)) or type(error).__name__ in _TRANSIENT_TYPES:
+        return True  # refused, reset, aborted, timed out
+    return None
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True when ``exc`` (or an exception behind it) says the store did not answer, not that it refused."""
+    """True when ``exc`` says the store did not answer (directly, or through the exception it came
+    from), not that it refused; the outermost exception that says either way decides."""
     for error in _chain(exc):
-        if isinstance(error, (ConnectionError, TimeoutError)):  # refused, reset, aborted, timed out
-            return True
-        if type(error).__name__ in _TRANSIENT_TYPES:
-            return True
-        response = getattr(error, "response", None)
-        if isinstance(response, dict):  # a botocore ClientError (s3fs wraps it in an OSError)
-            status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-            if status >= 500 or status == 429 or response.get("Error", {}).get("Code") in _TRANSIENT_CODES:
-                return True
+        verdict = _verdict(error)
+        if verdict is not None:
+            return verdict
     return False
 
 
@@ -99,13 +114,13 @@ def retrying(uri: str, func: Callable[[], T], sleep: Callable[[float], None] = t
             if not is_transient(exc):
                 raise
             elapsed = time.monotonic() - start
-            delay = min(MAX_DELAY_S, FIRST_DELAY_S * 2 ** (tries - 1)) * random.uniform(0.5, 1.0)
-            if elapsed + delay > budget:
+            if elapsed >= budget:
                 raise StorageUnavailable(f"{uri}: {OUTAGE} ({tries} {'try' if tries == 1 else 'tries'} over "
                                          f"{elapsed:.0f} s; last: {describe(exc)})") from exc
             if tries == 1:
                 log.warning("%s: %s (%s); retrying for up to %.0f s", uri, OUTAGE, describe(exc), budget)
-            sleep(delay)
+            delay = min(MAX_DELAY_S, FIRST_DELAY_S * 2 ** (tries - 1)) * random.uniform(0.5, 1.0)
+            sleep(min(delay, budget - elapsed))  # the last wait ends with the budget: one more try then
 
 
 def stop_on_outage(case_id: str, error: str, output: str, kept: int) -> None:

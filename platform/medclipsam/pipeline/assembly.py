@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import StorageUnavailable
 from ..eval.evaluation import score_mask
 from ..eval.metrics import dice
 from ..eval.overlays import overlay_png, overlay_slice
@@ -146,6 +147,8 @@ def _write_outputs(rows: list[Row], record: CaseRecord, settings: AssemblySettin
             scores = score_mask(mask, record.mask_uri, truth, settings.tolerance)
             record.dsc, record.nsd, record.hd95 = scores.dsc, scores.nsd, scores.hd95
             _attribute(rows, record, image, axis, truth)
+        except StorageUnavailable:  # not the truth's fault: the case fails, and a resume scores it
+            raise
         except Exception as exc:  # the mask stands; only its scores are missing
             truth, record.error = None, f"ground truth: {exc}"
     pictures = {_key(r): r["image"] for r in rows if r["image"].size}

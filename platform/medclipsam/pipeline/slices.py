@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import ImageConfig
+from ..errors import StorageUnavailable
 from ..io.images import MedicalImage, read_image, read_mask
 from ..ops.slicing import model_inputs, slice_keys
 from ..prompts.csv_prompts import PromptRow, prompts_for_case
@@ -118,6 +119,8 @@ def _truth_boxes(task: CaseTask, image: MedicalImage, settings: ImageConfig,
     attribution (assembly reports the truth's problem when it scores the case)."""
     try:
         return _given_prompts(task, image, SOURCE_LABELS, settings, box_margin)
+    except StorageUnavailable:  # not the truth's fault: the case fails, and a resume redoes it
+        raise
     except Exception:
         return {}
 

@@ -30,10 +30,11 @@ import numpy as np
 import yaml
 
 from ..config import SaliencyConfig, SamConfig, TaskConfig, load_model, parse_config, parse_yaml
-from ..errors import InputError, ModelError
+from ..errors import InputError, ModelError, describe
 from ..eval.evaluation import score_mask
 from ..eval.metrics import dice
 from ..io import storage
+from ..io.access import reading
 from ..io.cohort import read_labelled_cohort
 from ..io.images import read_mask
 from ..io.outputs import absolute_output
@@ -58,9 +59,10 @@ def read_space(uri: str | None) -> dict[str, list]:
     if uri is None:
         return dict(DEFAULT_SPACE)
     try:
-        raw = storage.read_bytes(uri)
-    except OSError as exc:
-        raise InputError(f"{uri}: cannot read the search space ({exc})") from exc
+        with reading(uri, "search space"):  # the store's own errors (credentials, endpoint) as one sentence
+            raw = storage.read_bytes(uri)
+    except OSError as exc:  # a missing or unreadable file
+        raise InputError(f"{uri}: cannot read the search space ({describe(exc)})") from exc
     data = parse_yaml(raw, uri)
     if not isinstance(data, dict) or not data:
         raise InputError(f"{uri}: the search space must map setting names to lists of values")

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, StorageUnavailable
 from ..eval.evaluation import score_mask
 from ..io import storage
 from ..io.access import check_output_folder, reading
@@ -80,13 +80,18 @@ def predict_case(ensemble: Ensemble, case: CohortCase, settings: PredictSettings
             try:
                 scores = score_mask(mask, record.mask_uri, read_mask(case.gt_uri), settings.tolerance)
                 record.dsc, record.nsd, record.hd95 = scores.dsc, scores.nsd, scores.hd95
+            except StorageUnavailable:  # not the truth's fault: the case fails, and a resume scores it
+                raise
             except Exception as exc:  # the mask stands; only its scores are missing
                 record.error = f"ground truth: {exc}"
         record.n_prompted_slices = int(mask.reshape(record.n_slices, -1).any(axis=1).sum())
         record.seconds_write = time.perf_counter() - start
     except Exception as exc:
         record.status, record.error = STATUS_ERROR, str(exc)
-    write_record(record, settings.output)
+    try:
+        write_record(record, settings.output)
+    except Exception as exc:  # unrecorded, so a resume redoes the case; an outage stops the run
+        record.status, record.error = STATUS_ERROR, f"its record could not be written: {exc}"
     return record
 
 
@@ -160,6 +165,7 @@ def run_weak_predict(model: str, input_uri: str, output: str, config: WeakConfig
     records = []
     if todo and runner == "ray" and connect is not None:
         connect()
+    storage.remove_temporaries(output)  # what writes an outage cut short left behind
     with contextlib.closing(_run(todo, model, folder, config, settings, runner, tracking_uri)) as stream:
         for number, record in enumerate(stream, start=1):
             records.append(record)
