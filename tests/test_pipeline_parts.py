@@ -142,6 +142,33 @@ def test_an_error_in_one_slice_fails_the_case_with_its_message(tmp_path):
     assert record.status == "error" and record.error == "slice 1: SAM: out of memory" and record.mask_uri == ""
 
 
+def test_a_truth_lost_to_an_outage_fails_the_case_and_a_bad_truth_does_not(tmp_path, monkeypatch):
+    """A ground truth the store did not deliver must not leave an 'ok' case that a resume skips
+    unscored; a truth that is itself unusable costs only the scores."""
+    import medclipsam.pipeline.assembly as assembly
+    from medclipsam.errors import InputError, StorageUnavailable
+
+    geometry = json.dumps({"is_volume": False, "shape": [8, 8], "axis": 0, "spacing": [1, 1], "origin": [0, 0],
+                           "direction": [1, 0, 0, 1]})
+    mask = np.zeros((8, 8), bool)
+    mask[2:5, 2:5] = True
+    settings = AssemblySettings(str(tmp_path), "labels")
+
+    def truth_from(error):
+        def read(uri):
+            raise error
+        return read
+
+    monkeypatch.setattr(assembly, "read_mask", truth_from(StorageUnavailable("s3://b/gt/c.png: the object store "
+                                                                              "did not answer (5 tries over 120 s)")))
+    record = collect_slice(_slice_row("c", -1, 1, mask, geometry, gt_uri="s3://b/gt/c.png"), settings)
+    assert record.status == "error" and "the object store did not answer" in record.error
+    monkeypatch.setattr(assembly, "read_mask", truth_from(InputError("gt/d.png: cannot read image (truncated)")))
+    record = collect_slice(_slice_row("d", -1, 1, mask, geometry, gt_uri="gt/d.png"), settings)
+    assert record.status == "ok" and record.error == "ground truth: gt/d.png: cannot read image (truncated)"
+    assert np.isnan(record.dsc)
+
+
 def test_contour_and_overlay_slice():
     mask = np.zeros((9, 9), bool)
     mask[2:7, 2:7] = True
