@@ -25,6 +25,17 @@ def _descendants(pid: int) -> dict[int, float]:
         return {}
 
 
+def _command_lines(pids) -> str:
+    """The command lines of those of ``pids`` still running (one may exit, or be a zombie, meanwhile)."""
+    lines = []
+    for pid in pids:
+        try:
+            lines.append(" ".join(psutil.Process(pid).cmdline()))
+        except psutil.Error:
+            continue
+    return " ".join(lines)
+
+
 def _alive(known: dict[int, float]) -> list[str]:
     left = []
     for pid, started in known.items():
@@ -51,7 +62,7 @@ def test_local_ray_is_stopped_when_the_command_is_signalled(tmp_path, signum):
     try:
         while time.monotonic() < deadline and process.poll() is None:
             known.update(_descendants(process.pid))
-            names = " ".join(" ".join(psutil.Process(p).cmdline()) for p in known if psutil.pid_exists(p))
+            names = _command_lines(known)
             if "raylet" in names and "DashboardAgent" in names and "SamStage" in names:
                 break  # Ray, its agents and the SAM actors are up: the run is under way
             time.sleep(0.5)
