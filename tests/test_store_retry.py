@@ -188,14 +188,29 @@ def test_transient_failures_are_told_from_refusals():
     assert not retry.is_transient(ValueError("bad"))
 
 
-def test_temporaries_left_by_an_outage_are_removed(store):
-    _, bucket = store
-    storage.write_bytes_atomic(f"{bucket}/run/masks/c1.png", b"mask")
-    storage.write_bytes_atomic(f"{bucket}/run/masks/.tmp-0123-c2.png", b"half")  # as a cut-short write leaves it
-    storage.write_bytes_atomic(f"{bucket}/run/records/.tmp-4567-c2.json", b"{")
-    assert storage.remove_temporaries(f"{bucket}/run") == 2
-    assert storage.list_files(f"{bucket}/run", recursive=True) == [f"{bucket}/run/masks/c1.png"]
-    assert storage.remove_temporaries(f"{bucket}/absent") == 0
+def test_temporaries_left_by_an_outage_are_removed(tmp_path):
+    """On a filesystem that writes through a temporary and a rename, a cut-short write's temporary
+    is cleared at the next run start and nothing else is touched."""
+    run = tmp_path / "run"
+    storage.write_bytes_atomic(f"{run}/masks/c1.png", b"mask")
+    (run / "masks" / f"{storage.TEMPORARY_PREFIX}0123-c2.png").write_bytes(b"half")  # as a cut-short write leaves it
+    (run / "records").mkdir()
+    (run / "records" / f"{storage.TEMPORARY_PREFIX}4567-c2.json").write_bytes(b"{")
+    assert storage.remove_temporaries(str(run)) == 2
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()) == ["masks/c1.png"]
+    assert storage.remove_temporaries(str(tmp_path / "absent")) == 0
+
+
+def test_an_object_store_output_is_not_listed_for_temporaries(store):
+    """A write to an object store is one PUT and leaves no temporary: a run start costs no request
+    there (a cohort's output can hold millions of keys), and no object is deleted."""
+    server, bucket = store
+    name = f"{bucket}/run/masks/{storage.TEMPORARY_PREFIX}0123-c2.png"
+    storage.write_bytes_atomic(name, b"a user's own object")
+    server.requests.clear()
+    assert storage.remove_temporaries(f"{bucket}/run") == 0
+    assert server.requests == []
+    assert storage.read_bytes(name) == b"a user's own object"
 
 
 def test_a_case_that_met_an_outage_stops_the_run():

@@ -162,10 +162,11 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
 
 def remove_temporaries(uri: str) -> int:
     """Delete what atomic writes left below ``uri`` when their clean-up failed too (the store was
-    down); returns how many. Nothing to do if ``uri`` is absent."""
-    if not exists(uri):
-        return 0
+    down); returns how many. Nothing to do if ``uri`` is absent, or on an object store, where a
+    write is one PUT and leaves no temporary (so a run start does not list a whole cohort's output)."""
     fs, _ = filesystem(uri)
+    if _puts_whole_objects(fs) or not exists(uri):
+        return 0
     left = [p for p in list_files(uri, recursive=True) if basename(p).startswith(TEMPORARY_PREFIX)]
     for leftover in left:
         path = filesystem(leftover)[1]
