@@ -92,7 +92,7 @@ def throughput(cases: int, cpus: int, work: Path) -> dict:
 def _write_rows(work: Path, cases: int, volume_slices: int) -> tuple[list[dict], str]:
     """Rows as the SAM stage hands them to the writers: 2D cases, then one volume's slices."""
     from medclipsam.config import ImageConfig
-    from medclipsam.io.images import read_mask
+    from medclipsam.domain.images import read_mask
     from medclipsam.pipeline.slices import NO_IMAGE, CaseTask, case_slices
 
     rng = np.random.default_rng(1)

@@ -49,7 +49,7 @@ def main() -> None:
 
     fsspec.config.conf.setdefault("s3", {})["client_kwargs"] = {"endpoint_url": server.endpoint}
     s3fs.S3FileSystem(client_kwargs={"endpoint_url": server.endpoint}).mkdir("bench")
-    from medclipsam.io import storage
+    from medclipsam import storage
 
     whole_objects = storage._puts_whole_objects
     payload = os.urandom(args.size)

@@ -142,7 +142,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from medclipsam.cli.common import task_config
-    from medclipsam.io.manifest import STATUS_ERROR, read_manifest
+    from medclipsam.domain.records import STATUS_ERROR, read_manifest
     from medclipsam.pipeline.job import Job
     from medclipsam.pipeline.ray_runner import cluster_pool_sizes
     from medclipsam.pipeline.run import run_job

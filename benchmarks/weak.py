@@ -97,7 +97,7 @@ def main() -> None:
     import ray
 
     from medclipsam.eval.evaluation import evaluate
-    from medclipsam.io.samples import fetch_samples
+    from medclipsam.storage.samples import fetch_samples
     from medclipsam.weak.dataset import cases_from_folders
     from medclipsam.weak.predict import run_weak_predict
     from medclipsam.weak.settings import WeakConfig

@@ -13,7 +13,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 @pytest.fixture(scope="session")
 def samples_root():
     """The pyradiomics-bhklab sample cohort (fetched through pip once, then cached)."""
-    from medclipsam.io.samples import fetch_samples
+    from medclipsam.storage.samples import fetch_samples
 
     return fetch_samples()
 

@@ -11,8 +11,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from medclipsam.config import parse_config
+from medclipsam.domain.images import read_image, read_mask
 from medclipsam.eval.metrics import dice
-from medclipsam.io.images import read_image, read_mask
 from medclipsam.ops.slicing import model_inputs, slice_keys
 from medclipsam.pipeline.job import Job
 from medclipsam.pipeline.run import run_job

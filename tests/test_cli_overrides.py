@@ -12,7 +12,7 @@ from PIL import Image
 
 from medclipsam.cli import main
 from medclipsam.config import WindowConfig
-from medclipsam.io.manifest import read_manifest
+from medclipsam.domain.records import read_manifest
 from medclipsam.ops.slicing import window_to_uint8
 
 SHAPE = (5, 48, 64)  # z, y, x

@@ -15,9 +15,9 @@ import pytest
 import SimpleITK as sitk
 
 from medclipsam.config import ImageConfig
+from medclipsam.domain.images import read_image, read_mask
+from medclipsam.domain.inputs import list_cases
 from medclipsam.errors import InputError
-from medclipsam.io.images import read_image, read_mask
-from medclipsam.io.inputs import list_cases
 from medclipsam.pipeline.slices import CaseTask, case_slices
 
 AXIAL = "1\\0\\0\\0\\1\\0"
@@ -159,7 +159,7 @@ def test_symlinks_are_followed_and_broken_ones_reported(tmp_path, caplog):
     (cohort / "patient3").symlink_to(store / "series", target_is_directory=True)
     (cohort / "gone.nii.gz").symlink_to(store / "deleted.nii.gz")
     sitk.WriteImage(sitk.GetImageFromArray(float_volume()), str(cohort / "plain.nrrd"))
-    with caplog.at_level(logging.WARNING, logger="medclipsam.io.inputs"):
+    with caplog.at_level(logging.WARNING, logger="medclipsam.domain.inputs"):
         cases = list_cases(str(cohort))
     assert cases == {"linked": str(cohort / "linked.mha"), "patient3": str(cohort / "patient3"),
                      "plain": str(cohort / "plain.nrrd")}

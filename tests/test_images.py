@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from medclipsam import storage
+from medclipsam.domain.images import case_id_from_uri, read_image, read_mask, write_mask
+from medclipsam.domain.inputs import list_cases
 from medclipsam.errors import InputError
-from medclipsam.io import storage
-from medclipsam.io.images import case_id_from_uri, read_image, read_mask, write_mask
-from medclipsam.io.inputs import list_cases
 
 DIRECTION = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)  # 90 degree rotation about z
 

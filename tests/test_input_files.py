@@ -9,12 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 import SimpleITK as sitk
 
+from medclipsam import storage
+from medclipsam.domain.cohort import parse_prompt, read_cohort, read_cohort_manifest
+from medclipsam.domain.images import write_sitk
+from medclipsam.domain.records import CaseRecord, write_manifest, write_record
 from medclipsam.errors import InputError, PromptError
-from medclipsam.io import outputs, storage
-from medclipsam.io.cohort import parse_prompt, read_cohort, read_cohort_manifest
-from medclipsam.io.images import write_sitk
-from medclipsam.io.manifest import CaseRecord, write_manifest
 from medclipsam.prompts.csv_prompts import check_case_ids, read_box_rows, read_point_rows
+from medclipsam.storage import outputs
 
 BOX_HEADER = "case_id,slice,x0,y0,x1,y1"
 
@@ -87,7 +88,7 @@ def test_output_paths_cannot_leave_the_output_folder(tmp_path, case_id):
     with pytest.raises(InputError, match="case_id"):
         outputs.case_file(output, outputs.MASKS, case_id, ".png")
     with pytest.raises(InputError, match="case_id"):
-        outputs.write_record(CaseRecord(case_id, "x.png"), output)
+        write_record(CaseRecord(case_id, "x.png"), output)
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 

@@ -11,11 +11,11 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
+from medclipsam.domain.cohort import parse_prompt, read_cohort
+from medclipsam.domain.images import read_mask
+from medclipsam.domain.records import read_records
 from medclipsam.errors import InputError
 from medclipsam.eval.overlays import contour, overlay_slice
-from medclipsam.io.cohort import parse_prompt, read_cohort
-from medclipsam.io.images import read_mask
-from medclipsam.io.outputs import read_records
 from medclipsam.pipeline.assembly import AssemblySettings, _stage_bytes, _unstage, collect_slice
 from medclipsam.pipeline.ray_runner import to_batch, to_rows
 from medclipsam.pipeline.slices import NO_IMAGE, NO_MAP

@@ -9,9 +9,9 @@ from click.testing import CliRunner
 
 from medclipsam.cli import main
 from medclipsam.config import TaskConfig
+from medclipsam.domain.images import read_mask
+from medclipsam.domain.records import read_manifest
 from medclipsam.eval.evaluation import evaluate
-from medclipsam.io.images import read_mask
-from medclipsam.io.manifest import read_manifest
 from medclipsam.pipeline.job import Job, plan
 from medclipsam.pipeline.run import run_job
 from medclipsam.prompts.csv_prompts import oracle_boxes_csv

@@ -20,9 +20,9 @@ from pipeline_cohort import CASES, make_cohort
 
 from medclipsam.cli import main
 from medclipsam.config import parse_config
+from medclipsam.domain.images import read_image, read_mask
 from medclipsam.errors import InputError
 from medclipsam.eval.metrics import dice
-from medclipsam.io.images import read_image, read_mask
 from medclipsam.pipeline.job import Job
 from medclipsam.pipeline.ray_runner import SamStage
 from medclipsam.pipeline.run import run_job
@@ -277,7 +277,7 @@ def test_read_and_write_tasks_load_no_model_code(cohort, ray_session, tmp_path):
         import numpy as np
 
         from medclipsam.config import parse_config
-        from medclipsam.io.images import read_mask
+        from medclipsam.domain.images import read_mask
         from medclipsam.pipeline.assembly import AssemblySettings
         from medclipsam.pipeline.cpu_tasks import read_case, write_slice
         from medclipsam.pipeline.job import Job

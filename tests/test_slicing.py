@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from medclipsam.config import CT_WINDOWS, ImageConfig, WindowConfig
+from medclipsam.domain.images import MedicalImage
 from medclipsam.errors import InputError
-from medclipsam.io.images import MedicalImage
 from medclipsam.ops.slicing import model_inputs, stack_slices, take_slice, to_rgb, window_to_uint8
 
 

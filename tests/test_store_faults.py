@@ -30,8 +30,8 @@ from disc_cohort import disc_images
 
 from medclipsam.cli import main
 from medclipsam.cli.common import task_config
+from medclipsam.domain.images import read_mask
 from medclipsam.eval.metrics import dice
-from medclipsam.io.images import read_mask
 from medclipsam.pipeline.job import Job
 from medclipsam.pipeline.run import run_job
 

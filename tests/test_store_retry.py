@@ -14,9 +14,10 @@ import time
 
 import pytest
 
+from medclipsam import storage
 from medclipsam.errors import InputError, StorageUnavailable
-from medclipsam.io import retry, storage
-from medclipsam.io.access import reading
+from medclipsam.storage import retry
+from medclipsam.storage.access import reading
 
 
 @pytest.fixture()

@@ -31,7 +31,7 @@ def textured(h, w, seed):
 
 # -- loader ----------------------------------------------------------------------------------
 def test_loader_reads_the_saved_weights_through_every_uri_form(tiny_clip_dir, clip, s3_bucket):
-    from medclipsam.io import storage
+    from medclipsam import storage
     from medclipsam.models.checkpoints import sha256_of
 
     saved = torch.load(tiny_clip_dir / "open_clip_pytorch_model.bin", weights_only=True)
@@ -214,7 +214,7 @@ def test_prompts_from_hand_made_masks():
 # -- pipeline --------------------------------------------------------------------------------
 def test_text_pipeline_on_sample_volumes(tmp_path, clip, samples_root):
     from medclipsam.config import load_config
-    from medclipsam.io.manifest import read_manifest
+    from medclipsam.domain.records import read_manifest
     from medclipsam.pipeline.job import Job
     from medclipsam.pipeline.run import run_job
 

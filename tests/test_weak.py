@@ -20,7 +20,7 @@ from disc_cohort import disc_images
 from ray_faults import KillWorkersOnce
 
 from medclipsam.cli import main
-from medclipsam.io.images import read_image, read_mask
+from medclipsam.domain.images import read_image, read_mask
 from medclipsam.weak.dataset import cases_from_folders, nnunet_input
 from medclipsam.weak.ensemble import Ensemble, resolve_ensemble
 from medclipsam.weak.nnunet_env import CONFIGURATION, FOLD, TRAINER_NAME, nnunet_environment, trained_folder

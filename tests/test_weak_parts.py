@@ -13,8 +13,8 @@ import SimpleITK as sitk
 from disc_cohort import disc_images
 from pydantic import ValidationError
 
+from medclipsam.domain.records import CaseRecord, write_manifest
 from medclipsam.errors import InputError
-from medclipsam.io.manifest import CaseRecord, write_manifest
 from medclipsam.weak.dataset import cases_from_folders, cases_from_pseudo, export_dataset
 from medclipsam.weak.nnunet_env import nnunet_environment
 from medclipsam.weak.schedule import cyclic_lr, kept_epochs

@@ -20,8 +20,8 @@ from typing import Annotated, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from . import storage
 from .errors import InputError
-from .io import storage
 
 #: CT window presets as (centre, width) in Hounsfield units.
 CT_WINDOWS: dict[str, tuple[float, float]] = {

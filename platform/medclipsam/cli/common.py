@@ -18,7 +18,7 @@ from typing import NoReturn
 import click
 
 from ..config import CT_WINDOWS, MERGE_METHODS, SAM_BACKENDS, TaskConfig, load_config, parse_config
-from ..io.manifest import STATUS_ERROR, CaseRecord
+from ..domain.records import STATUS_ERROR, CaseRecord
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

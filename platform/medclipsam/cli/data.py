@@ -21,7 +21,7 @@ def data() -> None:
 @click.option("--force", is_flag=True, help="Fetch and extract again even if present.")
 def samples(cache_dir: str | None, force: bool) -> None:
     """Fetch the sample MR/CT volumes with labels (pyradiomics-bhklab 3.1.4 sdist, via pip)."""
-    from ..io.samples import fetch_samples
+    from ..storage.samples import fetch_samples
 
     try:
         root = fetch_samples(Path(cache_dir) if cache_dir else None, force=force)

@@ -23,7 +23,7 @@ def evaluate(pred: str, gt: str, tolerance: float, geometry: str, output: str | 
     """Per-case DSC, NSD and HD95 of predictions against ground truth, and their means."""
     from ..eval.evaluation import evaluate as run_evaluation
     from ..eval.evaluation import write_table
-    from ..io.access import check_output_file
+    from ..storage.access import check_output_file
 
     try:
         if output:

@@ -21,7 +21,7 @@ def _client(tracking_uri: str | None):
     import mlflow
     from mlflow import MlflowClient
 
-    from ..io.tracking import resolve_tracking_uri
+    from ..runs.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(uri)
@@ -108,9 +108,9 @@ def promote(name: str, version: str, eval_set: str | None, metric: str, margin: 
 
 
 def _plan(client, uri, name, version, eval_set, config_path, use_ray, address, work_dir, progress):
-    from ..io.registry import KIND_CLIP, KIND_PIPELINE, KIND_WEAK
     from ..registry.evalset import read_eval_set
     from ..registry.evaluation import EvalPlan, model_kind
+    from ..runs.tracking import KIND_CLIP, KIND_PIPELINE, KIND_WEAK
 
     kind = model_kind(client, name, version)
     task = weak = None

@@ -89,9 +89,9 @@ def _registered_pipeline(uri: str, tracking_uri: str | None):
     """The pipeline's config (its models pinned, their weights checked) and its pin for the run's record."""
     import mlflow
 
-    from ..io.registry import ModelPin
-    from ..io.tracking import resolve_tracking_uri
     from ..registry.pipelines import load_pipeline
+    from ..runs.pins import ModelPin
+    from ..runs.tracking import resolve_tracking_uri
 
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
     pipeline = load_pipeline(uri)

@@ -39,7 +39,7 @@ def segment(input_uri: str, output: str, boxes: str | None, points: str | None, 
     zero-shot mode runs: the sentence(s) of --prompt or of the config's text.prompts go through
     BiomedCLIP and M2IB saliency to a coarse mask, whose boxes or points prompt SAM.
     """
-    from ..io.cohort import is_manifest
+    from ..domain.cohort import is_manifest
     from ..pipeline.job import Job
     from ..pipeline.run import run_job
     from ..pipeline.slices import SOURCE_FILES, SOURCE_TEXT

@@ -119,7 +119,7 @@ def predict(model, input_uri, output, gt_uri, threshold, members, save_maps, con
     """Segment a cohort with a trained ensemble: masks, per-case uncertainty, scores with --gt."""
     import mlflow
 
-    from ..io.tracking import resolve_tracking_uri
+    from ..runs.tracking import resolve_tracking_uri
     from ..weak.predict import run_weak_predict
 
     progress = CaseProgress()

@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import storage
+from ..domain.images import MedicalImage, read_mask
+from ..domain.inputs import list_cases
 from ..errors import InputError
-from ..io import storage
-from ..io.access import reading
-from ..io.images import MedicalImage, read_mask
-from ..io.inputs import list_cases
+from ..storage.access import reading
 from .metrics import CaseMetrics, case_metrics, summarise
 
 DEFAULT_TOLERANCE = 2.0  # pixels for 2D images, millimetres for volumes

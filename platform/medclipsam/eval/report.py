@@ -11,10 +11,10 @@ import math
 
 import pyarrow as pa
 
+from .. import storage
+from ..domain.records import read_manifest, status_counts
 from ..errors import InputError
-from ..io import storage
-from ..io.manifest import read_manifest, status_counts
-from ..io.outputs import MANIFEST, OVERLAYS
+from ..storage.outputs import MANIFEST, OVERLAYS
 
 COLUMNS = ("case_id", "status", "n_slices", "n_prompted_slices", "dsc", "nsd", "hd95", "seconds", "error")
 

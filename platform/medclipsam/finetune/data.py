@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ..domain.images import read_image
 from ..errors import MedClipSamError
-from ..io.images import read_image
 from ..ops.slicing import to_rgb, window_to_uint8
 from ..ops.transforms import ShortSideCrop
 

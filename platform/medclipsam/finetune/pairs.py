@@ -10,8 +10,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from .. import storage
 from ..errors import InputError
-from ..io import storage
 
 
 def read_pairs(uri: str, image_column: str = "image", caption_column: str = "caption",

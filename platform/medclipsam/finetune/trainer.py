@@ -21,12 +21,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from .. import storage
 from ..errors import InputError
-from ..io import storage
-from ..io.registry import KIND_CLIP, KIND_TAG, SHA_TAG
-from ..io.tracking import flatten, resolve_tracking_uri
 from ..models.biomedclip import clip_weights_sha256, load_clip, save_clip
 from ..models.checkpoints import CorruptCheckpoint, read_json_checkpoint, read_torch_checkpoint, restore_newest
+from ..runs.tracking import KIND_CLIP, KIND_TAG, SHA_TAG, flatten, resolve_tracking_uri
 from .losses import contrastive_loss, gather_features
 from .pairs import read_pairs, split_pairs
 from .retrieval import retrieval_metrics

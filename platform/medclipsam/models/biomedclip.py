@@ -23,7 +23,8 @@ import torch
 
 from ..config import BIOMEDCLIP_HUB
 from ..errors import ModelError
-from ..io.fetch import fetch_folder, fetch_registered
+from ..storage.fetch import fetch_folder
+from ..storage.registered import fetch_registered
 from .checkpoints import sha256_of
 
 WEIGHT_NAMES = (

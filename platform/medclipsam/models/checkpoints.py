@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 
 from ..errors import ModelError, describe
-from ..io.fetch import fetch_file
+from ..storage.fetch import fetch_file
 
 log = logging.getLogger(__name__)
 C = TypeVar("C")

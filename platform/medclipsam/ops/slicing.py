@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import CT_WINDOWS, ImageConfig, WindowConfig
-from ..io.images import MedicalImage, check_finite
+from ..domain.images import MedicalImage, check_finite
 
 
 def num_slices(volume: np.ndarray, axis: int) -> int:

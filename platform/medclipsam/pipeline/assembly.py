@@ -17,16 +17,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import storage
+from ..domain.images import MedicalImage, mask_extension, read_mask, write_mask
+from ..domain.records import STATUS_ERROR, STATUS_NO_PROMPTS, STATUS_NO_TARGET, STATUS_OK, CaseRecord, write_record
 from ..errors import StorageUnavailable
 from ..eval.evaluation import score_mask
 from ..eval.metrics import dice
 from ..eval.overlays import overlay_png, overlay_slice
-from ..io import storage
-from ..io.images import MedicalImage, mask_extension, read_mask, write_mask
-from ..io.manifest import STATUS_ERROR, STATUS_NO_PROMPTS, STATUS_NO_TARGET, STATUS_OK, CaseRecord
-from ..io.outputs import COARSE, MASKS, OVERLAYS, PROMPTS, SALIENCY, STAGING, case_file, write_record
 from ..ops.slicing import assemble_mask, take_slice
 from ..prompts.types import SlicePrompts
+from ..storage.outputs import COARSE, MASKS, OVERLAYS, PROMPTS, SALIENCY, STAGING, case_file
 from .slices import NO_IMAGE, NO_MAP, NO_MASK, SOURCE_TEXT, Row, reference_image
 
 ARRAY_COLUMNS = ("image", "saliency", "coarse", "mask", "oracle_mask")

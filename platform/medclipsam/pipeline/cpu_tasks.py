@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 
-from ..io.manifest import STATUS_ERROR, CaseRecord
+from ..domain.records import STATUS_ERROR, CaseRecord
 from .assembly import AssemblySettings, collect_slice
 from .job import Job
 from .slices import CaseTask, case_slices, failed_read

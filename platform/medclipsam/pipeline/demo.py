@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 
 from ..config import TaskConfig, load_config
-from ..io.inputs import list_cases
-from ..io.samples import fetch_samples
+from ..domain.inputs import list_cases
 from ..models.biomedclip import hub_problem
+from ..storage.samples import fetch_samples
 from .job import Job
 from .slices import SOURCE_LABELS, SOURCE_TEXT
 

@@ -8,12 +8,12 @@ import json
 from dataclasses import dataclass, replace
 
 from ..config import BIOMEDCLIP_HUB, TaskConfig
+from ..domain.cohort import CohortCase, read_cohort
 from ..errors import InputError
-from ..io.access import reading
-from ..io.cohort import CohortCase, read_cohort
-from ..io.outputs import absolute_output
-from ..io.registry import ModelPin
 from ..prompts.csv_prompts import check_case_ids, read_box_rows, read_point_rows
+from ..runs.pins import ModelPin
+from ..storage.access import reading
+from ..storage.outputs import absolute_output
 from .assembly import AssemblySettings
 from .slices import SOURCE_FILES, SOURCE_LABELS, SOURCE_TEXT, SOURCES, CaseTask, rows_to_json
 

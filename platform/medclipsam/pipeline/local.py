@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from ..io.manifest import CaseRecord
+from ..domain.records import CaseRecord
 from ..models.biomedclip import load_clip
 from ..models.sam_backends import build_segmenter
 from .assembly import finish_case

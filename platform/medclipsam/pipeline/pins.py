@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..io.registry import ModelPin, is_registered, resolve_registered
-from ..io.tracking import resolve_tracking_uri
 from ..models.biomedclip import clip_weights_sha256
+from ..runs.pins import ModelPin
+from ..runs.tracking import resolve_tracking_uri
+from ..storage.registered import is_registered, resolve_registered
 from .job import Job
 from .slices import SOURCE_TEXT
 

@@ -17,8 +17,8 @@ from dataclasses import asdict
 import numpy as np
 
 from ..config import ActorPoolConfig, CoarseMaskConfig, SaliencyConfig, SamConfig, VisualPromptConfig
-from ..io.manifest import CaseRecord, record_from_dict
-from ..io.tracking import resolve_tracking_uri
+from ..domain.records import CaseRecord, record_from_dict
+from ..runs.tracking import resolve_tracking_uri
 from .cpu_tasks import Contained, read_case, write_slice
 from .job import Job
 from .pools import pool_sizes

@@ -15,12 +15,12 @@ from typing import Literal
 
 import numpy as np
 
-from ..io import storage
-from ..io.access import check_output_folder
-from ..io.manifest import COMPLETED, STATUS_ERROR, CaseRecord, status_counts, write_manifest
-from ..io.outputs import MANIFEST, STAGING, read_records
-from ..io.registry import ModelPin
-from ..io.retry import stop_on_outage
+from .. import storage
+from ..domain.records import COMPLETED, STATUS_ERROR, CaseRecord, read_records, status_counts, write_manifest
+from ..runs.pins import ModelPin
+from ..storage.access import check_output_folder
+from ..storage.outputs import MANIFEST, STAGING
+from ..storage.retry import stop_on_outage
 from . import tracking
 from .job import Job, plan
 from .pins import pin_models

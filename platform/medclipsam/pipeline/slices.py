@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import ImageConfig
+from ..domain.images import MedicalImage, read_image, read_mask
 from ..errors import StorageUnavailable
-from ..io.images import MedicalImage, read_image, read_mask
 from ..ops.slicing import model_inputs, slice_keys
 from ..prompts.csv_prompts import PromptRow, prompts_for_case
 from ..prompts.from_mask import label_boxes

@@ -13,11 +13,12 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from .. import storage
 from ..errors import InputError
-from ..io import storage
-from ..io.outputs import OVERLAYS, RUN_FILE
-from ..io.registry import ModelPin
-from ..io.tracking import flatten, redact_uri, resolve_tracking_uri
+from ..runs.pins import ModelPin
+from ..runs.tracking import flatten, resolve_tracking_uri
+from ..storage import redact_uri
+from ..storage.outputs import OVERLAYS, RUN_FILE
 from .job import Job
 
 

@@ -29,21 +29,21 @@ from dataclasses import dataclass
 import numpy as np
 import yaml
 
+from .. import storage
 from ..config import SaliencyConfig, SamConfig, TaskConfig, load_model, parse_config, parse_yaml
+from ..domain.cohort import read_labelled_cohort
+from ..domain.images import read_mask
 from ..errors import InputError, ModelError, describe
 from ..eval.evaluation import score_mask
 from ..eval.metrics import dice
-from ..io import storage
-from ..io.access import reading
-from ..io.cohort import read_labelled_cohort
-from ..io.images import read_mask
-from ..io.outputs import absolute_output
-from ..io.tracking import resolve_tracking_uri
 from ..ops.postprocess import binarise
 from ..ops.slicing import assemble_mask
 from ..prompts.from_saliency import prompts_from_saliency
 from ..prompts.types import SlicePrompts
+from ..runs.tracking import resolve_tracking_uri
 from ..segment.sam import probability_for_prompts
+from ..storage.access import reading
+from ..storage.outputs import absolute_output
 from .slices import SOURCE_TEXT, CaseTask, case_slices, reference_image
 
 # The published grid: beta in {0.1, 1, 2} x bottleneck layer in {7, 8, 9}.
@@ -315,7 +315,7 @@ def _search(search: Search, saliency, sam, progress, start: float) -> TuneResult
     import ray
     from ray import tune
 
-    from ..io.tracking import flatten
+    from ..runs.tracking import flatten
 
     base, base_config, space, combos = search.base, search.base_config, search.space, search.combos
     cases, images, truths, output, metric = search.cases, search.images, search.truths, search.output, search.metric

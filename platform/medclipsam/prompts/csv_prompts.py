@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..domain.cohort import read_csv_rows
+from ..domain.images import read_mask
+from ..domain.inputs import list_cases
 from ..errors import PromptError
-from ..io.cohort import read_csv_rows
-from ..io.images import read_mask
-from ..io.inputs import list_cases
 from .from_mask import label_boxes
 from .types import SlicePrompts
 

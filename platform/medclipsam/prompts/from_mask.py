@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..io.images import MedicalImage
+from ..domain.images import MedicalImage
 from ..ops.slicing import take_slice
 from .types import SlicePrompts
 

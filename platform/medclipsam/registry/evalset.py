@@ -6,9 +6,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from .. import storage
+from ..domain.cohort import CohortCase, is_manifest, read_labelled_cohort
 from ..errors import InputError
-from ..io import storage
-from ..io.cohort import CohortCase, is_manifest, read_labelled_cohort
 
 
 @dataclass(frozen=True)

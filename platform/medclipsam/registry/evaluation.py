@@ -16,14 +16,14 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .. import storage
 from ..config import TaskConfig
+from ..domain.records import CaseRecord
 from ..errors import InputError, ModelError, first_line
-from ..io import storage
-from ..io.manifest import CaseRecord
-from ..io.registry import KIND_CLIP, KIND_PIPELINE, KIND_TAG, KIND_WEAK, KINDS
 from ..pipeline.job import Job
 from ..pipeline.run import run_job
 from ..pipeline.slices import SOURCE_TEXT
+from ..runs.tracking import KIND_CLIP, KIND_PIPELINE, KIND_TAG, KIND_WEAK, KINDS
 from ..weak.predict import run_weak_predict
 from ..weak.settings import WeakConfig
 from .evalset import EvalSet
@@ -97,7 +97,7 @@ def model_kind(client, name: str, version: str) -> str:
     kind = (found.tags or {}).get(KIND_TAG) or (found.tags or {}).get("kind")
     if kind in KINDS:
         return kind
-    from ..io.fetch import fetch_registered
+    from ..storage.registered import fetch_registered
 
     folder = fetch_registered(f"models:/{name}/{version}")
     for marker, guess in (("ensemble.json", KIND_WEAK), ("pipeline.yaml", KIND_PIPELINE),
@@ -133,7 +133,7 @@ def evaluate_version(plan: EvalPlan, version: str) -> Score:
 
 
 def _whole_output(output: str, fresh: list[CaseRecord]) -> list[CaseRecord]:
-    from ..io.outputs import read_records
+    from ..domain.records import read_records
 
     every = read_records(output)
     return list(every.values()) if every else fresh

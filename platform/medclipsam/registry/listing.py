@@ -7,7 +7,7 @@ import time
 from collections import defaultdict
 
 from ..errors import ModelError
-from ..io.registry import KIND_TAG
+from ..runs.tracking import KIND_TAG
 from .lock import is_lock
 
 

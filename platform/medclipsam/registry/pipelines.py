@@ -14,11 +14,10 @@ import yaml
 
 from ..config import TaskConfig, parse_config
 from ..errors import InputError, ModelError
-from ..io.fetch import fetch_registered
-from ..io.registry import KIND_PIPELINE, KIND_TAG, SHA_TAG, RegisteredRef, is_registered, resolve_registered
-from ..io.tracking import flatten
 from ..models.biomedclip import clip_weights_sha256
 from ..models.sam_backends import checkpoint_sha256
+from ..runs.tracking import KIND_PIPELINE, KIND_TAG, SHA_TAG, flatten
+from ..storage.registered import RegisteredRef, fetch_registered, is_registered, resolve_registered
 
 PIPELINE_FILE, PINS_FILE = "pipeline.yaml", "pins.json"
 PIPELINE_EXPERIMENT = "medclipsam-pipelines"

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .. import storage
+from ..domain.images import MedicalImage, read_image, read_mask
+from ..domain.inputs import list_cases
+from ..domain.records import STATUS_OK, read_manifest
 from ..errors import InputError
-from ..io import storage
-from ..io.images import MedicalImage, read_image, read_mask
-from ..io.inputs import list_cases
-from ..io.manifest import STATUS_OK, read_manifest
-from ..io.outputs import MANIFEST
 from ..ops.slicing import window_to_uint8
+from ..storage.outputs import MANIFEST
 from .nnunet_env import dataset_folder_name
 
 LABELS = {"background": 0, "target": 1}

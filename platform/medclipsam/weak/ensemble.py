@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import storage
 from ..errors import InputError, ModelError
-from ..io import storage
-from ..io.fetch import fetch_folder, fetch_registered
 from ..models.checkpoints import read_torch_checkpoint, sha256_of, torch_file_problem
+from ..storage.fetch import fetch_folder
+from ..storage.registered import fetch_registered
 from .nnunet_env import FOLD, nnunet_environment, stdout_to
 
 ENSEMBLE_FILE = "ensemble.json"

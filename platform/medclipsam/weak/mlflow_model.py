@@ -24,7 +24,7 @@ class WeakEnsembleModel(mlflow.pyfunc.PythonModel):
         self.ensemble = Ensemble(self.folder, self.folder.manifest.get("default_members", "cycles"))
 
     def predict(self, context, model_input: list[str], params=None) -> list[dict]:
-        from medclipsam.io.images import read_image
+        from medclipsam.domain.images import read_image
         from medclipsam.weak.dataset import nnunet_input
         from medclipsam.weak.uncertainty import binary_entropy, case_uncertainty
 

@@ -19,16 +19,25 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .. import storage
+from ..domain.cohort import CohortCase, read_cohort
+from ..domain.images import mask_extension, read_image, read_mask, write_mask
+from ..domain.records import (
+    COMPLETED,
+    STATUS_ERROR,
+    CaseRecord,
+    read_records,
+    record_from_dict,
+    status_counts,
+    write_manifest,
+    write_record,
+)
 from ..errors import InputError, StorageUnavailable
 from ..eval.evaluation import score_mask
-from ..io import storage
-from ..io.access import check_output_folder, reading
-from ..io.cohort import CohortCase, read_cohort
-from ..io.images import mask_extension, read_image, read_mask, write_mask
-from ..io.manifest import COMPLETED, STATUS_ERROR, CaseRecord, record_from_dict, status_counts, write_manifest
-from ..io.outputs import MANIFEST, MASKS, RUN_FILE, absolute_output, case_file, read_records, write_record
-from ..io.registry import is_registered, resolve_registered
-from ..io.retry import stop_on_outage
+from ..storage.access import check_output_folder, reading
+from ..storage.outputs import MANIFEST, MASKS, RUN_FILE, absolute_output, case_file
+from ..storage.registered import is_registered, resolve_registered
+from ..storage.retry import stop_on_outage
 from .dataset import nnunet_input
 from .ensemble import Ensemble, EnsembleFolder, resolve_ensemble
 from .settings import WeakConfig

@@ -23,13 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import storage
 from ..errors import InputError, ModelError
-from ..io import storage
-from ..io.fetch import cache_slot
-from ..io.outputs import absolute_output
-from ..io.registry import KIND_TAG, KIND_WEAK, SHA_TAG
-from ..io.tracking import flatten, resolve_tracking_uri
 from ..models.checkpoints import read_torch_checkpoint, restore_newest, sha256_of
+from ..runs.tracking import KIND_TAG, KIND_WEAK, SHA_TAG, flatten, resolve_tracking_uri
+from ..storage.fetch import cache_slot
+from ..storage.outputs import absolute_output
 from .dataset import TrainingCase, export_dataset
 from .ensemble import ENSEMBLE_FILE, FINAL
 from .nnunet_env import CONFIGURATION, FOLD, TRAINER_NAME, dataset_folder_name, nnunet_environment, stdout_to
@@ -321,7 +320,7 @@ def register_ensemble(ensemble_uri: str, run_id: str, name: str, metrics: dict) 
     import mlflow
     from mlflow import MlflowClient
 
-    from ..io.fetch import fetch_folder
+    from ..storage.fetch import fetch_folder
     from . import mlflow_model
 
     local = fetch_folder(ensemble_uri, "weak ensemble", marker=ENSEMBLE_FILE)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 
+from .. import storage
 from ..errors import InputError
-from . import storage
+from ..storage.retry import is_transient
 from .images import DICOM_EXTENSIONS, case_id_from_uri, extension_of, is_supported
-from .retry import is_transient
 
 log = logging.getLogger(__name__)
 

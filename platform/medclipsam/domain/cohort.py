@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import storage
 from ..errors import InputError, MedClipSamError
-from . import storage
+from ..storage.outputs import check_case_id, quoted
 from .images import case_id_from_uri
 from .inputs import list_cases
-from .outputs import check_case_id, quoted
 
 MANIFEST_EXTENSIONS = (".csv", ".parquet")
 URI_COLUMNS = ("uri", "image_uri", "case_uri")

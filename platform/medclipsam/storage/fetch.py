@@ -11,8 +11,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from .. import storage
 from ..errors import ModelError, StorageUnavailable
-from . import storage
 
 CACHE_DIR = Path(os.environ.get("MEDCLIPSAM_CACHE", Path.home() / ".cache" / "medclipsam"))
 
@@ -73,37 +73,3 @@ def fetch_folder(uri: str, what: str = "model", marker: str | None = None) -> Pa
     return target
 
 
-def fetch_registered(uri: str) -> Path:
-    """The artifacts of ``models:/name@alias`` or ``models:/name/version``, downloaded into the cache.
-
-    An alias is resolved to its version first. A version's artifacts never change, so they are
-    fetched once per registry (the cache key holds the tracking URI) and renamed into place whole.
-    """
-    import shutil
-
-    import mlflow
-
-    from .registry import resolve_registered
-    from .tracking import redact_uri
-
-    registry = mlflow.get_tracking_uri()
-    pinned = resolve_registered(uri).uri
-    target = cache_slot("models", f"{registry} {pinned}")
-    if target.is_dir():
-        return target
-    partial = Path(f"{target}.{os.getpid()}.part")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        partial.mkdir(parents=True)
-        mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(partial))
-        try:
-            os.replace(partial, target)
-        except OSError:  # another process fetched it first
-            if not target.is_dir():
-                raise
-            shutil.rmtree(partial, ignore_errors=True)
-    except Exception as exc:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise ModelError(f"model {uri}: cannot be fetched from the MLflow registry at "
-                         f"{redact_uri(registry)} ({exc})") from exc
-    return target

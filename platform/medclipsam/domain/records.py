@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import storage
+from .. import storage
+from ..storage.outputs import RECORDS, record_uri
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -120,3 +122,20 @@ def write_manifest(records: list[CaseRecord], uri: str) -> None:
 
 def read_manifest(uri: str) -> pa.Table:
     return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+
+
+def write_record(record: CaseRecord, output: str) -> None:
+    storage.write_bytes_atomic(record_uri(output, record.case_id), json.dumps(asdict(record)).encode())
+
+
+def read_records(output: str) -> dict[str, CaseRecord]:
+    """Every case record already written under ``output`` (an empty dict for a new output)."""
+    folder = storage.join(output, RECORDS)
+    if not storage.exists(folder):
+        return {}
+    uris = [u for u in storage.list_files(folder) if u.endswith(".json") and not storage.basename(u).startswith(".")]
+    records = {}
+    for data in storage.read_many(uris).values():
+        record = record_from_dict(json.loads(data))
+        records[record.case_id] = record
+    return records

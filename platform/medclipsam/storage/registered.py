@@ -2,21 +2,20 @@
 
 An alias (``models:/NAME@champion``) names whichever version holds it now; a run resolves it once,
 at its start, and works with ``models:/NAME/<version>`` from then on, so moving the alias during a
-run, or after it, changes neither its masks nor what it records.
+run, or after it, changes neither its masks nor what it records. A version's artifacts are fetched
+into the cache once (``fetch_registered``).
 """
 
 from __future__ import annotations
 
+import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from pathlib import Path
 
+from .. import storage
 from ..errors import ModelError, first_line
-
-# Tags on a model version: which kind of model it is (how the promotion gate evaluates it), and the
-# SHA-256 of its weights.
-KIND_TAG, SHA_TAG = "medclipsam.kind", "medclipsam.weights_sha256"
-KIND_CLIP, KIND_WEAK, KIND_PIPELINE = "clip", "weak-ensemble", "pipeline"
-KINDS = (KIND_CLIP, KIND_WEAK, KIND_PIPELINE)
+from .fetch import cache_slot
 
 _PATTERN = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[^/@]+))/?$")
 
@@ -34,21 +33,6 @@ class RegisteredRef:
     def uri(self) -> str:
         """The pinned URI: always this version, whatever the aliases do later."""
         return f"models:/{self.name}/{self.version}"
-
-
-@dataclass(frozen=True)
-class ModelPin:
-    """A model a run used, as asked for and as loaded; recorded in ``run.json`` and MLflow params."""
-
-    role: str  # which model of the run: "clip", "pipeline"
-    requested: str  # as given (an alias, a version, a folder, ...)
-    uri: str  # what the run loads
-    version: str = ""  # registry version, for models:/ URIs
-    sha256: str = ""  # of the weights
-
-    def params(self) -> dict[str, str]:
-        """MLflow params: ``model.<role>.<field>``."""
-        return {f"model.{self.role}.{k}": str(v) for k, v in asdict(self).items() if k != "role" and v}
 
 
 def is_registered(uri: str | None) -> bool:
@@ -93,8 +77,37 @@ def resolve_registered(uri: str, client=None) -> RegisteredRef:
 
 
 def _where(client) -> str:
-    from .tracking import redact_uri
-
-    return redact_uri(str(getattr(client, "_registry_uri", "") or getattr(client, "tracking_uri", "")))
+    return storage.redact_uri(str(getattr(client, "_registry_uri", "") or getattr(client, "tracking_uri", "")))
 
 
+def fetch_registered(uri: str) -> Path:
+    """The artifacts of ``models:/name@alias`` or ``models:/name/version``, downloaded into the cache.
+
+    An alias is resolved to its version first. A version's artifacts never change, so they are
+    fetched once per registry (the cache key holds the tracking URI) and renamed into place whole.
+    """
+    import shutil
+
+    import mlflow
+
+    registry = mlflow.get_tracking_uri()
+    pinned = resolve_registered(uri).uri
+    target = cache_slot("models", f"{registry} {pinned}")
+    if target.is_dir():
+        return target
+    partial = Path(f"{target}.{os.getpid()}.part")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        partial.mkdir(parents=True)
+        mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(partial))
+        try:
+            os.replace(partial, target)
+        except OSError:  # another process fetched it first
+            if not target.is_dir():
+                raise
+            shutil.rmtree(partial, ignore_errors=True)
+    except Exception as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise ModelError(f"model {uri}: cannot be fetched from the MLflow registry at "
+                         f"{storage.redact_uri(registry)} ({exc})") from exc
+    return target

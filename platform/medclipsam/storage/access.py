@@ -10,8 +10,8 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from .. import storage
 from ..errors import InputError, describe
-from . import storage
 from .retry import fail_fast
 
 

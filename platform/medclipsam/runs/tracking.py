@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PARAM_LIMIT = 6000  # characters of one MLflow param value
+
+# Tags on a model version: which kind of model it is (how the promotion gate evaluates it), and the
+# SHA-256 of its weights.
+KIND_TAG, SHA_TAG = "medclipsam.kind", "medclipsam.weights_sha256"
+KIND_CLIP, KIND_WEAK, KIND_PIPELINE = "clip", "weak-ensemble", "pipeline"
+KINDS = (KIND_CLIP, KIND_WEAK, KIND_PIPELINE)
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
@@ -36,6 +41,3 @@ def flatten(settings: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def redact_uri(uri: str) -> str:
-    """``https://user:secret@host/...`` -> ``https://user:***@host/...``: URIs that reach logs and records."""
-    return re.sub(r"^([a-z][a-z0-9+.-]*://[^/:@]*):[^/@]*@", r"\1:***@", uri, flags=re.IGNORECASE)

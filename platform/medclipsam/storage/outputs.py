@@ -12,14 +12,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
-from dataclasses import asdict
 
+from .. import storage
 from ..errors import InputError
-from . import storage
-from .manifest import CaseRecord, record_from_dict
 
 MASKS, SALIENCY, COARSE, PROMPTS = "masks", "saliency", "coarse", "prompts"
 OVERLAYS, RECORDS, STAGING = "overlays", "records", ".staging"
@@ -61,18 +58,3 @@ def record_uri(output: str, case_id: str) -> str:
     return case_file(output, RECORDS, case_id, ".json")
 
 
-def write_record(record: CaseRecord, output: str) -> None:
-    storage.write_bytes_atomic(record_uri(output, record.case_id), json.dumps(asdict(record)).encode())
-
-
-def read_records(output: str) -> dict[str, CaseRecord]:
-    """Every case record already written under ``output`` (an empty dict for a new output)."""
-    folder = storage.join(output, RECORDS)
-    if not storage.exists(folder):
-        return {}
-    uris = [u for u in storage.list_files(folder) if u.endswith(".json") and not storage.basename(u).startswith(".")]
-    records = {}
-    for data in storage.read_many(uris).values():
-        record = record_from_dict(json.loads(data))
-        records[record.case_id] = record
-    return records

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from .. import storage
 from ..errors import InputError
-from . import storage
-from .environment import number_from_env
+from ..storage.environment import number_from_env
 
 IMAGE_2D_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 VOLUME_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")

@@ -5,12 +5,21 @@ directory (``local_copy``); writes go through a temporary name and a rename so t
 half-written file is ever visible under its final name (on an object store one PUT already is
 atomic: the object appears whole or not at all, so it is written in place). Every remote operation rides out an
 outage of the store (``retry``): repeated with backoff, or ``StorageUnavailable`` in the end.
+
+The package's own functions are the URI operations every other layer calls (``storage.join``,
+``storage.read_bytes``, ``storage.write_bytes_atomic``, ...). Its modules: ``retry`` (riding out
+outages), ``access`` (first contact with inputs and outputs, checked before any work), ``fetch``
+(remote files into the cache), ``registered`` (``models:/`` URIs pinned and fetched from MLflow's
+registry), ``outputs`` (the layout of an output folder), ``environment`` (``MEDCLIPSAM_*``
+settings) and ``samples`` (the bundled sample cohort). May import ``medclipsam.errors`` and I/O
+libraries (fsspec, pyarrow); knows nothing of images, models, prompts or Ray.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -205,3 +214,8 @@ def remove_tree(uri: str) -> None:
     fs, path = filesystem(uri)
     if retried(uri, lambda: fs.exists(path)):
         retried(uri, lambda: fs.rm(path, recursive=True))
+
+
+def redact_uri(uri: str) -> str:
+    """``https://user:secret@host/...`` -> ``https://user:***@host/...``: URIs that reach logs and records."""
+    return re.sub(r"^([a-z][a-z0-9+.-]*://[^/:@]*):[^/@]*@", r"\1:***@", uri, flags=re.IGNORECASE)
