@@ -131,7 +131,7 @@ def start_ray(address: str | None) -> None:
     """
     import ray
 
-    from ..pipeline.ray_runner import quiet_ray_data
+    from ..runs.ray_session import quiet_ray_data
 
     loud = verbose()
     quiet_ray_data(loud)

@@ -137,24 +137,6 @@ def build_dataset(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = S
                        num_cpus=pipeline.task_cpus, **memory)
 
 
-def quiet_ray_data(verbose: bool = False) -> None:
-    """Ray Data's own progress bars, execution log and periodic advice off unless verbose.
-
-    The CLI draws one progress bar per run. Ray Data's issue detectors repeat a 14-line memory
-    advice every 30 s for as long as a run lasts; with -v they are back.
-    """
-    from ray.data import DataContext
-
-    context = DataContext.get_current()
-    context.enable_progress_bars = verbose
-    context.print_on_execution_start = verbose
-    if not verbose:
-        context.issue_detectors_config.detectors = []
-    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
-    # "Progress bars disabled": we disabled them on purpose.
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.INFO if verbose else logging.ERROR)
-
-
 def run_ray(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = SamStage, read=read_case,
             write=write_slice) -> Iterator[CaseRecord]:
     """Yield each case's record as its last slice is written (on the Ray this process is connected to)."""
