@@ -88,7 +88,7 @@ def log_text(text: str, name: str) -> None:
     mlflow.log_text(text, name)
 
 
-def log_files(folder: str, files: dict[str, bytes], artifact_path: str | None = None) -> None:
+def log_files(files: dict[str, bytes], artifact_path: str | None = None) -> None:
     """Files given as name -> bytes, logged as the run's artifacts (under ``artifact_path``)."""
     import tempfile
 

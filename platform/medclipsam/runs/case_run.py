@@ -1,0 +1,171 @@
+"""The resumable per-case run every per-case job shares, top to bottom: refuse a resume with other
+settings (``run.json``), skip the cases an earlier run completed, open (or reopen) the MLflow run,
+stream the remaining cases through the job's own stages (in this process or on Ray), report
+progress, stop at the first case that met a store outage, then write the manifest of the whole
+output and log the figures.
+
+A job brings its plan (the cases, checked before any model loads), its settings and pinned models
+(a ``CaseRun``) and a ``stream`` that turns cases into records; everything else is here, so
+``pseudolabel``, ``segment``, ``weak predict`` and the registry's evaluations resume, stop and
+record alike. A store that stops answering (past the storage layer's retries) stops the run: every
+case finished before it is kept for the resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .. import storage
+from ..domain.records import COMPLETED, STATUS_ERROR, CaseRecord, read_records, status_counts, write_manifest
+from ..storage.outputs import MANIFEST
+from ..storage.retry import stop_on_outage
+from . import tracking
+from .pins import ModelPin, pin_params
+from .run_file import check_settings, previous_attempts, write_run_file
+from .summary import summary_metrics
+
+Progress = Callable[[int, int, CaseRecord], None]
+
+
+class Case(Protocol):
+    """What the skeleton reads of a planned case (``pipeline``'s ``CaseTask``, a ``CohortCase``)."""
+
+    case_id: str
+    uri: str
+    gt_uri: str
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """The MLflow run of an output: where, under which name, and what is logged once when it starts."""
+
+    uri: str | None  # the configured store (None: $MLFLOW_TRACKING_URI, else the sqlite default)
+    experiment: str
+    run_name: str
+    params: dict = field(default_factory=dict)  # besides the settings and the pins
+    artifact_folders: tuple[str, ...] = ()  # folders of the output logged as artifacts (PNG files)
+
+
+@dataclass(frozen=True)
+class CaseRun:
+    """A job's part of the run: its output, the settings that decide its outputs, its pinned models."""
+
+    output: str  # absolute (records name their files by URI)
+    parameters: str  # JSON of the settings: recorded per case, logged, checked on resume
+    pins: tuple[ModelPin, ...] = ()
+    scratch: tuple[str, ...] = ()  # folders under the output a killed run leaves stale
+    tracking: Tracking | None = None  # None: untracked
+
+
+@dataclass
+class RunOutcome:
+    records: list[CaseRecord]  # one per planned case, in plan order
+    new: list[CaseRecord]  # this run's, in the order they finished
+    n_skipped: int  # completed by an earlier run of the same output
+    seconds: float  # streaming this run's cases
+    run_id: str  # MLflow run ("" when untracked)
+    manifest_uri: str
+    counts: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def run_cases(run: CaseRun, cases: Sequence[Case], stream: Callable[[list], Iterator[CaseRecord]], *,
+              progress: Progress | None = None, resume: bool = True,
+              connect: Callable[[], None] | None = None) -> RunOutcome:
+    """Every planned case not yet completed under ``run.output`` through ``stream``; the manifest last.
+
+    ``connect`` (e.g. start or join Ray) is called only when a case is left to run, so a rerun over
+    a finished output starts nothing."""
+    previous = check_settings(run.output, run.parameters, run.pins) if resume else None
+    done = _completed(run.output, cases) if resume else {}
+    todo = [c for c in cases if c.case_id not in done]
+    run_id = _open(run, previous) if run.tracking else ""
+    if resume and not run.tracking:
+        write_run_file(run.output, run.parameters, run.pins, previous_attempts(previous))
+    try:
+        if todo and connect is not None:
+            connect()
+        _clear(run)
+        start = time.perf_counter()
+        new = _stream(run, todo, stream, progress, done, len(cases))
+        seconds = time.perf_counter() - start
+        records = [({**done, **new})[c.case_id] for c in cases]
+        manifest_uri = storage.join(run.output, MANIFEST)
+        write_manifest(records, manifest_uri)
+        _clear(run, temporaries=False)
+        attempts = [*previous_attempts(previous), {
+            "n_processed": len(todo), "seconds": seconds, "n_slices": sum(r.n_slices for r in new.values())}]
+        metrics = summary_metrics(records, attempts)
+        _close(run, run_id, attempts, metrics, manifest_uri, resume)
+    except BaseException:
+        if run.tracking:
+            tracking.end_run(failed=True)
+        raise
+    return RunOutcome(records, list(new.values()), len(done), seconds, run_id, manifest_uri, status_counts(records),
+                      metrics)
+
+
+def _completed(output: str, cases: Sequence[Case]) -> dict[str, CaseRecord]:
+    planned = {c.case_id for c in cases}
+    return {k: r for k, r in read_records(output).items() if r.status in COMPLETED and k in planned}
+
+
+def _clear(run: CaseRun, temporaries: bool = True) -> None:
+    """Slices staged by a killed run are stale, and writes an outage cut short left temporaries."""
+    for folder in run.scratch:
+        storage.remove_tree(storage.join(run.output, folder))
+    if temporaries:
+        storage.remove_temporaries(run.output)
+
+
+def _stream(run: CaseRun, todo: list, stream, progress: Progress | None, done: dict, total: int
+            ) -> dict[str, CaseRecord]:
+    new: dict[str, CaseRecord] = {}
+    finished = 0
+    with contextlib.closing(stream(todo)) as records:  # the stream yields nothing for no cases
+        for record in records:
+            new[record.case_id] = record
+            finished += record.status in COMPLETED
+            if progress is not None:
+                progress(len(done) + len(new), total, record)
+            stop_on_outage(record.case_id, record.error, run.output, len(done) + finished)
+    for case in todo:  # a case whose work never reported back: say so, a rerun retries it
+        if case.case_id not in new:
+            new[case.case_id] = CaseRecord(case.case_id, case.uri, gt_uri=case.gt_uri, status=STATUS_ERROR,
+                                           error="incomplete: not every slice reached the writer")
+    return new
+
+
+def _open(run: CaseRun, previous: dict | None) -> str:
+    """Start (or, on resume against the same store, reopen) the output's MLflow run; record it in ``run.json``."""
+    t = run.tracking
+    uri = tracking.use_store(t.uri)
+    same_store = previous and previous.get("tracking_uri") == storage.redact_uri(uri)
+    reopen = previous.get("mlflow_run_id") if same_store else None
+    params = {**json.loads(run.parameters), **t.params, **pin_params(run.pins)}
+    run_id = tracking.open_run(t.experiment, t.run_name, reopen, params)
+    write_run_file(run.output, run.parameters, run.pins, previous_attempts(previous), run_id, uri)
+    return run_id
+
+
+def _close(run: CaseRun, run_id: str, attempts: list[dict], metrics: dict[str, float], manifest_uri: str,
+           resume: bool) -> None:
+    """Record the attempts in ``run.json``; log the figures at this attempt's step, the manifest and pictures."""
+    if run.tracking is None:
+        if resume:
+            write_run_file(run.output, run.parameters, run.pins, attempts)
+        return
+    write_run_file(run.output, run.parameters, run.pins, attempts, run_id, tracking.current_store())
+    tracking.log_metrics(metrics, step=len(attempts))
+    tracking.log_files({storage.basename(manifest_uri): storage.read_bytes(manifest_uri)})
+    for name in run.tracking.artifact_folders:
+        folder = storage.join(run.output, name)
+        if storage.exists(folder):
+            pictures = storage.read_many([u for u in storage.list_files(folder) if u.endswith(".png")])
+            tracking.log_files({storage.basename(u): data for u, data in pictures.items()}, name)
+    tracking.end_run()
