@@ -21,6 +21,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check platform tests jobs benchmarks
 	$(BIN)/lint-imports
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site
 
 # Tests that start Ray clusters get a process each: a second cluster, or the session's Ray reused
 # after Ray Train, left the in-process instance hung in one full-suite run.
