@@ -26,7 +26,7 @@ from medclipsam.finetune.trainer import run_finetune
 from medclipsam.models.biomedclip import save_clip
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=96)
     parser.add_argument("--epochs", type=int, default=2)
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--vision", default=None, help="timm ViT [default: vit_tiny_patch16_224, --gpu: vit_base]")
     parser.add_argument("--text-layers", type=int, default=None)
     parser.add_argument("--text-hidden", type=int, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     vision = args.vision or ("vit_base_patch16_224" if args.gpu else "vit_tiny_patch16_224")
     layers = args.text_layers or (12 if args.gpu else 2)
     hidden = args.text_hidden or (768 if args.gpu else 128)
@@ -53,7 +53,7 @@ def main() -> None:
         config = FinetuneConfig.model_validate({
             "model": str(model_dir), "data": {"val_fraction": 0.0},
             "loss": {"gather": gather}, "optim": {"epochs": args.epochs, "batch_size": args.batch_size},
-            "registry": {"tracking_uri": f"sqlite:///{work / 'mlflow.db'}", "alias": None},
+            "registry": {"tracking_uri": f"sqlite:///{work / 'mlflow.db'}"},
         })
         result = run_finetune(config, str(pairs), workers=workers, use_gpu=args.gpu,
                               storage_path=str(work / "runs"), name=f"w{workers}-g{int(gather)}")

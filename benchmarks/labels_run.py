@@ -90,7 +90,7 @@ def throughput(cases: int, cpus: int, work: Path) -> dict:
 
 # -- the write stage's memory --------------------------------------------------------------------------
 def _write_rows(work: Path, cases: int, volume_slices: int) -> tuple[list[dict], str]:
-    """Rows as the SAM stage hands them to the writers: 2D cases, then one volume's slices."""
+    """Rows as the SAM stage hands them to the writers (Ray's columns): 2D cases, then one volume's slices."""
     from medclipsam.config import ImageConfig
     from medclipsam.domain.images import read_mask
     from medclipsam.pipeline.slices import NO_IMAGE, CaseTask, case_slices
@@ -110,12 +110,12 @@ def _write_rows(work: Path, cases: int, volume_slices: int) -> tuple[list[dict],
         task = CaseTask(case, str(data / "images" / f"{case}{suffix}"), str(data / "labels" / f"{case}{suffix}"))
         truth = read_mask(task.gt_uri).array
         for row in case_slices(task, ImageConfig(), "labels"):
-            k = row["slice"]
+            k = row.slice
             plane = truth if k < 0 else truth[k]
             plane = plane[..., 0] if plane.ndim == 3 else plane
             noisy = np.roll(plane > 0, 3, axis=1)  # a prediction a few pixels off the truth
-            rows.append({**row, "image": NO_IMAGE, "mask": noisy, "seconds_embed": 0.0, "seconds_decode": 0.0,
-                         "backend": "litemedsam", "checkpoint": "", "checkpoint_sha256": ""})
+            rows.append({**row.to_columns(), "image": NO_IMAGE, "mask": noisy, "seconds_embed": 0.0,
+                         "seconds_decode": 0.0, "backend": "litemedsam", "checkpoint": "", "checkpoint_sha256": ""})
     return rows, str(data)
 
 
@@ -172,7 +172,7 @@ def writer_memory(work: Path, cases: int, volume_slices: int) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=48)
     parser.add_argument("--cpus", type=int, default=2)
@@ -181,7 +181,7 @@ def main() -> None:
     parser.add_argument("--writer-run", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.writer_run:
         writer_run(Path(args.work), args.baseline, args.write_cases, args.volume_slices)

@@ -97,7 +97,7 @@ def normalise(maps: torch.Tensor) -> torch.Tensor:
     return ((flat - lo) / (hi - lo)).reshape(maps.shape)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vision", default="vit_base_patch16_224", help="timm ViT name")
     parser.add_argument("--text-layers", type=int, default=12)
@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=9)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--prompt", default="a brain MRI showing a contrast-enhancing tumour")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     clip = random_clip(args.vision, args.text_layers, args.text_hidden, args.embed_dim, args.device)
     params = SaliencyConfig(layer=args.layer, steps=args.steps, copies=args.copies)

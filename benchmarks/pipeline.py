@@ -7,13 +7,16 @@ timings include loading the models. CPU default: a small BiomedCLIP-shaped CLIP 
 weights (ViT-Ti/16, 2-layer BERT) and the real LiteMedSAM; ``--gpu``: BiomedCLIP's shapes
 (ViT-B/16 + BERT-base) and both pools sharing one GPU.
 
-Memory: peak RSS of the driver process for a run over 200 and over 2,000 slices (synthetic
-volumes, box prompts from labels on two slices per volume, so the rows, not the model, dominate),
-each in a fresh process. Streaming keeps the two close; materialising would grow ~10x.
+Memory: peak RSS of the driver process for a run over 200 and over 2,000 slices (``--memory-slices``;
+synthetic volumes of 100 slices, box prompts from labels on two slices per volume, so the rows, not
+the model, dominate), each in a fresh process. Streaming keeps the two close; materialising would
+grow ~10x.
 
-Last line: ``speedup=<ratio> rss_200_mb=<v> rss_2000_mb=<v>``; the line above it has the rest.
+Last line: ``speedup=<ratio> rss_200_mb=<v> rss_2000_mb=<v>`` (the keys name the two
+``--memory-slices``); the line above it has the rest.
 
-    python benchmarks/pipeline.py [--cases 96] [--cpus 2] [--steps 10] [--copies 10] [--sam-actors 2] [--gpu]
+    python benchmarks/pipeline.py [--cases 96] [--cpus 2] [--steps 10] [--copies 10] [--sam-actors 2]
+                                  [--memory-slices 200 2000] [--gpu]
 """
 
 from __future__ import annotations
@@ -129,17 +132,22 @@ def _measure_memory(n_slices: int, work: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=96)
     parser.add_argument("--cpus", type=int, default=2, help="cores for both: torch threads and Ray CPUs")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--copies", type=int, default=10)
     parser.add_argument("--sam-actors", type=int, default=2)
+    parser.add_argument("--memory-slices", type=int, nargs=2, default=[200, 2000], metavar=("SMALL", "LARGE"),
+                        help=f"slices of the two memory runs, multiples of {SLICES_PER_VOLUME}")
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--memory-run", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    small_slices, large_slices = args.memory_slices
+    if small_slices >= large_slices or any(n < 1 or n % SLICES_PER_VOLUME for n in args.memory_slices):
+        parser.error(f"--memory-slices: two multiples of {SLICES_PER_VOLUME}, the smaller first")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.memory_run:
         memory_run(args.memory_run, Path(args.work))
@@ -178,13 +186,15 @@ def main() -> None:
                                    sitk.GetArrayFromImage(sitk.ReadImage(b.mask_uri)))  # same masks?
                     for a, b in zip(loop, result.records, strict=True)])
 
-    small, large = _measure_memory(200, work), _measure_memory(2000, work)
+    small, large = _measure_memory(small_slices, work), _measure_memory(large_slices, work)
     print(f"cases={args.cases} cpus={args.cpus} gpu={args.gpu} clip={shapes[0]} steps={args.steps} "
           f"copies={args.copies} sam_actors={args.sam_actors} loop_s={loop_s:.1f} ray_s={ray_s:.1f} "
           f"loop_cases_per_s={args.cases / loop_s:.3f} ray_cases_per_s={args.cases / ray_s:.3f} "
-          f"identical_masks={same:.3f} rss_200_s={small['seconds']:.1f} rss_2000_s={large['seconds']:.1f} "
+          f"identical_masks={same:.3f} rss_{small_slices}_s={small['seconds']:.1f} "
+          f"rss_{large_slices}_s={large['seconds']:.1f} "
           f"rss_ratio={large['rss_mb'] / small['rss_mb']:.3f}")
-    print(f"speedup={loop_s / ray_s:.3f} rss_200_mb={small['rss_mb']:.1f} rss_2000_mb={large['rss_mb']:.1f}")
+    print(f"speedup={loop_s / ray_s:.3f} rss_{small_slices}_mb={small['rss_mb']:.1f} "
+          f"rss_{large_slices}_mb={large['rss_mb']:.1f}")
 
 
 if __name__ == "__main__":

@@ -127,14 +127,14 @@ def _commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=5000)
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--workdir", default=None, help="work folder [default: a new temp folder]")
     parser.add_argument("--cpus", type=int, default=None, help="CPUs for Ray [default: all]")
     parser.add_argument("--resume", action="store_true", help="go on with the stopped soak in --workdir")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.cases < 1 or args.size < 16:
         parser.error("--cases must be at least 1 and --size at least 16")
     if args.resume and not args.workdir:

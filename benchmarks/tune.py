@@ -1,15 +1,17 @@
 """``medclipsam tune`` with the shared cache against the same search recomputing everything.
 
-The published grid (beta 0.1/1/2 x layer 7/8/9) crossed with two coarse methods (18 trials) on
-labelled synthetic 160 x 160 images, with a small BiomedCLIP-shaped CLIP (random weights, ViT-Ti/16
-plus a 2-layer BERT; ``--gpu``: BiomedCLIP's shapes) and the real LiteMedSAM, on one local Ray.
+The published grid (beta 0.1/1/2 x layer 7/8/9; ``--betas``, ``--layers``) crossed with two coarse
+methods (``--methods``; 18 trials) on ``--images`` labelled synthetic 160 x 160 images, with a small
+BiomedCLIP-shaped CLIP (random weights, ViT-Ti/16 plus a 2-layer BERT; ``--gpu``: BiomedCLIP's
+shapes) and the real LiteMedSAM, on one local Ray.
 Cached: the tokens before the bottleneck once per (layer, image), each map once per (layer,
 beta, image), SAM's embedding once per image. Uncached: every trial computes its maps and
 embeddings again. Both must pick the same best trial.
 
 Last line: ``trials=<n> cached_s=<v> uncached_s=<v> speedup=<v>``.
 
-    python benchmarks/tune.py [--images 6] [--steps 10] [--copies 10] [--cpus 2] [--gpu]
+    python benchmarks/tune.py [--images 6] [--steps 10] [--copies 10] [--cpus 2] [--betas 0.1 1 2]
+                              [--layers 7 8 9] [--methods kmeans threshold] [--gpu]
 """
 
 from __future__ import annotations
@@ -29,19 +31,23 @@ from m2ib import random_clip  # a sibling benchmark script
 from pipeline import _start_ray
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=6)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--copies", type=int, default=10)
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--betas", type=float, nargs="+", default=None, help="[default: the published 0.1 1 2]")
+    parser.add_argument("--layers", type=int, nargs="+", default=None, help="[default: the published 7 8 9]")
+    parser.add_argument("--methods", nargs="+", default=["kmeans", "threshold"], help="coarse.method values")
     parser.add_argument("--gpu", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
     from medclipsam.models.biomedclip import save_clip
-    from medclipsam.pipeline.tuning import DEFAULT_SPACE, tune_task
+    from medclipsam.tune.search import tune_task
+    from medclipsam.tune.space import DEFAULT_SPACE
 
     work = Path(tempfile.mkdtemp(prefix="medclipsam-tune-bench-"))
     shapes = ("vit_base_patch16_224", 12, 768) if args.gpu else ("vit_tiny_patch16_224", 2, 128)
@@ -54,7 +60,9 @@ def main() -> None:
         "sam": {"backend": "litemedsam", "batch_size": 1, "device": "cuda" if args.gpu else "cpu"},
         "pipeline": {"saliency": {"num_cpus": 0.5, "num_gpus": share}, "sam": {"num_cpus": 0.5, "num_gpus": share}},
         "tracking": {"uri": f"sqlite:///{work / 'mlflow.db'}"}}))
-    (work / "space.yaml").write_text(yaml.safe_dump({**DEFAULT_SPACE, "coarse.method": ["kmeans", "threshold"]}))
+    space = {"saliency.beta": args.betas or DEFAULT_SPACE["saliency.beta"],
+             "saliency.layer": args.layers or DEFAULT_SPACE["saliency.layer"], "coarse.method": args.methods}
+    (work / "space.yaml").write_text(yaml.safe_dump(space))
     _start_ray(args.cpus)
     runs = {}
     for name, cache in (("cached", True), ("uncached", False)):

@@ -55,10 +55,10 @@ def test_a_few_nan_voxels_are_ignored_by_the_window(tmp_path, ext):
     path = tmp_path / f"scan{ext}"
     sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
     rows = case_slices(CaseTask("scan", str(path)), ImageConfig(), "text")
-    assert all(r["error"] == "" for r in rows)
+    assert all(r.error == "" for r in rows)
     for row in rows:  # every slice is a real picture, not the all-black one a NaN window gives
-        assert row["image"].max() == 255 and row["image"].min() == 0
-    assert rows[0]["image"].reshape(-1, 3)[5].tolist() == [0, 0, 0]  # a NaN voxel is the low end
+        assert row.image.max() == 255 and row.image.min() == 0
+    assert rows[0].image.reshape(-1, 3)[5].tolist() == [0, 0, 0]  # a NaN voxel is the low end
 
 
 @pytest.mark.parametrize("ext", [".mha", ".nrrd", ".tif"])
@@ -69,7 +69,7 @@ def test_a_mostly_nan_image_is_an_error_row(tmp_path, ext):
     sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
     rows = case_slices(CaseTask("holes", str(path)), ImageConfig(), "text")
     assert len(rows) == 1
-    assert rows[0]["error"] == (f"{path}: {array.size * 3 // 4} of {array.size} voxels are NaN or infinite "
+    assert rows[0].error == (f"{path}: {array.size * 3 // 4} of {array.size} voxels are NaN or infinite "
                                 "(more than half), so there is nothing to segment")
 
 
@@ -80,7 +80,7 @@ def test_a_mostly_nan_slice_fails_its_case(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
     rows = case_slices(CaseTask("slab", str(path)), ImageConfig(), "text")
     assert len(rows) == 1
-    assert rows[0]["error"] == (f"{path}: 120 of 120 voxels of slice 2 (axis 0) are NaN or infinite "
+    assert rows[0].error == (f"{path}: 120 of 120 voxels of slice 2 (axis 0) are NaN or infinite "
                                 "(more than half), so there is nothing to segment")
 
 

@@ -17,8 +17,9 @@ from medclipsam.domain.records import read_records
 from medclipsam.errors import InputError
 from medclipsam.eval.overlays import contour, overlay_slice
 from medclipsam.pipeline.assembly import AssemblySettings, _stage_bytes, _unstage, collect_slice
-from medclipsam.pipeline.ray_runner import to_batch, to_rows
-from medclipsam.pipeline.slices import NO_IMAGE, NO_MAP
+from medclipsam.pipeline.ray_runner import batch_to_rows, rows_to_batch
+from medclipsam.pipeline.slices import ARRAY_FIELDS, Geometry, SliceRow
+from medclipsam.prompts.types import SlicePrompts
 
 
 def test_cohort_manifest_resolves_relative_uris_and_prompt_lists(tmp_path):
@@ -65,42 +66,62 @@ def test_gt_prefix_pairs_by_case_id(tmp_path):
 
 
 def test_rows_and_batches_round_trip_with_ragged_images():
-    rows = [{"case_id": "x", "slice": i, "image": np.full((3 + i, 5, 3), i, np.uint8), "seconds": 0.5 * i,
-             "overlay": i == 1} for i in range(3)]
-    batch = to_batch([dict(r) for r in rows])
+    rows = [SliceRow("x", "", slice=i, image=np.full((3 + i, 5, 3), i, np.uint8), seconds_read=0.5 * i,
+                     overlay=i == 1) for i in range(3)]
+    batch = rows_to_batch(rows)
     assert batch["image"].dtype == object and batch["slice"].tolist() == [0, 1, 2]
-    back = to_rows(batch)
+    back = batch_to_rows(batch)
     for row, original in zip(back, rows, strict=True):
-        assert type(row["slice"]) is int and type(row["overlay"]) is bool
-        assert np.array_equal(row["image"], original["image"]) and row["seconds"] == original["seconds"]
-    same = to_batch([{"m": np.zeros((2, 2))}, {"m": np.ones((2, 2))}])
-    assert same["m"].shape == (2, 2, 2)  # equal shapes stack into one tensor column
+        assert type(row.slice) is int and type(row.overlay) is bool
+        assert np.array_equal(row.image, original.image) and row.seconds_read == original.seconds_read
+    same = rows_to_batch([SliceRow("x", "", mask=np.zeros((2, 2), bool)),
+                          SliceRow("y", "", mask=np.ones((2, 2), bool))])
+    assert same["mask"].shape == (2, 2, 2)  # equal shapes stack into one tensor column
 
 
-def _slice_row(case_id: str, k: int, n: int, mask: np.ndarray, geometry: str, **extra) -> dict:
-    return {"case_id": case_id, "uri": f"/in/{case_id}.nii.gz", "gt_uri": "", "prompt": "", "slice": k,
-            "n_slices": n, "geometry": geometry, "overlay": False, "image": NO_IMAGE, "error": "",
-            "seconds_read": 0.1, "prompts": json.dumps({"boxes": [[1, 1, 4, 4]], "points": [], "labels": []})
-            if mask.any() else "", "saliency": NO_MAP, "mask": mask, "seconds_embed": 0.2, "seconds_decode": 0.05,
-            "backend": "litemedsam", "checkpoint": "ck", "checkpoint_sha256": "ab", **extra}
+def test_geometry_and_prompts_cross_the_ray_boundary_exactly():
+    geometry = Geometry(True, (3, 4, 5), 0, (0.7, 0.8, 2.5), (1.0, -2.0, 30.0), (0, 1, 0, 1, 0, 0, 0, 0, 1))
+    prompts = SlicePrompts(np.array([[0.1 + 0.2, 1 / 3, 2.0, 3.5]]), np.array([[1e-17, 2.675]]), np.array([1]))
+    row = SliceRow("v", "/in/v.nii.gz", sentences=("a", "b"), slice=2, n_slices=3, geometry=geometry,
+                   prompts=prompts)
+    (back,) = batch_to_rows(rows_to_batch([row]))
+    assert back.geometry == geometry and back.geometry.reference_image().array.shape == (3, 4, 5)
+    assert back.sentences == ("a", "b") and back.oracle_prompts is None
+    for name in ("boxes", "points", "labels"):
+        sent, got = getattr(prompts, name), getattr(back.prompts, name)
+        assert got.dtype == sent.dtype and got.tobytes() == sent.tobytes()
+
+
+def _slice_row(case_id: str, k: int, n: int, mask: np.ndarray, geometry: str, **extra) -> SliceRow:
+    return SliceRow(case_id, f"/in/{case_id}.nii.gz", slice=k, n_slices=n, geometry=Geometry.from_json(geometry),
+                    seconds_read=0.1, prompts=SlicePrompts(np.array([[1.0, 1, 4, 4]])) if mask.any() else None,
+                    mask=mask, seconds_embed=0.2, seconds_decode=0.05, backend="litemedsam", checkpoint="ck",
+                    checkpoint_sha256="ab", **extra)
+
+
+PLANE = json.dumps({"is_volume": False, "shape": [7, 9], "axis": 0, "spacing": [1, 1], "origin": [0, 0],
+                    "direction": [1, 0, 0, 1]})
 
 
 def test_staged_slice_round_trip():
     mask = np.random.default_rng(0).random((7, 9)) > 0.5
     coarse = np.random.default_rng(1).random((7, 9)) > 0.7
     oracle = ~coarse
-    row = _slice_row("c", 3, 10, mask, "{}", image=np.full((7, 9, 3), 9, np.uint8),
+    row = _slice_row("c", 3, 10, mask, PLANE, image=np.full((7, 9, 3), 9, np.uint8),
                      saliency=np.linspace(0, 1, 63, dtype=np.float32).reshape(7, 9), coarse=coarse,
                      oracle_mask=oracle)
     back = _unstage(_stage_bytes(row))
-    assert np.array_equal(back["mask"], mask) and np.array_equal(back["image"], row["image"])
-    assert np.array_equal(back["coarse"], coarse) and back["coarse"].dtype == bool
-    assert np.array_equal(back["oracle_mask"], oracle) and back["oracle_mask"].dtype == bool
-    assert np.allclose(back["saliency"], row["saliency"], atol=1e-3)  # stored as float16
-    arrays = ("mask", "image", "saliency", "coarse", "oracle_mask")
-    assert {k: v for k, v in back.items() if k not in arrays} == {k: v for k, v in row.items() if k not in arrays}
-    plain = _unstage(_stage_bytes(_slice_row("c", 3, 10, mask, "{}")))  # no picture, map or coarse mask
-    assert plain["image"].size == plain["saliency"].size == plain["coarse"].size == plain["oracle_mask"].size == 0
+    assert np.array_equal(back.mask, mask) and np.array_equal(back.image, row.image)
+    assert np.array_equal(back.coarse, coarse) and back.coarse.dtype == bool
+    assert np.array_equal(back.oracle_mask, oracle) and back.oracle_mask.dtype == bool
+    assert np.allclose(back.saliency, row.saliency, atol=1e-3)  # stored as float16
+
+    def fields(r: SliceRow) -> dict:
+        return {k: v for k, v in r.to_columns().items() if k not in ARRAY_FIELDS}
+
+    assert fields(back) == fields(row)
+    plain = _unstage(_stage_bytes(_slice_row("c", 3, 10, mask, PLANE)))  # no picture, map or coarse mask
+    assert plain.image.size == plain.saliency.size == plain.coarse.size == plain.oracle_mask.size == 0
 
 
 def test_volume_is_assembled_once_whatever_the_slice_order(tmp_path):

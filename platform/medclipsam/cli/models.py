@@ -18,14 +18,10 @@ EXIT_KEPT = 3  # the gate ran and kept the candidate out
 
 
 def _client(tracking_uri: str | None):
-    import mlflow
-    from mlflow import MlflowClient
+    from ..runs.tracking import current_store, registry_client
 
-    from ..runs.tracking import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(tracking_uri)
-    mlflow.set_tracking_uri(uri)
-    return MlflowClient(uri), uri
+    client = registry_client(tracking_uri)
+    return client, current_store()
 
 
 @click.group()

@@ -87,13 +87,11 @@ def pseudolabel(input_uri: str, output: str, gt_uri, text_prompts, clip_model, p
 
 def _registered_pipeline(uri: str, tracking_uri: str | None):
     """The pipeline's config (its models pinned, their weights checked) and its pin for the run's record."""
-    import mlflow
-
     from ..registry.pipelines import load_pipeline
     from ..runs.pins import ModelPin
-    from ..runs.tracking import resolve_tracking_uri
+    from ..runs.tracking import use_store
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    use_store(tracking_uri)
     pipeline = load_pipeline(uri)
     return pipeline.config, (ModelPin("pipeline", uri, pipeline.ref.uri, pipeline.ref.version),)
 

@@ -29,7 +29,7 @@ from .common import fail, start_ray
 def tune(config_path, input_uri, gt_uri, output, space_uri, metric, max_trials, address, tracking_uri,
          experiment) -> None:
     """Grid-search a task's saliency (and prompt) settings on labelled cases; write the best as a task YAML."""
-    from ..pipeline.tuning import tune_task
+    from ..tune.search import tune_task
 
     def progress(number: int, total: int, trial: dict) -> None:
         shown = ", ".join(f"{k}={v}" for k, v in trial.items() if k not in ("dsc", "nsd", "dsc_coarse")

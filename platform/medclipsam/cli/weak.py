@@ -98,7 +98,8 @@ def train(pseudo, images, labels, output, config_path, epochs, cycles, keep_per_
 
 @weak.command()
 @click.option("--model", required=True,
-              help="The ensemble: <output>/ensemble of weak train (folder or URI), or models:/NAME@alias.")
+              help="The ensemble: the --output folder of weak train (or its ensemble/ folder; local or URI), or "
+                   "models:/NAME@alias.")
 @click.option("--input", "input_uri", required=True,
               help="Cohort: a folder or URI prefix of images/volumes, or a manifest (.csv/.parquet).")
 @click.option("--output", required=True, help="Run folder or URI: masks/, records/, manifest.parquet; rerun to resume.")
@@ -117,16 +118,13 @@ def train(pseudo, images, labels, output, config_path, epochs, cycles, keep_per_
 def predict(model, input_uri, output, gt_uri, threshold, members, save_maps, config_path, local, address,
             tracking_uri, strict) -> None:
     """Segment a cohort with a trained ensemble: masks, per-case uncertainty, scores with --gt."""
-    import mlflow
-
-    from ..runs.tracking import resolve_tracking_uri
+    from ..runs.tracking import use_store
     from ..weak.predict import run_weak_predict
 
     progress = CaseProgress()
     try:
         config = _weak_config(config_path, tracking={"uri": tracking_uri})
-        uri = resolve_tracking_uri(config.tracking.uri)
-        mlflow.set_tracking_uri(uri)
+        uri = use_store(config.tracking.uri)
         result = run_weak_predict(model, input_uri, output, config, gt_uri, threshold, members, save_maps,
                                   "local" if local else "ray", uri, progress, connect=lambda: start_ray(address))
     except MedClipSamError as exc:

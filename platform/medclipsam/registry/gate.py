@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ..errors import InputError, ModelError, first_line
+from ..runs import tracking
 from .evaluation import METRICS, EvalPlan, Score, evaluate_version
 from .lock import AliasLock
 
@@ -144,35 +145,21 @@ def _record(client, request: Request, plan: EvalPlan | None, decision: Decision)
         if score is not None:
             tags[f"{prefix}.{role}_{request.metric}"] = f"{score.value(request.metric):.6f}"
             _record_score(client, request.name, plan, score)
-    experiment = client.get_experiment_by_name(PROMOTION_EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else _create_experiment(client)
-    run = client.create_run(experiment_id, run_name=f"{request.name} v{request.version} @{request.alias}",
-                            tags={"decision": decision.outcome})
-    from mlflow.entities import Metric, Param
-
     params = {"model": request.name, "candidate_version": request.version, "holder_version": decision.holder or "",
               "alias": request.alias, "metric": request.metric, "margin": f"{request.margin:g}",
-              "forced": str(request.force), "reason": (request.reason or decision.reason)[:6000]}
+              "forced": str(request.force), "reason": request.reason or decision.reason}
     if plan is not None:
         params.update(eval_set=plan.eval_set.uri, eval_set_sha256=plan.eval_set.sha256, eval_key=plan.key(),
                       n_cases=str(len(plan.eval_set.cases)))
-    now = int(time.time() * 1000)
-    metrics = [Metric(f"{role}_{m}", score.value(m), now, 0) for role, score in
+    metrics = {f"{role}_{m}": score.value(m) for role, score in
                (("candidate", decision.candidate_score), ("holder", decision.holder_score)) if score is not None
-               for m in METRICS]
-    client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, v) for k, v in params.items()])
-    client.set_terminated(run.info.run_id)
-    tags[f"{prefix}.run_id"] = run.info.run_id
+               for m in METRICS}
+    run_id = tracking.record_run(client, PROMOTION_EXPERIMENT, f"{request.name} v{request.version} @{request.alias}",
+                                 {"decision": decision.outcome}, params, metrics)
+    tags[f"{prefix}.run_id"] = run_id
     for key, value in tags.items():
         client.set_model_version_tag(request.name, request.version, key, value)
-    return replace(decision, run_id=run.info.run_id)
-
-
-def _create_experiment(client) -> str:
-    try:
-        return client.create_experiment(PROMOTION_EXPERIMENT)
-    except Exception:  # created meanwhile by a concurrent promotion
-        return client.get_experiment_by_name(PROMOTION_EXPERIMENT).experiment_id
+    return replace(decision, run_id=run_id)
 
 
 def _record_score(client, name: str, plan: EvalPlan, score: Score) -> None:

@@ -16,7 +16,8 @@ from ..config import TaskConfig, parse_config
 from ..errors import InputError, ModelError
 from ..models.biomedclip import clip_weights_sha256
 from ..models.sam_backends import checkpoint_sha256
-from ..runs.tracking import KIND_PIPELINE, KIND_TAG, SHA_TAG, flatten
+from ..runs import tracking
+from ..runs.tracking import KIND_PIPELINE
 from ..storage.registered import RegisteredRef, fetch_registered, is_registered, resolve_registered
 
 PIPELINE_FILE, PINS_FILE = "pipeline.yaml", "pins.json"
@@ -48,9 +49,6 @@ def pin_pipeline(config: TaskConfig, source: str = "") -> RegisteredPipeline:
 
 def register_pipeline(name: str, config: TaskConfig, source: str) -> tuple[str, RegisteredPipeline]:
     """Pin the config's models and register the result as a new version of ``name`` (tracking URI: MLflow's)."""
-    import mlflow
-    from mlflow import MlflowClient
-
     from . import pipeline_model
 
     pipeline = pin_pipeline(config, source)
@@ -60,16 +58,12 @@ def register_pipeline(name: str, config: TaskConfig, source: str) -> tuple[str, 
         folder.mkdir()
         (folder / PIPELINE_FILE).write_text(text)
         (folder / PINS_FILE).write_text(json.dumps(pipeline.pins, indent=2))
-        mlflow.set_experiment(PIPELINE_EXPERIMENT)
-        with mlflow.start_run(run_name=f"pipeline {name}"):
-            mlflow.log_params(flatten({"pins": pipeline.pins, "task": pipeline.config.task}))
-            info = mlflow.pyfunc.log_model(name="pipeline", python_model=pipeline_model.__file__,
-                                           artifacts={"pipeline": str(folder)}, registered_model_name=name,
-                                           pip_requirements=["medclipsam"])
-    version = str(info.registered_model_version)
-    client = MlflowClient()
-    client.set_model_version_tag(name, version, KIND_TAG, KIND_PIPELINE)
-    client.set_model_version_tag(name, version, SHA_TAG, _text_sha256(text + json.dumps(pipeline.pins)))
+        with tracking.active_run(PIPELINE_EXPERIMENT, f"pipeline {name}",
+                                 params={"pins": pipeline.pins, "task": pipeline.config.task}) as run_id:
+            pass
+        version = tracking.register_version(run_id, name, "pipeline", pipeline_model.__file__,
+                                            {"pipeline": str(folder)}, ["medclipsam"], KIND_PIPELINE,
+                                            _text_sha256(text + json.dumps(pipeline.pins)))
     return version, pipeline
 
 

@@ -27,6 +27,7 @@ from ..storage.registered import fetch_registered
 from .nnunet_env import FOLD, nnunet_environment, stdout_to
 
 ENSEMBLE_FILE = "ensemble.json"
+ENSEMBLE_DIR = "ensemble"  # under the output of weak train
 FINAL = "checkpoint_final.pth"
 
 
@@ -47,6 +48,18 @@ class EnsembleFolder:
         return {"cycles": names, "cycles+final": [*names, FINAL], "final": [FINAL]}[which]
 
 
+def ensemble_folder_of(uri: str) -> str:
+    """The ensemble folder a user means: ``uri`` itself, or the ``ensemble/`` folder inside the output
+    folder of ``weak train`` (the folder they gave ``--output``)."""
+    if storage.exists(storage.join(uri, ENSEMBLE_FILE)):
+        return uri
+    inside = storage.join(uri, ENSEMBLE_DIR)
+    if storage.exists(storage.join(inside, ENSEMBLE_FILE)):
+        return inside
+    raise InputError(f"{uri}: no {ENSEMBLE_FILE} here nor in {ENSEMBLE_DIR}/; pass the output folder of medclipsam "
+                     "weak train (or its ensemble/ folder), or a models:/ URI")
+
+
 def resolve_ensemble(uri: str) -> EnsembleFolder:
     """A local ensemble folder for a path, an fsspec URI or ``models:/NAME@alias`` (MLflow registry)."""
     if uri.startswith("models:/"):
@@ -55,8 +68,7 @@ def resolve_ensemble(uri: str) -> EnsembleFolder:
             raise ModelError(f"model {uri}: the registered model holds no {ENSEMBLE_FILE} (not a weak ensemble?)")
         folder = found[0].parent
     else:
-        if not storage.exists(storage.join(uri, ENSEMBLE_FILE)):
-            raise InputError(f"{uri}: no {ENSEMBLE_FILE}; pass the ensemble/ folder written by medclipsam weak train")
+        uri = ensemble_folder_of(uri)
         folder = fetch_folder(uri, "weak ensemble", marker=ENSEMBLE_FILE)
     manifest = json.loads((folder / ENSEMBLE_FILE).read_text())
     missing = [m for m in [*manifest["members"], FINAL] if not (folder / f"fold_{FOLD}" / m).exists()]

@@ -10,34 +10,26 @@ manifest (with an ``uncertainty`` column) is rewritten from all records at the e
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from .. import storage
 from ..domain.cohort import CohortCase, read_cohort
 from ..domain.images import mask_extension, read_image, read_mask, write_mask
-from ..domain.records import (
-    COMPLETED,
-    STATUS_ERROR,
-    CaseRecord,
-    read_records,
-    record_from_dict,
-    status_counts,
-    write_manifest,
-    write_record,
-)
+from ..domain.records import STATUS_ERROR, CaseRecord, record_from_dict, write_record
 from ..errors import InputError, StorageUnavailable
 from ..eval.evaluation import score_mask
+from ..runs.case_run import CaseRun, run_cases
+from ..runs.pins import ModelPin, pin_registered
+from ..runs.ray_session import ensure_ray, pool_device
+from ..runs.tracking import use_store
 from ..storage.access import check_output_folder, reading
-from ..storage.outputs import MANIFEST, MASKS, RUN_FILE, absolute_output, case_file
-from ..storage.registered import is_registered, resolve_registered
-from ..storage.retry import stop_on_outage
+from ..storage.outputs import MASKS, absolute_output, case_file
 from .dataset import nnunet_input
 from .ensemble import Ensemble, EnsembleFolder, resolve_ensemble
 from .settings import WeakConfig
@@ -108,9 +100,7 @@ class EnsembleStage:
     """A Ray Data actor: loads the ensemble once, then predicts one case per row."""
 
     def __init__(self, model: str, tracking_uri: str, config: dict, settings: PredictSettings, device: str) -> None:
-        import mlflow
-
-        mlflow.set_tracking_uri(tracking_uri)  # models:/ URIs resolve against the driver's registry
+        use_store(tracking_uri or None)  # models:/ URIs resolve against the driver's registry
         p = WeakConfig.model_validate(config).prediction
         self.ensemble = Ensemble(resolve_ensemble(model), settings.members, device, p.tile_step_size,
                                  p.use_gaussian, p.use_mirroring)
@@ -150,54 +140,28 @@ def run_weak_predict(model: str, input_uri: str, output: str, config: WeakConfig
                      connect: Callable[[], None] | None = None) -> WeakPredictResult:
     """Predict every case not done yet; write the manifest of the whole output.
 
-    The cohort and the model are resolved first, so that a wrong path stops the run before
-    ``connect`` joins or starts Ray (and only when there are cases to do)."""
+    ``model``: a ``models:/`` URI (pinned to its version once, at the start, in MLflow's current
+    store), the output folder of ``weak train``, or its ``ensemble/`` folder. The cohort and the
+    model are resolved first, so that a wrong path stops the run before ``connect`` joins or starts
+    Ray (and only when there are cases to do)."""
     start = time.perf_counter()
     output = absolute_output(output)
-    requested, version = model, ""
-    if is_registered(model):  # pinned once: the actors load this version whatever the alias does meanwhile
-        ref = resolve_registered(model)
-        model, version = ref.uri, ref.version
-    else:
-        model = absolute_output(model)  # the actors resolve it again, from their own working directory
+    # pinned once: the actors load this version whatever the alias does meanwhile; a folder is made
+    # absolute, since the actors resolve it again from their own working directory
+    pin = pin_registered("ensemble", model) or ModelPin("ensemble", model, absolute_output(model))
     with reading(input_uri, "cohort"):
         cases = read_cohort(input_uri, gt)
     if not cases:
         raise InputError(f"{input_uri}: no cases")
     check_output_folder(output)  # before the ensemble is fetched and loaded
-    folder = resolve_ensemble(model)
+    folder = resolve_ensemble(pin.uri)
+    pin = replace(pin, sha256=folder.sha256)
     settings = _settings(folder, output, config, threshold, members, save_maps)
-    _record_run(output, {"requested": requested, "uri": model, "version": version, "sha256": folder.sha256},
-                settings)
-    done = {k: r for k, r in read_records(output).items() if r.status in COMPLETED}
-    todo = [c for c in cases if c.case_id not in done]
-    records = []
-    if todo and runner == "ray" and connect is not None:
-        connect()
-    storage.remove_temporaries(output)  # what writes an outage cut short left behind
-    with contextlib.closing(_run(todo, model, folder, config, settings, runner, tracking_uri)) as stream:
-        for number, record in enumerate(stream, start=1):
-            records.append(record)
-            if progress:
-                progress(number, len(todo), record)
-            stop_on_outage(record.case_id, record.error, output,
-                           len(done) + sum(1 for r in records if r.status in COMPLETED))
-    every = read_records(output)
-    write_manifest([every[c.case_id] for c in cases if c.case_id in every], storage.join(output, MANIFEST))
-    return WeakPredictResult(output, model, records, status_counts(every.values()), len(done),
-                             time.perf_counter() - start, version)
-
-
-def _record_run(output: str, model: dict, settings: PredictSettings) -> None:
-    """``run.json``: the model as asked for and as pinned, and the settings; a resume must match them."""
-    run_file = storage.join(output, RUN_FILE)
-    if storage.exists(run_file):
-        before = json.loads(storage.read_bytes(run_file))
-        if before.get("settings") != json.loads(settings.parameters):
-            raise InputError(f"{run_file}: this output was written with {before.get('model', {}).get('uri')} and "
-                             "other settings; pass the same model and options to resume, or use a new --output")
-    storage.write_bytes_atomic(run_file, json.dumps({"model": model, "settings": json.loads(settings.parameters)},
-                                                    indent=2).encode())
+    outcome = run_cases(CaseRun(output, settings.parameters, (pin,)), cases,
+                        lambda todo: _run(todo, pin.uri, folder, config, settings, runner, tracking_uri),
+                        progress=progress, connect=connect if runner == "ray" else None)
+    return WeakPredictResult(output, pin.uri, outcome.new, outcome.counts, outcome.n_skipped,
+                             time.perf_counter() - start, pin.version)
 
 
 def _run(cases: list[CohortCase], model: str, folder: EnsembleFolder, config: WeakConfig,
@@ -205,7 +169,7 @@ def _run(cases: list[CohortCase], model: str, folder: EnsembleFolder, config: We
     if not cases:
         return
     p = config.prediction
-    device = "cuda" if p.num_gpus > 0 else "cpu"
+    device = pool_device(p.num_gpus)
     if runner == "local":
         ensemble = Ensemble(folder, settings.members, device, p.tile_step_size, p.use_gaussian, p.use_mirroring)
         for case in cases:
@@ -213,13 +177,12 @@ def _run(cases: list[CohortCase], model: str, folder: EnsembleFolder, config: We
         return
     import ray
 
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray()
     items = [{"case_id": c.case_id, "uri": c.uri, "gt_uri": c.gt_uri} for c in cases]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
     ds = ds.map(EnsembleStage, fn_constructor_kwargs={"model": model, "tracking_uri": tracking_uri,
                                                       "config": config.model_dump(), "settings": settings,
                                                       "device": device},
-                concurrency=p.actors, num_gpus=p.num_gpus, num_cpus=p.num_cpus)
+                compute=ray.data.ActorPoolStrategy(size=p.actors), num_gpus=p.num_gpus, num_cpus=p.num_cpus)
     for row in ds.iter_rows():
         yield record_from_dict(row)

@@ -26,17 +26,18 @@ from pathlib import Path
 from .. import storage
 from ..errors import InputError, ModelError
 from ..models.checkpoints import read_torch_checkpoint, restore_newest, sha256_of
-from ..runs.tracking import KIND_TAG, KIND_WEAK, SHA_TAG, flatten, resolve_tracking_uri
+from ..runs import tracking
+from ..runs.ray_session import ensure_ray
+from ..runs.tracking import KIND_WEAK
 from ..storage.fetch import cache_slot
 from ..storage.outputs import absolute_output
 from .dataset import TrainingCase, export_dataset
-from .ensemble import ENSEMBLE_FILE, FINAL
+from .ensemble import ENSEMBLE_DIR, ENSEMBLE_FILE, FINAL
 from .nnunet_env import CONFIGURATION, FOLD, TRAINER_NAME, dataset_folder_name, nnunet_environment, stdout_to
 from .planning import plan_and_preprocess
 from .schedule import kept_epochs, member_name
 from .settings import WeakConfig
 
-ENSEMBLE_DIR = "ensemble"
 RUN_ID_FILE = "mlflow_run_id"
 RUN_FILE = "weak_run.json"  # the settings and cases an output is trained with
 NNUNET_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json")
@@ -139,7 +140,6 @@ def resume_from(trainer, folder: Path) -> int:
 
 def train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker. Resumes from the newest usable Ray checkpoint (see ``resume_from``)."""
-    import mlflow
     import numpy as np
     import ray.train
     import ray.train.torch
@@ -166,8 +166,7 @@ def train_loop(loop_config: dict) -> None:
         restore_newest(ray.train.get_checkpoint(), lambda folder: resume_from(trainer, folder),
                        what=f"weak training (worker {rank})")
         if rank == 0:
-            mlflow.set_tracking_uri(loop_config["tracking_uri"])
-            mlflow.start_run(run_id=loop_config["run_id"])
+            tracking.attach(loop_config["tracking_uri"], loop_config["run_id"])
 
         def after_epoch(trainer, epoch: int) -> None:
             metrics = {**_epoch_metrics(trainer, epoch), "start_epoch": start_epoch}
@@ -176,7 +175,7 @@ def train_loop(loop_config: dict) -> None:
                 return
             if trainer.keeps(epoch):
                 storage.upload_file_atomic(trainer.member_path(epoch), storage.join(members, member_name(epoch)))
-            mlflow.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "start_epoch")}, step=epoch)
+            tracking.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "start_epoch")}, step=epoch)
             with tempfile.TemporaryDirectory() as folder:
                 trainer.save_resume_state(str(Path(folder) / RESUME_STATE))
                 (Path(folder) / "metrics.json").write_text(json.dumps(metrics))
@@ -191,7 +190,7 @@ def train_loop(loop_config: dict) -> None:
             for name in NNUNET_FILES:
                 storage.upload_file_atomic(base / name, storage.join(loop_config["ensemble_uri"], name))
             storage.upload_file_atomic(Path(trainer.output_folder) / FINAL, storage.join(members, FINAL))
-            mlflow.end_run()
+            tracking.end_run()
 
 
 def _sha256(uri: str) -> str:
@@ -246,8 +245,6 @@ def run_weak_training(cases: list[TrainingCase], skipped_before: dict[str, str],
     called: nnU-Net forks worker processes, and a fork of a process that holds Ray inherits
     Ray's signal handlers (each terminated worker then prints a SIGTERM trace).
     """
-    import mlflow
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -258,28 +255,17 @@ def run_weak_training(cases: list[TrainingCase], skipped_before: dict[str, str],
     work = Path(work) if work is not None else work_folder(output)
     _check_same_run(output, config)  # before the export, which would replace the one being resumed
     used, skipped = prepare(cases, work, config, processes=max(1, min(8, os.cpu_count() or 1)), progress=progress)
-    if connect is not None:
-        connect()
-    elif not ray.is_initialized():
-        ray.init()
-    here = ray.util.get_node_ip_address()
-    node = next((n for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] == here), None)
-    cpus = float((node or {}).get("Resources", {}).get("CPU", ray.cluster_resources().get("CPU", 1.0)))
+    ensure_ray(connect)
+    here, cpus = _this_node()
     skipped = {**skipped_before, **skipped}
     ensemble_uri = storage.join(output, ENSEMBLE_DIR)
     _check_same_run(output, config, used)
-    uri = resolve_tracking_uri(config.tracking.uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(config.tracking.experiment)
-    run_file = storage.join(output, RUN_ID_FILE)  # a rerun continues the same MLflow run
-    run_id = storage.read_bytes(run_file).decode().strip() if storage.exists(run_file) else None
-    if run_id is None:
-        with mlflow.start_run(run_name=f"weak-{config.data.dataset_name}") as run:
-            run_id = run.info.run_id
-            mlflow.log_params(flatten({"source": source, "output": output, "workers": workers, "use_gpu": use_gpu,
-                                       **config.model_dump(exclude={"tracking", "prediction"})}))
-            mlflow.log_metrics({"training_cases": len(used), "skipped_cases": len(skipped)})
-        storage.write_bytes_atomic(run_file, run_id.encode())
+    uri = tracking.use_store(config.tracking.uri)
+    run_id = tracking.run_in_file(  # a rerun continues the same MLflow run
+        storage.join(output, RUN_ID_FILE), config.tracking.experiment, f"weak-{config.data.dataset_name}",
+        {"source": source, "output": output, "workers": workers, "use_gpu": use_gpu,
+         **config.model_dump(exclude={"tracking", "prediction"})},
+        {"training_cases": len(used), "skipped_cases": len(skipped)})
     cpus_per_worker = 1.0 if use_gpu else max(1.0, cpus - 1.0)
     loop_config = {"config": config.model_dump(), "work": str(work), "ensemble_uri": ensemble_uri,
                    "tracking_uri": uri, "run_id": run_id, "cpus_per_worker": cpus_per_worker,
@@ -297,13 +283,7 @@ def run_weak_training(cases: list[TrainingCase], skipped_before: dict[str, str],
                              failure_config=FailureConfig(max_failures=2),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks or [])),
     )
-    try:
-        result = trainer.fit()
-    except Exception as exc:  # Ray Train raises once its retries are spent
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"weak training failed ({first}); Ray Train's checkpoint is kept under "
-                         f"{storage.join(output, 'ray_train')}: run the same command again to continue") from exc
-    metrics = dict(result.metrics or {})
+    metrics = _fit(trainer, output)
     members = write_manifest(ensemble_uri, config, used)
     out = WeakTrainResult(output, ensemble_uri, run_id, used, skipped, members, metrics,
                           time.perf_counter() - start, work=str(work))
@@ -313,26 +293,35 @@ def run_weak_training(cases: list[TrainingCase], skipped_before: dict[str, str],
     return out
 
 
+def _this_node() -> tuple[str, float]:
+    """This node's address and CPUs: the workers run here, where the preprocessed data is."""
+    import ray
+
+    here = ray.util.get_node_ip_address()
+    node = next((n for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] == here), None)
+    return here, float((node or {}).get("Resources", {}).get("CPU", ray.cluster_resources().get("CPU", 1.0)))
+
+
+def _fit(trainer, output: str) -> dict:
+    """The trainer's last figures; a failure once Ray Train's retries are spent is one sentence."""
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"weak training failed ({first}); Ray Train's checkpoint is kept under "
+                         f"{storage.join(output, 'ray_train')}: run the same command again to continue") from exc
+    return dict(result.metrics or {})
+
+
 def register_ensemble(ensemble_uri: str, run_id: str, name: str, metrics: dict) -> str:
-    """Log the ensemble folder to the run as an MLflow pyfunc model and register it as a new version.
-
-    No alias moves: ``medclipsam models promote`` moves ``champion`` when the version wins."""
-    import mlflow
-    from mlflow import MlflowClient
-
+    """Log the ensemble folder to the run as an MLflow pyfunc model (logged as code, not as a pickled
+    object) and register it as a new version. No alias moves: ``medclipsam models promote`` moves
+    ``champion`` when the version wins."""
     from ..storage.fetch import fetch_folder
     from . import mlflow_model
 
     local = fetch_folder(ensemble_uri, "weak ensemble", marker=ENSEMBLE_FILE)
-    with mlflow.start_run(run_id=run_id):  # the model is logged as code, not as a pickled object
-        info = mlflow.pyfunc.log_model(name="ensemble", python_model=mlflow_model.__file__,
-                                       artifacts={"ensemble": str(local)}, registered_model_name=name,
-                                       pip_requirements=["medclipsam", "nnunetv2==2.8.1"])
-    version = str(info.registered_model_version)
-    client = MlflowClient()
-    for key in ("pseudo_dice", "ema_pseudo_dice", "train_loss", "val_loss"):
-        if key in metrics:
-            client.set_model_version_tag(name, version, key, str(metrics[key]))
-    client.set_model_version_tag(name, version, KIND_TAG, KIND_WEAK)
-    client.set_model_version_tag(name, version, SHA_TAG, sha256_of(str(local / ENSEMBLE_FILE)))
-    return version
+    figures = {k: str(metrics[k]) for k in ("pseudo_dice", "ema_pseudo_dice", "train_loss", "val_loss") if k in metrics}
+    return tracking.register_version(run_id, name, "ensemble", mlflow_model.__file__, {"ensemble": str(local)},
+                                     ["medclipsam", "nnunetv2==2.8.1"], KIND_WEAK,
+                                     sha256_of(str(local / ENSEMBLE_FILE)), figures)
