@@ -9,8 +9,8 @@ weights (ViT-Ti/16, 2-layer BERT) and the real LiteMedSAM; ``--gpu``: BiomedCLIP
 
 Memory: peak RSS of the driver process for a run over 200 and over 2,000 slices (``--memory-slices``;
 synthetic volumes of 100 slices, box prompts from labels on two slices per volume, so the rows, not
-the model, dominate), each in a fresh process. Streaming keeps the two close; materialising would
-grow ~10x.
+the model, dominate), each in a fresh process (Ray on 2 CPUs, ``--sam-actors`` SAM actors).
+Streaming keeps the two close; materialising would grow ~10x.
 
 Last line: ``speedup=<ratio> rss_200_mb=<v> rss_2000_mb=<v>`` (the keys name the two
 ``--memory-slices``); the line above it has the rest.
@@ -98,7 +98,7 @@ def _start_ray(cpus: int) -> None:
     DataContext.get_current().enable_progress_bars = False
 
 
-def memory_run(n_slices: int, work: Path) -> None:
+def memory_run(n_slices: int, work: Path, sam_actors: int = 2) -> None:
     """One labels-mode run over ``n_slices``; prints the driver's peak RSS in MB as JSON."""
     from medclipsam.config import parse_config
     from medclipsam.pipeline.job import Job
@@ -107,7 +107,7 @@ def memory_run(n_slices: int, work: Path) -> None:
     data = synthetic_volumes(work / f"volumes{n_slices}", n_slices)
     _start_ray(2)
     config = parse_config({"task": "memory", "pipeline": {"overlays": 0, "saliency": {"num_cpus": 0.5},
-                                                           "sam": {"actors": 2, "num_cpus": 0.5}},
+                                                           "sam": {"actors": sam_actors, "num_cpus": 0.5}},
                            "tracking": {"uri": f"sqlite:///{work / f'mlflow{n_slices}.db'}"}})
     start = time.perf_counter()
     result = run_job(Job(config, str(data / "images"), str(work / f"run{n_slices}"), "labels", str(data / "labels")))
@@ -124,8 +124,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _measure_memory(n_slices: int, work: Path) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--memory-run", str(n_slices), "--work", str(work)],
+def _measure_memory(n_slices: int, work: Path, sam_actors: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--memory-run", str(n_slices), "--work", str(work),
+                          "--sam-actors", str(sam_actors)],
                          capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"memory run over {n_slices} slices failed:\n{out.stderr[-3000:]}")
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--memory-slices: two multiples of {SLICES_PER_VOLUME}, the smaller first")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.memory_run:
-        memory_run(args.memory_run, Path(args.work))
+        memory_run(args.memory_run, Path(args.work), args.sam_actors)
         return
 
     import torch
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
                                    sitk.GetArrayFromImage(sitk.ReadImage(b.mask_uri)))  # same masks?
                     for a, b in zip(loop, result.records, strict=True)])
 
-    small, large = _measure_memory(small_slices, work), _measure_memory(large_slices, work)
+    small, large = (_measure_memory(n, work, args.sam_actors) for n in (small_slices, large_slices))
     print(f"cases={args.cases} cpus={args.cpus} gpu={args.gpu} clip={shapes[0]} steps={args.steps} "
           f"copies={args.copies} sam_actors={args.sam_actors} loop_s={loop_s:.1f} ray_s={ray_s:.1f} "
           f"loop_cases_per_s={args.cases / loop_s:.3f} ray_cases_per_s={args.cases / ray_s:.3f} "

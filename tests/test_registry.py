@@ -186,7 +186,7 @@ def test_concurrent_promotions_end_on_the_better(reg, monkeypatch):
     first; the worse one, which also beat the old holder, must notice and lose to the new one."""
     from medclipsam.registry import gate
     from medclipsam.registry.evalset import read_eval_set
-    from medclipsam.registry.evaluation import EvalPlan
+    from medclipsam.registry.version_scores import EvalPlan
 
     scores = recorded_scores(reg)
     worst = min(("1", "2", "3", "4"), key=scores.get)

@@ -105,7 +105,7 @@ def promote(name: str, version: str, eval_set: str | None, metric: str, margin: 
 
 def _plan(client, uri, name, version, eval_set, config_path, use_ray, address, work_dir, progress):
     from ..registry.evalset import read_eval_set
-    from ..registry.evaluation import EvalPlan, model_kind
+    from ..registry.version_scores import EvalPlan, model_kind
     from ..runs.tracking import KIND_CLIP, KIND_PIPELINE, KIND_WEAK
 
     kind = model_kind(client, name, version)

@@ -59,21 +59,16 @@ def pseudolabel(input_uri: str, output: str, gt_uri, text_prompts, clip_model, p
     from ..pipeline.run import run_job
 
     if pipeline_uri:
-        given = [f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None]
-        given += [name for name, value in (("--config", config_path), ("--clip-model", clip_model),
-                                           ("--prompt", text_prompts)) if value]
-        if given or prompt_source != "text":
-            fail(f"--pipeline brings its own config and models: drop {', '.join(given) or '--prompt-source labels'}")
+        _only_pipeline(overrides, config_path, clip_model, text_prompts, prompt_source)
     progress = CaseProgress()
     try:
-        pins = ()
+        sections = {"pipeline": {"save_saliency": save_saliency or None},
+                    "tracking": {"uri": tracking_uri, "experiment": experiment}}
         if pipeline_uri:
-            config, pins = _registered_pipeline(pipeline_uri, tracking_uri)
-            config = task_config(None, config, pipeline={"save_saliency": save_saliency or None},
-                                 tracking={"uri": tracking_uri, "experiment": experiment})
+            registered, pins = _registered_pipeline(pipeline_uri, tracking_uri)
+            config = task_config(None, registered, **sections)
         else:
-            config = task_config(config_path, pipeline={"save_saliency": save_saliency or None},
-                                 tracking={"uri": tracking_uri, "experiment": experiment}, **overrides)
+            config, pins = task_config(config_path, **sections, **overrides), ()
         job = Job(config, input_uri, output, prompt_source, gt_uri, tuple(text_prompts), clip_model,
                   attribution=attribution, pins=pins)
         result = run_job(job, "ray", progress, connect=lambda: start_ray(address))
@@ -83,6 +78,15 @@ def pseudolabel(input_uri: str, output: str, gt_uri, text_prompts, clip_model, p
         progress.close()
     summarise_run(result)
     exit_for_errors(result.counts, len(result.records), strict)
+
+
+def _only_pipeline(overrides: dict, config_path, clip_model, text_prompts, prompt_source: str) -> None:
+    """A registered pipeline brings its own config and models: any option that would change them is refused."""
+    given = [f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None]
+    given += [name for name, value in (("--config", config_path), ("--clip-model", clip_model),
+                                       ("--prompt", text_prompts)) if value]
+    if given or prompt_source != "text":
+        fail(f"--pipeline brings its own config and models: drop {', '.join(given) or '--prompt-source labels'}")
 
 
 def _registered_pipeline(uri: str, tracking_uri: str | None):

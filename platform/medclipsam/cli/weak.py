@@ -84,6 +84,11 @@ def train(pseudo, images, labels, output, config_path, epochs, cycles, keep_per_
                                    work=Path(work_dir).resolve() if work_dir else None)
     except MedClipSamError as exc:
         fail(str(exc), exc.exit_code)
+    _print_training(result, register)
+
+
+def _print_training(result, register: str | None) -> None:
+    """What weak train made: the skipped cases, the last epoch, the ensemble, the registered version."""
     if result.skipped:
         shown = "; ".join(f"{k}: {v}" for k, v in list(result.skipped.items())[:5])
         click.echo(f"skipped {len(result.skipped)} case(s): {shown}{' ...' if len(result.skipped) > 5 else ''}")

@@ -19,8 +19,8 @@ from dataclasses import dataclass, replace
 
 from ..errors import InputError, ModelError, first_line
 from ..runs import tracking
-from .evaluation import METRICS, EvalPlan, Score, evaluate_version
 from .lock import AliasLock
+from .version_scores import METRICS, EvalPlan, Score, evaluate_version
 
 PROMOTION_EXPERIMENT = "medclipsam-promotions"
 PROMOTED, KEPT, FORCED, UNCHANGED = "promoted", "kept", "forced", "unchanged"
