@@ -26,7 +26,7 @@ lint: $(STAMP)
 # Tests that start Ray clusters get a process each: a second cluster, or the session's Ray reused
 # after Ray Train, left the in-process instance hung in one full-suite run.
 RAY_TESTS := tests/test_pseudolabel.py tests/test_weak.py tests/test_tune.py tests/test_job_submission.py tests/test_demo.py \
-	tests/test_store_faults.py
+	tests/test_store_faults.py tests/test_security.py
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(addprefix --ignore=,$(RAY_TESTS))
@@ -36,6 +36,7 @@ test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_job_submission.py
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_demo.py
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_store_faults.py
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_security.py
 
 clean:
 	rm -rf $(VENV) demo_output

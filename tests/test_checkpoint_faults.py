@@ -81,14 +81,17 @@ def test_a_resume_falls_back_through_ray_train_checkpoint_folders(tmp_path, capl
 
 
 class FakeTrainer:
-    """Stands for nnU-Net's trainer: records what it is asked to load."""
+    """Stands for nnU-Net's trainer: records the states it is handed (loaded by the project, never by nnU-Net)."""
+
+    device = torch.device("cpu")
 
     def __init__(self):
         self.loaded, self.current_epoch = [], 0
 
-    def load_checkpoint(self, path):
-        self.loaded.append(path)
-        self.current_epoch = torch.load(path, weights_only=False)["current_epoch"]
+    def load_checkpoint(self, state):
+        assert isinstance(state, dict), "nnU-Net must get the loaded state, never a path it would unpickle"
+        self.loaded.append(state["current_epoch"])
+        self.current_epoch = state["current_epoch"]
 
 
 def nnunet_state(path, epoch):
@@ -108,7 +111,7 @@ def test_weak_resume_skips_a_truncated_ray_checkpoint(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         epoch = checkpoints.restore_newest(Checkpoint(str(run / NEWER)),
                                            lambda folder: training.resume_from(trainer, folder))
-    assert epoch == 4 and trainer.loaded == [str(run / OLDER / "train_state.pth")]  # the corrupt one never reached it
+    assert epoch == 4 and trainer.loaded == [4]  # the corrupt (newer, epoch 5) one never reached it
     assert f"{NEWER}/train_state.pth" in caplog.text and "truncated" in caplog.text
 
 
@@ -134,8 +137,10 @@ def test_an_unreadable_ensemble_member_is_a_model_error_naming_it(tmp_path):
     """Complete as a zip, but not a checkpoint torch can load: found when the weights are loaded."""
     folder, member = ensemble_folder(tmp_path)
     resolved = ensemble.resolve_ensemble(str(folder))
-    assert len(ensemble.member_weights(resolved, member.name)["w"]) == 256
+    assert len(ensemble.member_state(resolved, member.name)[0]["w"]) == 256
     with zipfile.ZipFile(member, "w") as archive:
         archive.writestr("archive/data.pkl", b"not a pickle")
-    with pytest.raises(ModelError, match=rf"{member}.*cannot be loaded.*SHA-256 differs"):
-        ensemble.member_weights(resolved, member.name)
+    with pytest.raises(ModelError, match=rf"{member}.*cannot be loaded"):
+        ensemble.member_state(resolved, member.name)  # loaded after the folder was checked: torch names it
+    with pytest.raises(ModelError, match=rf"{member}.*SHA-256 other than.*ensemble.json recorded"):
+        ensemble.resolve_ensemble(str(folder))  # checked again: the hash differs, refused before any load

@@ -11,7 +11,8 @@ import os
 import click
 
 from ..errors import MedClipSamError
-from .common import fail, unexpected
+from ..storage.fetch import INSECURE_ENV
+from .common import fail, redact_logs, unexpected
 from .data import data
 from .demo import demo
 from .evaluate import evaluate
@@ -40,11 +41,17 @@ class _Commands(click.Group):
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages, and show Ray's own progress and logs.")
+@click.option("--allow-insecure-download", is_flag=True,
+              help="Fetch model files from plain http:// URLs too (refused by default: the weights could be "
+                   f"replaced on the way). Same as {INSECURE_ENV}=1.")
 @click.pass_context
-def main(context: click.Context, verbose: bool) -> None:
+def main(context: click.Context, verbose: bool, allow_insecure_download: bool) -> None:
     """Text-driven and prompted medical image segmentation (MedCLIP-SAMv2)."""
     context.obj = {"verbose": verbose}
+    if allow_insecure_download:  # an environment variable, so Ray workers started from here see it too
+        os.environ[INSECURE_ENV] = "1"
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    redact_logs()
     if verbose:  # only this package's debug messages, not every library's
         logging.getLogger("medclipsam").setLevel(logging.DEBUG)
     else:  # MLflow logs its store migrations and new experiments at INFO through a handler of its own

@@ -19,6 +19,7 @@ import click
 
 from ..config import CT_WINDOWS, MERGE_METHODS, SAM_BACKENDS, TaskConfig, load_config, parse_config
 from ..domain.records import STATUS_ERROR, CaseRecord
+from ..storage import redact_text
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -29,20 +30,37 @@ def fail(message: str, code: int = 2) -> NoReturn:
     problem (or a developer chasing one) can see where the sentence came from.
     """
     if verbose() and sys.exc_info()[1] is not None:
-        traceback.print_exc(file=sys.stderr)
-    click.echo(f"error: {message}", err=True)
+        click.echo(redact_text(traceback.format_exc()), err=True, nl=False)
+    click.echo(f"error: {redact_text(message)}", err=True)
     sys.exit(code)
 
 
 def unexpected(exc: BaseException, verbose_flag: bool) -> NoReturn:
     """An error no check anticipated: the cause in a sentence, exit code 1; ``-v`` shows the traceback."""
     if verbose_flag:
-        traceback.print_exception(exc, file=sys.stderr)
-    lines = str(exc).strip().splitlines()
+        click.echo(redact_text("".join(traceback.format_exception(exc))), err=True, nl=False)
+    lines = redact_text(str(exc)).strip().splitlines()
     cause = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
     hint = "" if verbose_flag else " (run with -v for the traceback)"
     click.echo(f"error: unexpected failure, {cause}{hint}", err=True)
     sys.exit(1)
+
+
+class RedactingFilter(logging.Filter):
+    """Every URI in a log line redacted (a credential in a checkpoint or store URI never reaches a log)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "://" in message:
+            record.msg, record.args = redact_text(message), None
+        return True
+
+
+def redact_logs() -> None:
+    """Install ``RedactingFilter`` on every handler of the root logger (after ``basicConfig``)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
 
 
 def verbose() -> bool:

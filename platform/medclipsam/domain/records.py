@@ -110,7 +110,8 @@ def status_counts(statuses) -> dict[str, int]:
 
 
 def to_table(records: list[CaseRecord]) -> pa.Table:
-    return pa.Table.from_pylist([asdict(record) for record in records], schema=SCHEMA)
+    """The records as a table, every URI in them redacted (a credential never reaches a manifest)."""
+    return pa.Table.from_pylist([storage.redact_values(asdict(record)) for record in records], schema=SCHEMA)
 
 
 def write_manifest(records: list[CaseRecord], uri: str) -> None:
@@ -125,7 +126,9 @@ def read_manifest(uri: str) -> pa.Table:
 
 
 def write_record(record: CaseRecord, output: str) -> None:
-    storage.write_bytes_atomic(record_uri(output, record.case_id), json.dumps(asdict(record)).encode())
+    """The record as JSON, every URI in it redacted."""
+    storage.write_bytes_atomic(record_uri(output, record.case_id),
+                               json.dumps(storage.redact_values(asdict(record))).encode())
 
 
 def read_records(output: str) -> dict[str, CaseRecord]:

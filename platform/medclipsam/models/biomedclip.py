@@ -165,10 +165,14 @@ def clip_weights_sha256(uri: str) -> str:
 
 def _registered_dir(uri: str) -> Path:
     """``models:/name@alias`` or ``models:/name/version``: the folder of the registered model."""
-    found = sorted(fetch_registered(uri).rglob("open_clip_config.json"))
-    if not found:
-        raise ModelError(f"model {uri}: the registered model holds no open_clip_config.json")
-    return found[0].parent
+    def model_dir(folder: Path) -> Path:
+        found = sorted(folder.rglob("open_clip_config.json"))
+        if not found:
+            raise ModelError(f"model {uri}: the registered model holds no open_clip_config.json")
+        return found[0].parent
+
+    # the weights file, as fine-tuning hashed it when it registered the version
+    return model_dir(fetch_registered(uri, digest=lambda folder: sha256_of(str(_weights_file(model_dir(folder))))))
 
 
 def save_clip(clip: ClipModel, folder: str | Path) -> Path:

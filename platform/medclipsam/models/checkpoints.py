@@ -3,21 +3,21 @@ checkpoint before a resume trusts it, and picking the newest one that passes."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
+import pickle
 import posixpath
+import re
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 
 from ..errors import ModelError, describe
-from ..storage.fetch import fetch_file
+from ..storage.fetch import fetch_file, sha256_of  # noqa: F401  (sha256_of: this layer's users import it here)
 
 log = logging.getLogger(__name__)
 C = TypeVar("C")
@@ -31,25 +31,40 @@ def resolve_checkpoint(uri: str) -> str:
     return fetch_file(uri, "checkpoint")
 
 
-@lru_cache(maxsize=32)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+class UnsafeCheckpoint(ModelError):
+    """A checkpoint that holds Python objects beyond tensors and plain values: loading it could run
+    code from the file, so it is refused (never skipped for an older one: someone planted it)."""
 
 
-def sha256_of(path: str) -> str:
-    """SHA-256 of a file, cached by (path, size, mtime)."""
-    stat = os.stat(path)
-    return _sha256_cached(path, stat.st_size, stat.st_mtime_ns)
+# What a checkpoint may hold besides tensors, containers and plain values: numpy scalars and the
+# dtypes they name (nnU-Net's training log and its best EMA Dice are numpy floats).
+_NUMPY_SCALARS = [np.dtypes.Float64DType, np.dtypes.Float32DType, np.dtypes.Float16DType, np.dtypes.Int64DType,
+                  np.dtypes.Int32DType, np.dtypes.Int16DType, np.dtypes.Int8DType, np.dtypes.UInt8DType,
+                  np.dtypes.BoolDType]
+_SAFE_GLOBALS = [np.dtype, getattr(np, "_core", getattr(np, "core", None)).multiarray.scalar, *_NUMPY_SCALARS]
+
+
+def load_torch_file(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """``torch.load`` that never runs code from the file: ``weights_only=True``, with numpy scalars
+    the only globals allowed. A file that needs more is an ``UnsafeCheckpoint`` naming the file and
+    what it asked for; any other failure propagates for the caller to name."""
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        wanted = re.search(r"GLOBAL (\S+)", str(exc))
+        raise UnsafeCheckpoint(
+            f"checkpoint file {path}: refused, it holds Python objects that loading would run "
+            f"({wanted.group(1) if wanted else 'beyond tensors and plain values'}); only weights "
+            "(tensors, numbers, strings, lists, dicts) are loaded") from None
 
 
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Load a state dict saved bare or wrapped as ``{"model": ...}`` / ``{"state_dict": ...}``."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch_file(path)
+    except UnsafeCheckpoint:
+        raise
     except Exception as exc:
         raise ModelError(f"checkpoint {path}: cannot be read as a PyTorch state dict ({exc})") from exc
     if isinstance(state, dict):
@@ -97,13 +112,16 @@ def torch_file_problem(path: str | Path) -> str | None:
 
 def read_torch_checkpoint(path: str | Path, keys: Iterable[str] = (), map_location: Any = "cpu",
                           mmap: bool = False) -> dict:
-    """A checkpoint dict saved by ``torch.save`` (trusted: our own training state), checked to hold
-    ``keys``; a missing, truncated or unreadable file, or one without those keys, is a
-    ``CorruptCheckpoint`` naming it. ``mmap`` maps the tensors instead of reading them (a check only)."""
+    """A checkpoint dict saved by ``torch.save`` (a training state, an ensemble member), checked to
+    hold ``keys``; a missing, truncated or unreadable file, or one without those keys, is a
+    ``CorruptCheckpoint`` naming it, and one that would run code is an ``UnsafeCheckpoint``
+    (``load_torch_file``). ``mmap`` maps the tensors instead of reading them (a check only)."""
     problem = torch_file_problem(path)
     if problem is None:
         try:
-            state = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+            state = load_torch_file(path, map_location=map_location, mmap=mmap)
+        except UnsafeCheckpoint:
+            raise
         except Exception as exc:
             problem = f"cannot be loaded ({describe(exc)})"
         else:

@@ -13,6 +13,7 @@ from ..errors import InputError
 from ..prompts.csv_prompts import check_case_ids, read_box_rows, read_point_rows
 from ..runs.pins import ModelPin
 from ..storage.access import reading
+from ..storage.fetch import check_download
 from ..storage.outputs import absolute_output
 from .assembly import AssemblySettings
 from .slices import SOURCE_FILES, SOURCE_LABELS, SOURCE_TEXT, SOURCES, CaseTask, rows_to_json
@@ -88,6 +89,9 @@ class Job:
 
 def plan(job: Job) -> list[CaseTask]:
     """The job's cases with their prompts, sorted by case_id; input errors are raised here."""
+    check_download(job.config.sam.checkpoint, "SAM checkpoint")
+    if job.source == SOURCE_TEXT:
+        check_download(job.clip, "CLIP model")
     with reading(job.input_uri, "cohort"):
         cases = read_cohort(job.input_uri, job.gt_uri)
     rows: dict[str, str] = {}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from .. import storage
 from ..config import TaskConfig, parse_config
 from ..errors import InputError, ModelError
 from ..models.biomedclip import clip_weights_sha256
@@ -52,7 +53,9 @@ def register_pipeline(name: str, config: TaskConfig, source: str) -> tuple[str, 
     from . import pipeline_model
 
     pipeline = pin_pipeline(config, source)
-    text = yaml.safe_dump(pipeline.config.model_dump(mode="json"), sort_keys=False)
+    # recorded redacted: a credential in a model URI never reaches the registry (users pass it by environment)
+    text = yaml.safe_dump(storage.redact_values(pipeline.config.model_dump(mode="json")), sort_keys=False)
+    pipeline = RegisteredPipeline(pipeline.config, storage.redact_values(pipeline.pins), pipeline.ref)
     with tempfile.TemporaryDirectory(prefix="medclipsam-pipeline-") as tmp:
         folder = Path(tmp) / "pipeline"
         folder.mkdir()
@@ -76,12 +79,20 @@ def _text_sha256(text: str) -> str:
 def load_pipeline(uri: str) -> RegisteredPipeline:
     """A registered pipeline (``models:/NAME@alias`` or ``/version``), its pins checked against the weights now."""
     ref = resolve_registered(uri)
-    folder = fetch_registered(ref.uri)
-    found = sorted(folder.rglob(PIPELINE_FILE))
-    if not found:
-        raise ModelError(f"model {uri}: holds no {PIPELINE_FILE} (not a registered pipeline?)")
-    config = parse_config(yaml.safe_load(found[0].read_text()), f"{uri} ({PIPELINE_FILE})")
-    pins = json.loads((found[0].parent / PINS_FILE).read_text())
+
+    def pipeline_file(folder: Path) -> Path:
+        found = sorted(folder.rglob(PIPELINE_FILE))
+        if not found:
+            raise ModelError(f"model {uri}: holds no {PIPELINE_FILE} (not a registered pipeline?)")
+        return found[0]
+
+    def digest(folder: Path) -> str:  # as register_pipeline hashed it
+        found = pipeline_file(folder)
+        return _text_sha256(found.read_text() + json.dumps(json.loads((found.parent / PINS_FILE).read_text())))
+
+    found = pipeline_file(fetch_registered(ref.uri, digest))
+    config = parse_config(yaml.safe_load(found.read_text()), f"{uri} ({PIPELINE_FILE})")
+    pins = json.loads((found.parent / PINS_FILE).read_text())
     clip_now = clip_weights_sha256(config.text.clip_model)
     if clip_now != pins["clip"]["sha256"]:
         raise ModelError(f"pipeline {ref.uri}: its CLIP model {config.text.clip_model} had weights "

@@ -53,8 +53,9 @@ def previous_attempts(previous: dict | None) -> list[dict]:
 
 def write_run_file(output: str, parameters: str, pins: tuple[ModelPin, ...], attempts: list[dict],
                    run_id: str = "", tracking_uri: str = "") -> None:
-    """``tracking_uri`` is recorded redacted: a password in it never reaches the output."""
-    storage.write_bytes_atomic(storage.join(output, RUN_FILE), json.dumps({
-        "mlflow_run_id": run_id, "tracking_uri": storage.redact_uri(tracking_uri),
+    """Every URI in it is recorded redacted: a credential never reaches the output (the settings'
+    hash is of the settings as given, so a resume is checked against them exactly)."""
+    storage.write_bytes_atomic(storage.join(output, RUN_FILE), json.dumps(storage.redact_values({
+        "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
         "settings_sha256": _digest(parameters), "settings": json.loads(parameters),
-        "models": [asdict(p) for p in pins], "attempts": attempts}, indent=2).encode())
+        "models": [asdict(p) for p in pins], "attempts": attempts}), indent=2).encode())

@@ -20,13 +20,14 @@ import mlflow
 from mlflow import MlflowClient
 
 from .. import storage
+from ..storage.registered import SHA_TAG
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PARAM_LIMIT = 6000  # characters of one MLflow param value
 
 # Tags on a model version: which kind of model it is (how the promotion gate evaluates it), and the
 # SHA-256 of its weights.
-KIND_TAG, SHA_TAG = "medclipsam.kind", "medclipsam.weights_sha256"
+KIND_TAG = "medclipsam.kind"
 KIND_CLIP, KIND_WEAK, KIND_PIPELINE = "clip", "weak-ensemble", "pipeline"
 KINDS = (KIND_CLIP, KIND_WEAK, KIND_PIPELINE)
 
@@ -62,14 +63,15 @@ def registry_client(configured: str | None = None) -> MlflowClient:
 
 
 def flatten(settings: dict, prefix: str = "") -> dict[str, str]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``; lists as JSON, so each value fits one MLflow param."""
+    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``; lists as JSON, so each value fits one MLflow param;
+    every URI redacted (no credential is sent to MLflow)."""
     flat: dict[str, str] = {}
     for key, value in settings.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             flat.update(flatten(value, name + "."))
         else:
-            text = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+            text = storage.redact_text(json.dumps(value) if isinstance(value, list | tuple) else str(value))
             # MLflow refuses a param over 6000 characters (a long prompt): keep its head, say it was cut
             flat[name] = text if len(text) <= PARAM_LIMIT else text[: PARAM_LIMIT - 20] + " ...(truncated)"
     return flat
@@ -85,7 +87,8 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
 
 
 def log_text(text: str, name: str) -> None:
-    mlflow.log_text(text, name)
+    """A text artifact, every URI in it redacted."""
+    mlflow.log_text(storage.redact_text(text), name)
 
 
 def log_files(files: dict[str, bytes], artifact_path: str | None = None) -> None:
@@ -176,7 +179,7 @@ def register_version(run_id: str, name: str, artifact_path: str, python_model, a
     version = str(info.registered_model_version)
     client = MlflowClient()
     for key, value in {**(tags or {}), KIND_TAG: kind, SHA_TAG: sha256}.items():
-        client.set_model_version_tag(name, version, key, str(value))
+        client.set_model_version_tag(name, version, key, storage.redact_text(str(value)))
     return version
 
 
@@ -193,7 +196,7 @@ def record_run(client: MlflowClient, experiment: str, run_name: str, tags: dict[
             experiment_id = client.create_experiment(experiment)
         except Exception:  # created meanwhile by a concurrent caller
             experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    run = client.create_run(experiment_id, run_name=run_name, tags=storage.redact_values(tags))
     now = int(time.time() * 1000)
     client.log_batch(run.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
                      params=[Param(k, v) for k, v in flatten(params).items()])

@@ -216,6 +216,53 @@ def remove_tree(uri: str) -> None:
         retried(uri, lambda: fs.rm(path, recursive=True))
 
 
+# Query parameters that carry a credential: tokens, signatures (S3/GCS presigned URLs, Azure SAS),
+# keys and passwords. Matched on the name, case-insensitively.
+_SECRET_PARAMETER = re.compile(r"(?i)^(x-amz-(?!expires$|date$|signedheaders$|algorithm$).*"
+                               r"|x-goog-(signature|credential)|(access_|id_|refresh_|auth_|session_)?token|sig|signature|password|passwd|pwd|secret"
+                               r"|client_secret|api[-_]?key|key|access[-_]?key|auth|authorization|credential)$")
+# A URI inside any text: a scheme, then everything up to whitespace, a quote or a closing bracket.
+_URI_IN_TEXT = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>)\]]+", re.IGNORECASE)
+REDACTED = "***"
+
+
 def redact_uri(uri: str) -> str:
-    """``https://user:secret@host/...`` -> ``https://user:***@host/...``: URIs that reach logs and records."""
-    return re.sub(r"^([a-z][a-z0-9+.-]*://[^/:@]*):[^/@]*@", r"\1:***@", uri, flags=re.IGNORECASE)
+    """The URI with every credential it carries replaced by ``***``: a password or a token in its user
+    part (``https://user:***@host``, ``https://***@host``) and the values of secret query parameters
+    (``?token=***``, ``X-Amz-Signature=***``). The one redaction every URI that reaches a log, a
+    record, a file or MLflow goes through; a URI without credentials comes back unchanged."""
+    match = re.match(r"^([a-z][a-z0-9+.-]*://)([^/?#]*)(.*)$", uri, flags=re.IGNORECASE | re.DOTALL)
+    if not match:
+        return uri
+    scheme, authority, rest = match.groups()
+    if "@" in authority:
+        userinfo, host = authority.rsplit("@", 1)
+        user, colon, _ = userinfo.partition(":")
+        authority = f"{user}:{REDACTED}@{host}" if colon else f"{REDACTED}@{host}"
+    if "?" in rest:
+        path, _, query = rest.partition("?")
+        query, hash_mark, fragment = query.partition("#")
+        query = "&".join(_redact_parameter(part) for part in query.split("&"))
+        rest = f"{path}?{query}{hash_mark}{fragment}"
+    return scheme + authority + rest
+
+
+def _redact_parameter(part: str) -> str:
+    name, equals, _ = part.partition("=")
+    return f"{name}={REDACTED}" if equals and _SECRET_PARAMETER.match(name) else part
+
+
+def redact_text(text: str) -> str:
+    """``text`` (a message, a JSON document, a log line) with every URI in it redacted (``redact_uri``)."""
+    return _URI_IN_TEXT.sub(lambda m: redact_uri(m.group(0)), text) if "://" in text else text
+
+
+def redact_values(value):
+    """A JSON-like value (dicts, lists, strings) with every URI in its strings redacted."""
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {k: redact_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_values(v) for v in value)
+    return value

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from .. import storage
 from ..errors import ModelError, first_line
 from .fetch import cache_slot
 
+SHA_TAG = "medclipsam.weights_sha256"  # a version's weights hash, as registration tagged it
 _PATTERN = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[^/@]+))/?$")
 
 
@@ -28,6 +31,7 @@ class RegisteredRef:
     name: str
     version: str
     alias: str = ""  # the alias it was resolved through, if any
+    sha256: str = ""  # the version's weights hash tag, written at registration ("" if it has none)
 
     @property
     def uri(self) -> str:
@@ -73,28 +77,46 @@ def resolve_registered(uri: str, client=None) -> RegisteredRef:
     except Exception as exc:
         raise ModelError(f"model {uri}: not found in the MLflow registry at {_where(client)} "
                          f"({first_line(exc)})") from exc
-    return RegisteredRef(uri, name, str(found.version), alias)
+    return RegisteredRef(uri, name, str(found.version), alias, (getattr(found, "tags", None) or {}).get(SHA_TAG, ""))
 
 
 def _where(client) -> str:
     return storage.redact_uri(str(getattr(client, "_registry_uri", "") or getattr(client, "tracking_uri", "")))
 
 
-def fetch_registered(uri: str) -> Path:
+def fetch_registered(uri: str, digest: Callable[[Path], str] | None = None) -> Path:
     """The artifacts of ``models:/name@alias`` or ``models:/name/version``, downloaded into the cache.
 
     An alias is resolved to its version first. A version's artifacts never change, so they are
     fetched once per registry (the cache key holds the tracking URI) and renamed into place whole.
-    """
-    import shutil
-
+    ``digest`` computes the weights' SHA-256 of a fetched folder the way registration did: the
+    folder is used only if it equals the version's SHA tag (a cached copy that does not is fetched
+    again, once; a version without the tag, or still different, is refused)."""
     import mlflow
 
     registry = mlflow.get_tracking_uri()
-    pinned = resolve_registered(uri).uri
-    target = cache_slot("models", f"{registry} {pinned}")
-    if target.is_dir():
-        return target
+    ref = resolve_registered(uri)
+    target = cache_slot("models", f"{registry} {ref.uri}")
+    for _ in range(2):
+        if not target.is_dir():
+            _download(uri, ref.uri, registry, target)
+        if digest is None:
+            return target
+        if not ref.sha256:
+            raise ModelError(f"model {uri}: version {ref.version} has no {SHA_TAG} tag, so its weights cannot be "
+                             "verified; register it again with medclipsam")
+        found = digest(target)
+        if found == ref.sha256:
+            return target
+        shutil.rmtree(target, ignore_errors=True)  # a tampered or damaged copy: fetched again once
+    raise ModelError(f"model {uri}: the weights fetched from the registry have SHA-256 {found[:12]}... but "
+                     f"version {ref.version} was registered with {ref.sha256[:12]}...; refused (tampered with?)")
+
+
+def _download(uri: str, pinned: str, registry: str, target: Path) -> None:
+    """A version's artifacts into ``target``, whole or not at all (a partial folder renamed into place)."""
+    import mlflow
+
     partial = Path(f"{target}.{os.getpid()}.part")
     shutil.rmtree(partial, ignore_errors=True)
     try:
@@ -110,4 +132,3 @@ def fetch_registered(uri: str) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
         raise ModelError(f"model {uri}: cannot be fetched from the MLflow registry at "
                          f"{storage.redact_uri(registry)} ({exc})") from exc
-    return target

@@ -23,7 +23,7 @@ from ..domain.inputs import list_cases
 from ..domain.records import STATUS_OK, read_manifest
 from ..errors import InputError
 from ..ops.slicing import window_to_uint8
-from ..storage.outputs import MANIFEST
+from ..storage.outputs import MANIFEST, check_case_id
 from .nnunet_env import dataset_folder_name
 
 LABELS = {"background": 0, "target": 1}
@@ -52,6 +52,7 @@ def cases_from_pseudo(run_output: str) -> tuple[list[TrainingCase], dict[str, st
         raise InputError(f"{run_output}: no {MANIFEST} (is it the output of medclipsam pseudolabel?)")
     cases, skipped = [], {}
     for row in read_manifest(uri).to_pylist():
+        check_case_id(row["case_id"], uri)  # it names the training files: never a path out of the work folder
         if row["status"] != STATUS_OK or not row["mask_uri"]:
             skipped[row["case_id"]] = f"status {row['status']}"
         else:
@@ -62,6 +63,8 @@ def cases_from_pseudo(run_output: str) -> tuple[list[TrainingCase], dict[str, st
 def cases_from_folders(images: str, labels: str) -> tuple[list[TrainingCase], dict[str, str]]:
     """Images and labels paired by case_id; images without a label are skipped."""
     found, truths = list_cases(images), list_cases(labels)
+    for case_id in found:
+        check_case_id(case_id, images)
     cases = [TrainingCase(case_id, uri, truths[case_id]) for case_id, uri in sorted(found.items())
              if case_id in truths]
     skipped = {case_id: "no label" for case_id in found if case_id not in truths}

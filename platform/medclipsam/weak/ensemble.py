@@ -21,10 +21,10 @@ import numpy as np
 
 from .. import storage
 from ..errors import InputError, ModelError
-from ..models.checkpoints import read_torch_checkpoint, sha256_of, torch_file_problem
+from ..models.checkpoints import UnsafeCheckpoint, read_torch_checkpoint, sha256_of, torch_file_problem
 from ..storage.fetch import fetch_folder
 from ..storage.registered import fetch_registered
-from .nnunet_env import FOLD, nnunet_environment, stdout_to
+from .nnunet_env import CONFIGURATION, FOLD, nnunet_environment, stdout_to
 
 ENSEMBLE_FILE = "ensemble.json"
 ENSEMBLE_DIR = "ensemble"  # under the output of weak train
@@ -63,10 +63,14 @@ def ensemble_folder_of(uri: str) -> str:
 def resolve_ensemble(uri: str) -> EnsembleFolder:
     """A local ensemble folder for a path, an fsspec URI or ``models:/NAME@alias`` (MLflow registry)."""
     if uri.startswith("models:/"):
-        found = sorted(fetch_registered(uri).rglob(ENSEMBLE_FILE))
-        if not found:
-            raise ModelError(f"model {uri}: the registered model holds no {ENSEMBLE_FILE} (not a weak ensemble?)")
-        folder = found[0].parent
+        def manifest_file(root: Path) -> Path:
+            found = sorted(root.rglob(ENSEMBLE_FILE))
+            if not found:
+                raise ModelError(f"model {uri}: the registered model holds no {ENSEMBLE_FILE} (not a weak ensemble?)")
+            return found[0]
+
+        # the version's tag is the hash of ensemble.json, which holds every member's hash (checked below)
+        folder = manifest_file(fetch_registered(uri, lambda root: sha256_of(str(manifest_file(root))))).parent
     else:
         uri = ensemble_folder_of(uri)
         folder = fetch_folder(uri, "weak ensemble", marker=ENSEMBLE_FILE)
@@ -74,25 +78,55 @@ def resolve_ensemble(uri: str) -> EnsembleFolder:
     missing = [m for m in [*manifest["members"], FINAL] if not (folder / f"fold_{FOLD}" / m).exists()]
     if missing:
         raise ModelError(f"weak ensemble {uri}: missing member checkpoint(s) {', '.join(missing[:3])}")
-    for name in [*manifest["members"], FINAL]:  # cheap: each file's zip directory, not its tensors
-        problem = torch_file_problem(folder / f"fold_{FOLD}" / name)
+    recorded = manifest.get("sha256") or {}
+    for name in [*manifest["members"], FINAL]:  # before any member is loaded
+        path = folder / f"fold_{FOLD}" / name
+        problem = torch_file_problem(path)
         if problem is not None:
-            raise ModelError(f"weak ensemble {uri}: member checkpoint {folder / f'fold_{FOLD}' / name} is corrupt: "
-                             f"{problem}")
+            raise ModelError(f"weak ensemble {uri}: member checkpoint {path} is corrupt: {problem}")
+        if name not in recorded:
+            raise ModelError(f"weak ensemble {uri}: {ENSEMBLE_FILE} records no SHA-256 for {name}, so it cannot be "
+                             "verified; refused")
+        if sha256_of(str(path)) != recorded[name]:
+            raise ModelError(f"weak ensemble {uri}: member checkpoint {path} has a SHA-256 other than the one "
+                             f"{ENSEMBLE_FILE} recorded ({recorded[name][:12]}...); refused (changed or damaged)")
     return EnsembleFolder(folder, manifest, uri)
 
 
-def member_weights(folder: EnsembleFolder, name: str) -> dict:
-    """A member's network weights; an unreadable member is a ``ModelError`` naming the file (and saying
-    whether it still matches the SHA-256 that ``ensemble.json`` recorded)."""
+def member_state(folder: EnsembleFolder, name: str) -> tuple[dict, tuple[int, ...] | None]:
+    """A member's network weights and the mirroring axes its training allowed (its hash was checked
+    by ``resolve_ensemble``); an unreadable member is a ``ModelError`` naming the file, one that would
+    run code an ``UnsafeCheckpoint``."""
     path = folder.path / f"fold_{FOLD}" / name
     try:
-        return read_torch_checkpoint(path, ("network_weights",))["network_weights"]
+        state = read_torch_checkpoint(path, ("network_weights",))
+        axes = state.get("inference_allowed_mirroring_axes")
+        return state["network_weights"], tuple(axes) if axes is not None else None
+    except UnsafeCheckpoint as exc:
+        raise UnsafeCheckpoint(f"weak ensemble {folder.uri}: {exc}") from None
     except ModelError as exc:
-        recorded = folder.manifest.get("sha256", {}).get(name)
-        changed = " (its SHA-256 differs from the one ensemble.json recorded)" if (
-            recorded and path.exists() and sha256_of(str(path)) != recorded) else ""
-        raise ModelError(f"weak ensemble {folder.uri}: {exc}{changed}") from exc
+        raise ModelError(f"weak ensemble {folder.uri}: {exc}") from exc
+
+
+def _initialise(predictor, folder: EnsembleFolder, weights: dict, mirroring_axes: tuple[int, ...] | None) -> None:
+    """Set the predictor up as nnU-Net's ``initialize_from_trained_model_folder`` would, from the
+    folder's plans and dataset JSON and weights already loaded safely: nnU-Net's own loader unpickles
+    the checkpoint (``weights_only=False``), so it is never called. The network is always our
+    trainer's (the class a checkpoint names is not looked up)."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from .nnunet_trainers.cyclic import nnUNetTrainerCyclic
+
+    dataset_json = json.loads((folder.path / "dataset.json").read_text())
+    plans_manager = PlansManager(json.loads((folder.path / "plans.json").read_text()))
+    configuration = plans_manager.get_configuration(CONFIGURATION)
+    network = nnUNetTrainerCyclic.build_network_architecture(
+        plans_manager, configuration, determine_num_input_channels(plans_manager, configuration, dataset_json),
+        plans_manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)
+    network.load_state_dict(weights)
+    predictor.manual_initialization(network, plans_manager, configuration, [weights], dataset_json,
+                                    nnUNetTrainerCyclic.__name__, mirroring_axes)
 
 
 class Ensemble:
@@ -104,16 +138,16 @@ class Ensemble:
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
         self.folder, self.names = folder, folder.members(members)
-        self.weights = [member_weights(folder, name) for name in self.names]  # first: a corrupt one is named
+        states = [member_state(folder, name) for name in self.names]  # first: a corrupt one is named
+        self.weights = [weights for weights, _ in states]
         torch_device = torch.device(device)
         self.predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=use_gaussian,
                                          use_mirroring=use_mirroring,
                                          perform_everything_on_device=torch_device.type == "cuda",
                                          device=torch_device, verbose=False, verbose_preprocessing=False,
                                          allow_tqdm=False)
-        # nnU-Net's trainer lookup finds our trainer class (and narrates its search on stdout)
         with nnunet_environment(None), stdout_to(os.devnull):
-            self.predictor.initialize_from_trained_model_folder(str(folder.path), (FOLD,), self.names[0])
+            _initialise(self.predictor, folder, self.weights[0], states[0][1])
 
     def member_probabilities(self, array: np.ndarray, properties: dict, is_volume: bool) -> Iterator[np.ndarray]:
         """Each member's foreground probability at the image's own resolution (``H x W`` or ``Z x Y x X``);

@@ -14,13 +14,9 @@ class WeakEnsembleModel(mlflow.pyfunc.PythonModel):
     so the registered model is usable on its own."""
 
     def load_context(self, context) -> None:
-        import json
-        from pathlib import Path
+        from medclipsam.weak.ensemble import Ensemble, resolve_ensemble
 
-        from medclipsam.weak.ensemble import Ensemble, EnsembleFolder
-
-        folder = Path(context.artifacts["ensemble"])
-        self.folder = EnsembleFolder(folder, json.loads((folder / "ensemble.json").read_text()), str(folder))
+        self.folder = resolve_ensemble(context.artifacts["ensemble"])  # every member's hash checked
         self.ensemble = Ensemble(self.folder, self.folder.manifest.get("default_members", "cycles"))
 
     def predict(self, context, model_input: list[str], params=None) -> list[dict]:

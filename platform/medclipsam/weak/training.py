@@ -121,7 +121,8 @@ NNUNET_STATE_KEYS = ("network_weights", "optimizer_state", "grad_scaler_state", 
 def check_resume_state(folder: Path) -> Path:
     """The nnU-Net training state (``train_state.pth``) of a Ray checkpoint folder, checked: a missing,
     truncated or unreadable file, or one without the state nnU-Net loads, is a ``CorruptCheckpoint``
-    naming it. The tensors are memory-mapped, not read: nnU-Net loads the file itself."""
+    naming it, one that would run code an ``UnsafeCheckpoint``. The tensors are memory-mapped, not
+    read: ``resume_from`` loads them."""
     path = Path(folder) / RESUME_STATE
     read_torch_checkpoint(path, NNUNET_STATE_KEYS, mmap=True)
     return path
@@ -134,7 +135,8 @@ def resume_from(trainer, folder: Path) -> int:
     the previous checkpoint Ray Train kept (2 are), or starts from scratch when none is usable,
     with a warning (see ``restore_newest``)."""
     path = check_resume_state(folder)
-    trainer.load_checkpoint(str(path))
+    # loaded here with weights_only (nnU-Net's own load of a path would unpickle anything), then handed over
+    trainer.load_checkpoint(read_torch_checkpoint(path, NNUNET_STATE_KEYS, map_location=trainer.device))
     return trainer.current_epoch
 
 
