@@ -157,6 +157,11 @@ def _as_pod(name: str, template: dict) -> dict:
 
 
 # -- the manifests ----------------------------------------------------------------------------------
+RAY_KINDS = ("RayCluster", "RayJob")
+# the plain Kubernetes objects beside them: network policies and the MLflow server (deploy/mlflow.yaml)
+KUBERNETES_KINDS = ("NetworkPolicy", "Deployment", "Service", "PersistentVolumeClaim")
+
+
 def test_manifests_are_ray_objects():
     kinds = {}
     for path in MANIFESTS:
@@ -164,10 +169,24 @@ def test_manifests_are_ray_objects():
         assert docs, f"{path.name} is empty"
         for doc in docs:
             kind = doc.get("kind")
-            assert kind in ("RayCluster", "RayJob"), f"{path.name}: unexpected kind {kind}"
-            assert ray_object_problems(doc, kind, path.name) == []
+            assert kind in RAY_KINDS + KUBERNETES_KINDS, f"{path.name}: unexpected kind {kind}"
+            if kind in RAY_KINDS:
+                assert ray_object_problems(doc, kind, path.name) == []
             kinds.setdefault(kind, []).append(doc["metadata"]["name"])
     assert len(kinds["RayCluster"]) == 1 and len(kinds["RayJob"]) >= len(JOBS)
+
+
+def test_kubernetes_objects_are_valid():
+    objects = [(f"{path.name}/{doc['metadata']['name']}", doc) for path in MANIFESTS for doc in _load(path)
+               if doc.get("kind") in KUBERNETES_KINDS]
+    assert {doc["kind"] for _, doc in objects} == set(KUBERNETES_KINDS)
+    for version in K8S_VERSIONS:
+        for where, doc in objects:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{where} is not valid for Kubernetes {version}: {'.'.join(map(str, exc.path))}: "
+                            f"{exc.message}")
 
 
 def test_kuberay_checks_catch_broken_manifests():
@@ -283,6 +302,137 @@ def test_cluster_heads_take_no_work():
             assert cluster["headGroupSpec"]["rayStartParams"].get("num-cpus") == "0", name
 
 
+# -- what a security review asks of them --------------------------------------------------------------
+PART_OF = {"app.kubernetes.io/part-of": "medclipsam"}  # the label the Ray pods carry and the policy selects
+SECRETISH = re.compile(r"(?i)(secret|password|passwd|token|credential|access_key)")
+
+
+def pod_security_problems(template: dict, where: str) -> list[str]:
+    """What keeps a pod template from running unprivileged: non-root, no privilege escalation, no
+    capabilities, a read-only root filesystem with a writable /tmp."""
+    spec = template.get("spec", {})
+    pod = spec.get("securityContext") or {}
+    problems = []
+    if pod.get("runAsNonRoot") is not True or not pod.get("runAsUser"):
+        problems.append(f"{where}: securityContext must set runAsNonRoot: true and a non-zero runAsUser")
+    for container in spec.get("containers", []):
+        at = f"{where}: container {container.get('name')}"
+        own = container.get("securityContext") or {}
+        if own.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{at}: allowPrivilegeEscalation must be false")
+        if "ALL" not in (own.get("capabilities") or {}).get("drop", []):
+            problems.append(f"{at}: capabilities must drop ALL")
+        if own.get("readOnlyRootFilesystem") is not True:
+            problems.append(f"{at}: readOnlyRootFilesystem must be true")
+        mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
+        if "/tmp" not in mounts:
+            problems.append(f"{at}: a read-only root needs a writable volume at /tmp")
+        if own.get("runAsUser") == 0 or own.get("privileged"):
+            problems.append(f"{at}: runs as root or privileged")
+    return problems
+
+
+def cluster_security_problems(doc: dict, where: str) -> list[str]:
+    """A Ray cluster (a RayCluster, a RayJob's own cluster) asks for a token, and its pods are
+    unprivileged and labelled for the network policy; no RayJob puts a secret in its runtime env."""
+    spec = doc["spec"]
+    cluster = spec if doc["kind"] == "RayCluster" else spec.get("rayClusterSpec")
+    problems = []
+    if cluster is not None:
+        auth = cluster.get("authOptions") or {}
+        if auth.get("mode") != "token" or not auth.get("secretName"):
+            problems.append(f"{where}: authOptions must be {{mode: token, secretName: ...}}")
+    for part, template in _pod_templates(doc) if cluster is not None else []:
+        if (template.get("metadata") or {}).get("labels", {}).get("app.kubernetes.io/part-of") != "medclipsam":
+            problems.append(f"{where}/{part}: the pods must carry app.kubernetes.io/part-of: medclipsam")
+        problems += pod_security_problems(template, f"{where}/{part}")
+    env = (yaml.safe_load(spec.get("runtimeEnvYAML", "")) or {}).get("env_vars", {}) if doc["kind"] == "RayJob" \
+        else {}
+    problems += [f"{where}: {key} in runtimeEnvYAML (the dashboard shows it): use a Secret" for key in env
+                 if SECRETISH.search(key)]
+    return problems
+
+
+def test_ray_clusters_ask_for_a_token_and_run_unprivileged():
+    objects = _objects("RayCluster") + _objects("RayJob")
+    assert sum("authOptions" in (d["spec"] if d["kind"] == "RayCluster" else d["spec"].get("rayClusterSpec", {}))
+               for _, d in objects) >= 2  # the shared cluster and the weak-training job's own
+    for name, doc in objects:
+        assert cluster_security_problems(doc, name) == []
+
+
+def test_the_security_checks_catch_planted_problems():
+    _, cluster = _objects("RayCluster")[0]
+    _, job = next((n, d) for n, d in _objects("RayJob") if "rayClusterSpec" in d["spec"])
+    head = lambda d: d["spec"]["headGroupSpec"]["template"]  # noqa: E731
+    worker = lambda d: d["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]  # noqa: E731
+    breakages = {
+        "authOptions must be": lambda d: d["spec"].pop("authOptions"),
+        "runAsNonRoot": lambda d: head(d)["spec"].update(securityContext={"runAsUser": 0}),
+        "allowPrivilegeEscalation must be false": lambda d: worker(d).update(
+            securityContext={**worker(d)["securityContext"], "allowPrivilegeEscalation": True}),
+        "capabilities must drop ALL": lambda d: worker(d).update(
+            securityContext={**worker(d)["securityContext"], "capabilities": {}}),
+        "writable volume at /tmp": lambda d: worker(d).update(volumeMounts=[]),
+        "part-of: medclipsam": lambda d: head(d).update(metadata={}),
+    }
+    for message, breaks in breakages.items():
+        broken = copy.deepcopy(cluster)
+        breaks(broken)
+        assert any(message in p for p in cluster_security_problems(broken, "x")), message
+    leaky = copy.deepcopy(job)
+    leaky["spec"]["runtimeEnvYAML"] = "env_vars:\n  AWS_SECRET_ACCESS_KEY: x\n"
+    assert any("AWS_SECRET_ACCESS_KEY in runtimeEnvYAML" in p for p in cluster_security_problems(leaky, "x"))
+
+
+def _policy_admits(policy: dict, labels: dict[str, str], port: int) -> bool:
+    """Whether an ingress rule of ``policy`` lets a pod with ``labels`` (same namespace) reach ``port``."""
+    for rule in policy["spec"].get("ingress", []):
+        ports = {p["port"] for p in rule.get("ports", [])}
+        if ports and port not in ports:
+            continue
+        for peer in rule.get("from", [{}]):
+            wanted = (peer.get("podSelector") or {}).get("matchLabels", {})
+            if "ipBlock" not in peer and all(labels.get(k) == v for k, v in wanted.items()):
+                return True
+    return False
+
+
+def test_network_policies_admit_only_the_cluster_and_its_clients():
+    policies = {doc["metadata"]["name"]: doc for _, doc in _objects("NetworkPolicy")}
+    ray, mlflow = policies["medclipsam-ray"], policies["mlflow"]
+    assert ray["spec"]["podSelector"]["matchLabels"] == PART_OF and ray["spec"]["policyTypes"] == ["Ingress"]
+    assert all(rule.get("from") for rule in ray["spec"]["ingress"])  # no rule open to every pod
+    stranger = {"app": "something-else"}
+    for port in (6379, 8265, 10001):
+        assert _policy_admits(ray, PART_OF, port)  # the cluster's own pods
+        assert not _policy_admits(ray, stranger, port)
+    assert _policy_admits(ray, {"ray.io/originated-from-crd": "RayJob"}, 8265)  # KubeRay's submitters
+    assert not _policy_admits(ray, {"ray.io/originated-from-crd": "RayJob"}, 6379)
+    assert _policy_admits(ray, {"medclipsam.io/ray-client": "true"}, 10001)
+    assert _policy_admits(mlflow, PART_OF, 5000) and not _policy_admits(mlflow, stranger, 5000)
+
+
+def test_mlflow_server_asks_for_a_password_and_stays_inside():
+    deployment = next(doc for _, doc in _objects("Deployment") if doc["metadata"]["name"] == "mlflow")
+    template = deployment["spec"]["template"]
+    container = template["spec"]["containers"][0]
+    assert container["command"] == ["mlflow", "server"]
+    assert container["args"][container["args"].index("--app-name") + 1] == "basic-auth"
+    assert "--host" in container["args"]
+    assert pod_security_problems(template, "mlflow") == []
+    service = next(doc for _, doc in _objects("Service") if doc["metadata"]["name"] == "mlflow")
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert re.search(r'"mlflow\[auth\]==', pyproject)  # the image can run the basic-auth app
+    # every Ray pod sends its MLflow password from a Secret, never in a URI or a RayJob
+    for name, doc in _objects("RayCluster") + _objects("RayJob"):
+        for part, pod in _pod_templates(doc):
+            refs = [e["secretRef"]["name"] for c in pod["spec"]["containers"] for e in c.get("envFrom", [])]
+            assert "medclipsam-mlflow" in refs, f"{name}/{part}"
+        assert "@" not in doc["spec"].get("runtimeEnvYAML", ""), name
+
+
 # -- the Dockerfile ----------------------------------------------------------------------------------
 def _hadolint() -> str:
     found = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
@@ -295,6 +445,15 @@ def _lint(dockerfile: Path, tmp_path: Path, *options: str) -> subprocess.Complet
     config.write_text("ignored: []\nfailure-threshold: style\n")
     return subprocess.run([_hadolint(), "--no-color", "--config", str(config), *options, str(dockerfile)],
                           capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path)
+
+
+def test_the_image_runs_unprivileged_from_a_pinned_base():
+    text = DOCKERFILE.read_text()
+    users = re.findall(r"^USER (\S+)$", text, re.M)
+    assert users and users[-1] not in ("root", "0"), "the image must end as a non-root user"
+    assert users[-1] == "1000"  # the uid the pods' securityContext names
+    base = re.findall(r"^FROM (\S+)", text, re.M)
+    assert len(base) == 1 and re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?", base[0]), base
 
 
 def test_dockerfile_passes_hadolint(tmp_path):
@@ -312,7 +471,8 @@ def test_hadolint_flags_planted_problems(tmp_path):
     planted = {
         "DL3015": text.replace("--no-install-recommends ", ""),
         "DL3003": text.replace("WORKDIR /app\n", "WORKDIR /app\nRUN cd /tmp && ls\n"),
-        "DL3006": text.replace("FROM python:3.11-slim", "FROM python"),
+        "DL3006": re.sub(r"^FROM \S+", "FROM python", text, flags=re.M),
+        "DL3002": text.replace("USER 1000", "USER root"),
     }
     for code, changed in planted.items():
         assert changed != text, code

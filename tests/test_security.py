@@ -348,3 +348,56 @@ def test_no_secret_in_any_output_log_or_mlflow_entry(http_files, insecure_allowe
         assert (tmp_path / "mlflow.db").exists() and any((tmp_path / "mlruns").rglob("*.parquet"))
     finally:
         shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def test_the_basic_auth_mlflow_server_of_deploy_refuses_anonymous_clients(tmp_path, monkeypatch):
+    """MLflow's basic-auth app, configured as deploy/mlflow.yaml and docs/clusters.md say (an ini
+    through MLFLOW_AUTH_CONFIG_PATH, a signing key): an anonymous request is refused, the account in
+    MLFLOW_TRACKING_USERNAME/PASSWORD gets in, a wrong password is one sentence, and the password
+    appears in no output."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    password = "mlflow-admin-marker-77d1"
+    ini = tmp_path / "basic_auth.ini"
+    ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{tmp_path / 'basic_auth.db'}\n"
+                   f"admin_username = admin\nadmin_password = {password}\n"
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": "k" * 32}
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
+                                   "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--host", "127.0.0.1",
+                                   "--port", str(port), "--workers", "1"], env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, cwd=tmp_path)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except Exception:
+                assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.5)
+        with pytest.raises(urllib.error.HTTPError) as anonymous:
+            urllib.request.urlopen(f"{uri}/api/2.0/mlflow/registered-models/search", timeout=10)
+        assert anonymous.value.code == 401
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        allowed = CliRunner().invoke(main, ["models", "list", "--tracking-uri", uri])
+        assert allowed.exit_code == 0, allowed.output
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong-" + password)
+        refused = CliRunner().invoke(main, ["models", "list", "--tracking-uri", uri])
+        assert refused.exit_code != 0 and refused.output.startswith("error: ") and "Traceback" not in refused.output
+        assert password not in allowed.output + refused.output
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
