@@ -52,11 +52,12 @@ def load_torch_file(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        wanted = re.search(r"GLOBAL (\S+)", str(exc))
+        wanted = re.search(r"GLOBAL (\S+)", str(exc))  # the weights-only unpickler names what it refused
+        if wanted is None:
+            raise  # not a pickle at all, or a damaged one: the caller names the file
         raise UnsafeCheckpoint(
             f"checkpoint file {path}: refused, it holds Python objects that loading would run "
-            f"({wanted.group(1) if wanted else 'beyond tensors and plain values'}); only weights "
-            "(tensors, numbers, strings, lists, dicts) are loaded") from None
+            f"({wanted.group(1)}); only weights (tensors, numbers, strings, lists, dicts) are loaded") from None
 
 
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:
