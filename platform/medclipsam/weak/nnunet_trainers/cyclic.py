@@ -84,6 +84,34 @@ class nnUNetTrainerCyclic(nnUNetTrainer):  # nnU-Net's naming: its lookup finds 
         if self.epoch_end_hook is not None:
             self.epoch_end_hook(self, epoch)
 
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        """Continue from a training state, loaded weights-only. nnU-Net 2.8.1's own method unpickles
+        a path (``weights_only=False``, so a planted file would run code) and fails on a state
+        already loaded (its dict branch reads a variable only the path branch sets), so the state's
+        parts are applied here, as nnU-Net applies them."""
+        from medclipsam.models.checkpoints import read_torch_checkpoint
+
+        state = filename_or_checkpoint
+        if not isinstance(state, dict):
+            state = read_torch_checkpoint(state, ("network_weights", "optimizer_state", "logging", "current_epoch"),
+                                          map_location=self.device)
+        if not self.was_initialized:
+            self.initialize()
+        network = self.network.module if self.is_ddp else self.network
+        network = getattr(network, "_orig_mod", network)  # under torch.compile
+        own = network.state_dict()
+        network.load_state_dict({key[len("module."):] if key not in own and key.startswith("module.") else key: value
+                                 for key, value in state["network_weights"].items()})
+        self.my_init_kwargs = state["init_args"]
+        self.current_epoch = state["current_epoch"]
+        self.logger.load_checkpoint(state["logging"])
+        self._best_ema = state["_best_ema"]
+        self.inference_allowed_mirroring_axes = state.get("inference_allowed_mirroring_axes",
+                                                          self.inference_allowed_mirroring_axes)
+        self.optimizer.load_state_dict(state["optimizer_state"])
+        if self.grad_scaler is not None and state.get("grad_scaler_state") is not None:
+            self.grad_scaler.load_state_dict(state["grad_scaler_state"])
+
     def save_resume_state(self, filename: str) -> None:
         """The state to continue after the epoch just finished. nnU-Net stores ``current_epoch + 1``
         because it saves before the counter moves on; after ``on_epoch_end`` it has moved, so step
