@@ -290,6 +290,9 @@ def test_a_registered_version_is_used_only_if_its_hash_tag_matches(tiny_clip_dir
 def test_redaction(uri, shown):
     assert redact_uri(uri) == shown
     assert redact_text(f"checkpoint '{uri}' failed") == f"checkpoint '{shown}' failed"
+    # the sentence's own punctuation after a bare URI is kept, not taken for part of a secret
+    sentence = "checkpoint {}: no such file, see {}."
+    assert redact_text(sentence.format(uri, uri)) == sentence.format(shown, shown)
 
 
 def _files_holding(root: Path, secrets: tuple[str, ...]) -> list[str]:

@@ -221,8 +221,9 @@ def remove_tree(uri: str) -> None:
 _SECRET_PARAMETER = re.compile(r"(?i)^(x-amz-(?!expires$|date$|signedheaders$|algorithm$).*"
                                r"|x-goog-(signature|credential)|(access_|id_|refresh_|auth_|session_)?token|sig|signature|password|passwd|pwd|secret"
                                r"|client_secret|api[-_]?key|key|access[-_]?key|auth|authorization|credential)$")
-# A URI inside any text: a scheme, then everything up to whitespace, a quote or a closing bracket.
-_URI_IN_TEXT = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>)\]]+", re.IGNORECASE)
+# A URI inside any text: a scheme, then everything up to whitespace, a quote or a closing bracket,
+# less a trailing ':', ',', ';' or '.' (the sentence's, not the URI's).
+_URI_IN_TEXT = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>)\]]*[^\s'\"<>)\]:,;.]", re.IGNORECASE)
 REDACTED = "***"
 
 
