@@ -37,8 +37,8 @@ class Smoke:
 
 SMOKE: dict[str, Smoke] = {
     "finetune.py": Smoke(["--pairs", "4", "--epochs", "1", "--batch-size", "2", "--text-layers", "1",
-                          "--text-hidden", "64"],
-                         {"samples_per_s_1", "samples_per_s_2"}),
+                          "--text-hidden", "64", "--single"],  # one Ray Train fit, not three
+                         {"samples_per_s_1"}, doc_keys={"samples_per_s_1", "samples_per_s_2"}),
     "labels_run.py": Smoke(["--cases", "2", "--write-cases", "1", "--volume-slices", "4"],
                            {"labels_speedup", "writer_rss_mb"}),
     "m2ib.py": Smoke(["--vision", "vit_tiny_patch16_224", "--text-layers", "1", "--text-hidden", "64",
