@@ -135,44 +135,17 @@ def mlflow_server(s3_server, tmp_path_factory):
     can check that neither reaches a log, a manifest, run.json or an MLflow record. Yields
     ``(tracking_uri, artifacts_uri, log_path)``.
     """
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
     import boto3
+    from mlflow_server import running_mlflow_server
     from registry_models import SECRET_MARKERS
 
     os.environ.update(SECRET_MARKERS)
     os.environ["MLFLOW_TRACKING_USERNAME"] = "medclipsam-tests"
     bucket = "mlflow-artifacts"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     root = tmp_path_factory.mktemp("mlflow-server")
     log_path = root / "server.log"
     env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server}
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-             "--artifacts-destination", f"s3://{bucket}/mlflow", "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except Exception:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError(f"mlflow server did not start: {log_path.read_text()[-2000:]}") from None
-            time.sleep(0.5)
-    yield uri, f"s3://{bucket}/mlflow", log_path
-    server.terminate()
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.kill()
+    options = ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", f"s3://{bucket}/mlflow"]
+    with running_mlflow_server(options, env, log_path) as uri:
+        yield uri, f"s3://{bucket}/mlflow", log_path

@@ -358,38 +358,19 @@ def test_the_basic_auth_mlflow_server_of_deploy_refuses_anonymous_clients(tmp_pa
     through MLFLOW_AUTH_CONFIG_PATH, a signing key): an anonymous request is refused, the account in
     MLFLOW_TRACKING_USERNAME/PASSWORD gets in, a wrong password is one sentence, and the password
     appears in no output."""
-    import socket
-    import subprocess
-    import sys
-    import time
     import urllib.error
     import urllib.request
+
+    from mlflow_server import running_mlflow_server
 
     password = "mlflow-admin-marker-77d1"
     ini = tmp_path / "basic_auth.ini"
     ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{tmp_path / 'basic_auth.db'}\n"
                    f"admin_username = admin\nadmin_password = {password}\n"
                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": "k" * 32}
-    log = tmp_path / "server.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
-                                   "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--host", "127.0.0.1",
-                                   "--port", str(port), "--workers", "1"], env=env, stdout=out,
-                                  stderr=subprocess.STDOUT, cwd=tmp_path)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
-                break
-            except Exception:
-                assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-                time.sleep(0.5)
+    options = ["--app-name", "basic-auth", "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    with running_mlflow_server(options, env, tmp_path / "server.log", cwd=tmp_path) as uri:
         with pytest.raises(urllib.error.HTTPError) as anonymous:
             urllib.request.urlopen(f"{uri}/api/2.0/mlflow/registered-models/search", timeout=10)
         assert anonymous.value.code == 401
@@ -401,6 +382,3 @@ def test_the_basic_auth_mlflow_server_of_deploy_refuses_anonymous_clients(tmp_pa
         refused = CliRunner().invoke(main, ["models", "list", "--tracking-uri", uri])
         assert refused.exit_code != 0 and refused.output.startswith("error: ") and "Traceback" not in refused.output
         assert password not in allowed.output + refused.output
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
