@@ -66,14 +66,15 @@ def register_pipeline(name: str, config: TaskConfig, source: str) -> tuple[str, 
             pass
         version = tracking.register_version(run_id, name, "pipeline", pipeline_model.__file__,
                                             {"pipeline": str(folder)}, ["medclipsam"], KIND_PIPELINE,
-                                            _text_sha256(text + json.dumps(pipeline.pins)))
+                                            _pipeline_sha256(text, pipeline.pins))
     return version, pipeline
 
 
-def _text_sha256(text: str) -> str:
+def _pipeline_sha256(text: str, pins: dict) -> str:
+    """The hash a registered pipeline is tagged with, and checked against when it is fetched."""
     import hashlib
 
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256((text + json.dumps(pins)).encode()).hexdigest()
 
 
 def load_pipeline(uri: str) -> RegisteredPipeline:
@@ -88,7 +89,7 @@ def load_pipeline(uri: str) -> RegisteredPipeline:
 
     def digest(folder: Path) -> str:  # as register_pipeline hashed it
         found = pipeline_file(folder)
-        return _text_sha256(found.read_text() + json.dumps(json.loads((found.parent / PINS_FILE).read_text())))
+        return _pipeline_sha256(found.read_text(), json.loads((found.parent / PINS_FILE).read_text()))
 
     found = pipeline_file(fetch_registered(ref.uri, digest))
     config = parse_config(yaml.safe_load(found.read_text()), f"{uri} ({PIPELINE_FILE})")

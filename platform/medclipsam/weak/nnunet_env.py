@@ -17,6 +17,9 @@ from pathlib import Path
 TRAINERS_DIR = Path(__file__).parent / "nnunet_trainers"
 TRAINER_NAME = "nnUNetTrainerCyclic"
 CONFIGURATION, FOLD, PLANS = "2d", "all", "nnUNetPlans"
+# what a training state holds that resuming applies (nnU-Net 2.8.1's checkpoint keys)
+NNUNET_STATE_KEYS = ("network_weights", "optimizer_state", "grad_scaler_state", "logging", "_best_ema",
+                     "current_epoch", "init_args")
 
 # nnU-Net's default of 8 worker processes for export and preprocessing is more than a laptop has.
 os.environ.setdefault("nnUNet_def_n_proc", str(max(1, min(8, os.cpu_count() or 1))))

@@ -33,7 +33,15 @@ from ..storage.fetch import cache_slot
 from ..storage.outputs import absolute_output
 from .dataset import TrainingCase, export_dataset
 from .ensemble import ENSEMBLE_DIR, ENSEMBLE_FILE, FINAL
-from .nnunet_env import CONFIGURATION, FOLD, TRAINER_NAME, dataset_folder_name, nnunet_environment, stdout_to
+from .nnunet_env import (
+    CONFIGURATION,
+    FOLD,
+    NNUNET_STATE_KEYS,
+    TRAINER_NAME,
+    dataset_folder_name,
+    nnunet_environment,
+    stdout_to,
+)
 from .planning import plan_and_preprocess
 from .schedule import kept_epochs, member_name
 from .settings import WeakConfig
@@ -113,9 +121,6 @@ def _epoch_metrics(trainer, epoch: int) -> dict:
 
 
 RESUME_STATE = "train_state.pth"
-# what nnU-Net's load_checkpoint reads from a checkpoint (2.8.1)
-NNUNET_STATE_KEYS = ("network_weights", "optimizer_state", "grad_scaler_state", "logging", "_best_ema",
-                     "current_epoch", "init_args")
 
 
 def check_resume_state(folder: Path) -> Path:

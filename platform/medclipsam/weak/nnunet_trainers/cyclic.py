@@ -90,11 +90,11 @@ class nnUNetTrainerCyclic(nnUNetTrainer):  # nnU-Net's naming: its lookup finds 
         already loaded (its dict branch reads a variable only the path branch sets), so the state's
         parts are applied here, as nnU-Net applies them."""
         from medclipsam.models.checkpoints import read_torch_checkpoint
+        from medclipsam.weak.nnunet_env import NNUNET_STATE_KEYS
 
         state = filename_or_checkpoint
         if not isinstance(state, dict):
-            state = read_torch_checkpoint(state, ("network_weights", "optimizer_state", "logging", "current_epoch"),
-                                          map_location=self.device)
+            state = read_torch_checkpoint(state, NNUNET_STATE_KEYS, map_location=self.device)
         if not self.was_initialized:
             self.initialize()
         network = self.network.module if self.is_ddp else self.network
