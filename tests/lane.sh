@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One lane of `make test`: pytest processes one after another, every line prefixed with the lane's
+# name, in a temporary folder of the lane's own. Two lanes run at once; the separate TMPDIR keeps
+# their pytest tmp_path trees, Ray session folders and `ray/ray_current_cluster` (which a bare
+# ray.init() would join) apart. Every process runs even after one fails; the lane fails if any did.
+#
+# Usage: tests/lane.sh PYTHON NAME 'PYTEST ARGS' ['PYTEST ARGS' ...]
+set -uo pipefail
+python=$1 name=$2
+shift 2
+tmp=$(mktemp -d -t "mcs-$name-XXXXXX")
+failed=()
+for args in "$@"; do
+    # shellcheck disable=SC2086  # each argument is one pytest command line, split on purpose
+    TMPDIR=$tmp PYTHONUNBUFFERED=1 "$python" -m pytest -q -p no:cacheprovider --durations=5 $args 2>&1 \
+        | sed -u "s/^/[$name] /" || failed+=("$args")
+done
+if ((${#failed[@]})); then
+    printf '[%s] FAILED: pytest %s\n' "$name" "${failed[@]}"
+    echo "[$name] its temporary files are kept in $tmp"
+    exit 1
+fi
+rm -rf "$tmp"
+echo "[$name] passed"
