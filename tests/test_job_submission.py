@@ -33,13 +33,15 @@ def head_node(tmp_path):
     share a fresh token through their environment only: this process may hold a Ray session of
     its own, which must not see it. Yields the dashboard address and that environment.
     """
-    gcs, dashboard = _free_port(), _free_port()
+    # The job agent's HTTP port is fixed by default (52365): another Ray on this machine (make test's
+    # other lane) may hold it, and then the agent never serves, so every submission is refused.
+    gcs, dashboard, agent = _free_port(), _free_port(), _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning"}
     env.pop("RAY_ADDRESS", None)
     command = [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
                "--num-cpus", "2", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-               "--dashboard-port", str(dashboard), "--disable-usage-stats"]
+               "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(agent), "--disable-usage-stats"]
     log = open(tmp_path / "ray-start.log", "w")  # closed after the node stops
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
