@@ -16,7 +16,9 @@ for args in "$@"; do
         | sed -u "s/^/[$name] /" || failed+=("$args")
 done
 if ((${#failed[@]})); then
-    printf '[%s] FAILED: pytest %s\n' "$name" "${failed[@]}"
+    for args in "${failed[@]}"; do
+        echo "[$name] FAILED: pytest $args"
+    done
     echo "[$name] its temporary files are kept in $tmp"
     exit 1
 fi
