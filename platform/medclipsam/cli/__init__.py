@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 import click
 
@@ -40,6 +41,7 @@ class _Commands(click.Group):
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="medclipsam", message="medclipsam %(version)s")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages, and show Ray's own progress and logs.")
 @click.option("--allow-insecure-download", is_flag=True,
               help="Fetch model files from plain http:// URLs too (refused by default: the weights could be "
@@ -54,7 +56,12 @@ def main(context: click.Context, verbose: bool, allow_insecure_download: bool) -
     redact_logs()
     if verbose:  # only this package's debug messages, not every library's
         logging.getLogger("medclipsam").setLevel(logging.DEBUG)
-    else:  # MLflow logs its store migrations and new experiments at INFO through a handler of its own
+    else:
+        # torch's and timm's deprecation notices say nothing a user can act on; -v shows them. In
+        # the environment too, so Ray workers started from here are as quiet.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+        # MLflow logs its store migrations and new experiments at INFO through a handler of its own
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # our own progress only
 

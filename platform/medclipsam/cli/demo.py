@@ -22,7 +22,7 @@ def demo(output: str, cache_dir: str | None, clip_model: str | None, address: st
          **overrides) -> None:
     """Pseudo-label the sample volumes with the Ray pipeline, text-driven (box prompts from labels if offline)."""
     from ..eval.report import write_report
-    from ..models.biomedclip import OFFLINE_HELP
+    from ..models.biomedclip import offline_help
     from ..pipeline.demo import DEMO_CONFIG, demo_job
     from ..pipeline.run import run_job
 
@@ -32,8 +32,8 @@ def demo(output: str, cache_dir: str | None, clip_model: str | None, address: st
         job, problem = demo_job(config, output, Path(cache_dir) if cache_dir else None, clip_model)
         if problem:
             click.echo(f"BiomedCLIP is not available ({problem}): running the same Ray pipeline with box prompts "
-                       f"from the labels instead (an oracle upper bound, not zero-shot). {OFFLINE_HELP} "
-                       "Then: medclipsam demo --clip-model /path/to/that/folder")
+                       f"from the labels instead (an oracle upper bound, not zero-shot). {offline_help(job.clip)} "
+                       "Then: medclipsam demo --clip-model <that folder>")
         result = run_job(job, "ray", progress, connect=lambda: start_ray(address))
         page = write_report(result.manifest_uri.rsplit("/", 1)[0])
     except MedClipSamError as exc:

@@ -35,12 +35,15 @@ def models() -> None:
 def list_models(name: str | None, tracking_uri: str | None) -> None:
     """Registered models (without NAME), or NAME's versions with their aliases and recorded scores."""
     from ..registry.listing import describe_model, describe_models
+    from ..runs.tracking import current_store, registry_client
+    from ..storage import redact_uri
 
     try:
-        client, _ = _client(tracking_uri)
+        client = registry_client(tracking_uri, read_only=True)
         lines = describe_model(client, name) if name else describe_models(client)
     except MedClipSamError as exc:
         fail(str(exc), exc.exit_code)
+    click.echo(f"store: {redact_uri(current_store())}")
     for line in lines:
         click.echo(line)
 

@@ -221,7 +221,9 @@ def read_cohort(input_uri: str, gt_uri: str | None = None) -> list[CohortCase]:
         truths = list_cases(gt_uri)
         cases = [c if c.gt_uri else CohortCase(c.case_id, c.uri, c.prompts, truths.get(c.case_id, ""))
                  for c in cases]
-    return cases
+    # recorded in the manifest and read by Ray workers: independent of the working directory
+    return [CohortCase(c.case_id, storage.absolute(c.uri), c.prompts, c.gt_uri and storage.absolute(c.gt_uri))
+            for c in cases]
 
 
 def read_labelled_cohort(input_uri: str, gt_uri: str | None, purpose: str) -> list[CohortCase]:

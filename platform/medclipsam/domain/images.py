@@ -29,7 +29,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .. import storage
-from ..errors import InputError
+from ..errors import InputError, shorten
 from ..storage.environment import number_from_env
 
 IMAGE_2D_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -207,7 +207,26 @@ def reader_reason(exc: Exception, local: str, uri: str) -> str:
     if details:  # the innermost step of a library's chain says what was wrong
         reason = f"{reason.rstrip(': ')}: {details[-1]}" if reason else details[-1]
     reason = re.sub(r"\s+", " ", reason).strip().rstrip(":")
-    return reason[:300] or type(exc).__name__
+    return shorten(reason) or type(exc).__name__
+
+
+def _decoder_reason(exc: Exception, local: str, uri: str) -> str:
+    """Why a file could not be read. For 2D formats SimpleITK often says only "Error while reading
+    file", so PIL (which decodes the same formats) is asked: "image file is truncated", "cannot
+    identify image file" name the problem."""
+    reason = reader_reason(exc, local, uri)
+    if extension_of(uri) not in IMAGE_2D_EXTENSIONS or not os.path.isfile(local):
+        return reason
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(local) as picture:
+            picture.load()
+    except UnidentifiedImageError:
+        return f"not a {extension_of(uri).lstrip('.').upper()} image, or an encoding the reader lacks"
+    except (OSError, ValueError, SyntaxError) as exc_pil:  # PIL's reasons: truncated, broken chunk, bad header
+        return shorten(str(exc_pil).replace(local, storage.basename(uri))) or reason
+    return reason
 
 
 def non_finite_count(array: np.ndarray) -> int:
@@ -270,7 +289,7 @@ def read_image(uri: str) -> MedicalImage:
         try:
             image = _read_dicom_series(local, uri) if is_dir else _read_file(local, uri)
         except RuntimeError as exc:  # SimpleITK reports unreadable files as RuntimeError
-            raise InputError(f"{uri}: cannot read image ({reader_reason(exc, local, uri)})") from exc
+            raise InputError(f"{uri}: cannot read image ({_decoder_reason(exc, local, uri)})") from exc
     result = _to_medical_image(
         image, uri, force_2d=ext in IMAGE_2D_EXTENSIONS and image.GetDimension() == 2,
         single_frame_is_2d=not is_dir and ext in DICOM_EXTENSIONS,
@@ -326,7 +345,7 @@ def read_mask(uri: str) -> MedicalImage:
         try:
             image = _read_file(local, uri)
         except RuntimeError as exc:
-            raise InputError(f"{uri}: cannot read mask ({reader_reason(exc, local, uri)})") from exc
+            raise InputError(f"{uri}: cannot read mask ({_decoder_reason(exc, local, uri)})") from exc
     ext = extension_of(uri)
     result = _to_medical_image(image, uri, force_2d=ext in IMAGE_2D_EXTENSIONS,
                                single_frame_is_2d=ext in DICOM_EXTENSIONS)

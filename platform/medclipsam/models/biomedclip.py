@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..config import BIOMEDCLIP_HUB
-from ..errors import ModelError
+from ..errors import ModelError, describe
 from ..storage.fetch import fetch_folder
 from ..storage.registered import fetch_registered
 from .checkpoints import sha256_of
@@ -36,6 +36,16 @@ OFFLINE_HELP = (
     "(open_clip_pytorch_model.bin), the tokenizer files (vocab.txt, tokenizer_config.json, ...) and the "
     "text tower's config.json, and pass that folder (or an s3:// copy of it) as the model URI."
 )
+
+
+def offline_help(uri: str) -> str:
+    """How to get a model onto this machine; for a hub model, the exact download command."""
+    if not uri.startswith("hf-hub:"):
+        return OFFLINE_HELP
+    repo = uri.removeprefix("hf-hub:")
+    folder = repo.rsplit("/", 1)[-1]
+    return (f"To get it once on a machine that reaches the hub: `hf download {repo} --local-dir {folder}`; "
+            f"then pass that folder (or an s3:// copy of it) as the model URI.")
 
 
 @dataclass
@@ -140,8 +150,8 @@ def load_clip(uri: str = BIOMEDCLIP_HUB, device: str = "cpu") -> ClipModel:
     except ModelError:
         raise
     except Exception as exc:
-        detail = f"{type(exc).__name__}: {str(exc)[:300]}"
-        raise ModelError(f"model {uri}: cannot be loaded ({detail}). {OFFLINE_HELP}") from exc
+        detail = describe(exc)
+        raise ModelError(f"model {uri}: cannot be loaded ({detail}). {offline_help(uri)}") from exc
     model.eval()
     normalise = next(t for t in preprocess.transforms if type(t).__name__ == "Normalize")
     image_size = int(getattr(model.visual, "image_size", (224, 224))[0])
@@ -159,7 +169,7 @@ def clip_weights_sha256(uri: str) -> str:
         try:
             return sha256_of(hf_hub_download(uri.removeprefix("hf-hub:"), "open_clip_pytorch_model.bin"))
         except Exception as exc:
-            raise ModelError(f"model {uri}: cannot be fetched ({str(exc)[:200]}). {OFFLINE_HELP}") from exc
+            raise ModelError(f"model {uri}: cannot be fetched ({describe(exc)}). {offline_help(uri)}") from exc
     return sha256_of(str(_weights_file(_local_dir(uri))))
 
 
@@ -215,5 +225,5 @@ def hub_problem(uri: str) -> str | None:
     try:
         HfApi().model_info(repo, timeout=5)
     except Exception as exc:
-        return f"the Hugging Face hub cannot be reached ({type(exc).__name__}: {str(exc)[:200]})"
+        return f"the Hugging Face hub cannot be reached ({describe(exc)})"
     return None

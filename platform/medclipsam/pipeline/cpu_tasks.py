@@ -13,6 +13,7 @@ import logging
 from dataclasses import asdict
 
 from ..domain.records import STATUS_ERROR, CaseRecord
+from ..errors import shorten
 from .assembly import AssemblySettings, collect_slice
 from .job import Job
 from .slices import CaseTask, SliceRow, case_slices, failed_read
@@ -39,7 +40,7 @@ def write_slice(row: dict, settings: AssemblySettings) -> list[dict]:
 def failed_write(row: dict, exc: BaseException) -> list[dict]:
     log.error("case %s slice %s could not be written: %s", row["case_id"], row["slice"], exc)
     failed = CaseRecord(row["case_id"], row["uri"], gt_uri=row.get("gt_uri", ""), status=STATUS_ERROR,
-                        error=f"slice {row['slice']} could not be written: {type(exc).__name__}: {exc}"[:500],
+                        error=shorten(f"slice {row['slice']} could not be written: {type(exc).__name__}: {exc}", 500),
                         n_slices=int(row.get("n_slices", 0) or 0))
     return [asdict(failed)]
 

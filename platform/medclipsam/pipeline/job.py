@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 
+from .. import storage
 from ..config import BIOMEDCLIP_HUB, TaskConfig
 from ..domain.cohort import CohortCase, read_cohort
 from ..errors import InputError
@@ -14,7 +15,6 @@ from ..prompts.csv_prompts import check_case_ids, read_box_rows, read_point_rows
 from ..runs.pins import ModelPin
 from ..storage.access import reading
 from ..storage.fetch import check_download
-from ..storage.outputs import absolute_output
 from .assembly import AssemblySettings
 from .slices import SOURCE_FILES, SOURCE_LABELS, SOURCE_TEXT, SOURCES, CaseTask, rows_to_json
 
@@ -54,7 +54,7 @@ class Job:
 
     def resolved(self) -> Job:
         """The same job with a local output folder made absolute (mask URIs must stand on their own)."""
-        return replace(self, output=absolute_output(self.output))
+        return replace(self, output=storage.absolute(self.output))
 
     def settings_record(self) -> dict:
         """What determines the masks: recorded per case, logged to MLflow, checked on resume."""

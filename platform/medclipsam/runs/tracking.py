@@ -20,6 +20,7 @@ import mlflow
 from mlflow import MlflowClient
 
 from .. import storage
+from ..errors import ModelError
 from ..storage.registered import SHA_TAG
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -57,9 +58,27 @@ def current_store() -> str:
     return mlflow.get_tracking_uri()
 
 
-def registry_client(configured: str | None = None) -> MlflowClient:
-    """A client of the configured store's registry (the store becomes MLflow's current one)."""
-    return MlflowClient(use_store(configured))
+def local_store_path(uri: str) -> Path | None:
+    """The file or folder a local store keeps its data in (sqlite file, file: store), else None."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///"))
+    if uri.startswith("file:"):
+        return Path(uri.removeprefix("file://").removeprefix("file:"))
+    return None if "://" in uri else Path(uri)
+
+
+def registry_client(configured: str | None = None, read_only: bool = False) -> MlflowClient:
+    """A client of the configured store's registry (the store becomes MLflow's current one).
+
+    ``read_only``: a local store that does not exist is an error, not a new empty store (MLflow
+    would create the file, so a listing in the wrong folder would leave an ``mlflow.db`` behind).
+    """
+    uri = resolve_tracking_uri(configured)
+    path = local_store_path(uri) if read_only else None
+    if path is not None and not path.exists():
+        raise ModelError(f"no MLflow store at {path}: nothing is registered there; give --tracking-uri (or set "
+                         "MLFLOW_TRACKING_URI) to the store the models were registered in")
+    return MlflowClient(use_store(uri))
 
 
 def flatten(settings: dict, prefix: str = "") -> dict[str, str]:

@@ -42,6 +42,12 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+def absolute(uri: str) -> str:
+    """Local paths made absolute (``file://`` dropped), remote URIs as they are: a URI recorded in a
+    manifest or sent to a Ray worker must not depend on the working directory."""
+    return uri if is_remote(uri) else os.path.abspath(uri.removeprefix("file://"))
+
+
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem of ``uri`` and the path inside it.
 

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import os
 import posixpath
 
 from .. import storage
@@ -21,11 +20,6 @@ from ..errors import InputError
 MASKS, SALIENCY, COARSE, PROMPTS = "masks", "saliency", "coarse", "prompts"
 OVERLAYS, RECORDS, STAGING = "overlays", "records", ".staging"
 MANIFEST, RUN_FILE = "manifest.parquet", "run.json"
-
-
-def absolute_output(output: str) -> str:
-    """Local output folders as absolute paths, so the manifest's mask URIs stand on their own."""
-    return output if storage.is_remote(output) else os.path.abspath(output.removeprefix("file://"))
 
 
 def quoted(text: str) -> str:

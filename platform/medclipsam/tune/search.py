@@ -21,7 +21,6 @@ from ..errors import InputError, ModelError
 from ..eval.report import html_page, html_row, html_table
 from ..runs.ray_session import ensure_ray, pool_device
 from ..runs.tracking import active_run, log_metrics, log_params, log_text, nested_run, resolve_tracking_uri, use_store
-from ..storage.outputs import absolute_output
 from .services import SaliencyService, SamService
 from .space import METRICS, check_points, read_space, trial_config, trial_settings
 from .trial import SCORES, TuneCase, prepare_cases, run_trial, slice_images
@@ -75,7 +74,7 @@ def tune_task(config_uri: str, input_uri: str, gt_uri: str | None, output: str, 
     space = read_space(space_uri)
     combos = trial_settings(space, max_trials)
     check_points(base, combos, space_uri)
-    search = Search(config_uri, input_uri, absolute_output(output), base, base_config, space, combos,
+    search = Search(config_uri, input_uri, storage.absolute(output), base, base_config, space, combos,
                     prepare_cases(base_config, input_uri, gt_uri), metric, cache, tracking_uri, experiment)
     ensure_ray(connect)
     _check_resources(base_config)

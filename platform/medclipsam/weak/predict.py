@@ -29,7 +29,7 @@ from ..runs.pins import ModelPin, pin_registered
 from ..runs.ray_session import ensure_ray, pool_device
 from ..runs.tracking import use_store
 from ..storage.access import check_output_folder, reading
-from ..storage.outputs import MASKS, absolute_output, case_file
+from ..storage.outputs import MASKS, case_file
 from .dataset import nnunet_input
 from .ensemble import Ensemble, EnsembleFolder, resolve_ensemble
 from .settings import WeakConfig
@@ -145,10 +145,10 @@ def run_weak_predict(model: str, input_uri: str, output: str, config: WeakConfig
     model are resolved first, so that a wrong path stops the run before ``connect`` joins or starts
     Ray (and only when there are cases to do)."""
     start = time.perf_counter()
-    output = absolute_output(output)
+    output = storage.absolute(output)
     # pinned once: the actors load this version whatever the alias does meanwhile; a folder is made
     # absolute, since the actors resolve it again from their own working directory
-    pin = pin_registered("ensemble", model) or ModelPin("ensemble", model, absolute_output(model))
+    pin = pin_registered("ensemble", model) or ModelPin("ensemble", model, storage.absolute(model))
     with reading(input_uri, "cohort"):
         cases = read_cohort(input_uri, gt)
     if not cases:

@@ -30,7 +30,6 @@ from ..runs import tracking
 from ..runs.ray_session import ensure_ray
 from ..runs.tracking import KIND_WEAK
 from ..storage.fetch import cache_slot
-from ..storage.outputs import absolute_output
 from .dataset import TrainingCase, export_dataset
 from .ensemble import ENSEMBLE_DIR, ENSEMBLE_FILE, FINAL
 from .nnunet_env import (
@@ -258,7 +257,7 @@ def run_weak_training(cases: list[TrainingCase], skipped_before: dict[str, str],
     if workers > 1 and not use_gpu:
         raise InputError("--workers > 1 needs --gpu: nnU-Net's data parallelism is one GPU per worker")
     start = time.perf_counter()
-    output = absolute_output(output)  # workers write members there, from other working directories
+    output = storage.absolute(output)  # workers write members there, from other working directories
     work = Path(work) if work is not None else work_folder(output)
     _check_same_run(output, config)  # before the export, which would replace the one being resumed
     used, skipped = prepare(cases, work, config, processes=max(1, min(8, os.cpu_count() or 1)), progress=progress)
@@ -286,7 +285,7 @@ def run_weak_training(cases: list[TrainingCase], skipped_before: dict[str, str],
             **({"GPU": 1.0, "CPU": 1.0} if use_gpu else {"CPU": cpus_per_worker}), f"node:{here}": 0.001}),
         # Ray Train's checkpoints live with the output, so a rerun from any machine continues there.
         # Two are kept: when the last one is corrupt, the resume falls back to the one before.
-        run_config=RunConfig(name="weak", storage_path=storage.join(absolute_output(output), "ray_train"),
+        run_config=RunConfig(name="weak", storage_path=storage.join(storage.absolute(output), "ray_train"),
                              failure_config=FailureConfig(max_failures=2),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks or [])),
     )
