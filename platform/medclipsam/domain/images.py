@@ -269,14 +269,28 @@ def _to_medical_image(image: sitk.Image, uri: str, force_2d: bool, single_frame_
             direction = tuple(image.GetDirection())
         return MedicalImage(array, False, spacing, origin, direction, uri)
     if dim != 3 or ncomp != 1:
-        raise InputError(f"{uri}: unsupported image: {dim}D with {ncomp} components per pixel")
+        raise InputError(unsupported_image(uri, dim, ncomp))
     return MedicalImage(
         array, True, tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()), uri
     )
 
 
-def read_image(uri: str) -> MedicalImage:
-    """Read a 2D image, a volume or a DICOM series folder from a path or URI."""
+def unsupported_image(uri: str, dim: int, ncomp: int) -> str:
+    return (f"{uri}: unsupported image: {dim}D with {ncomp} component(s) per pixel; supported are 2D images (grey, "
+            "grey + alpha, RGB or RGBA) and 3D volumes with one value per voxel (split a 4D series or a "
+            "multi-channel volume into 3D volumes first)")
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What ``read_image`` would give, from the header alone: the array's shape and whether it is a volume."""
+
+    shape: tuple[int, ...]  # ``H x W`` for 2D images, ``Z x Y x X`` for volumes
+    is_volume: bool
+
+
+def _check_input(uri: str) -> bool:
+    """The checks every read starts with; True for a (DICOM series) folder."""
     if not storage.exists(uri):
         raise InputError(f"{uri}: no such file or object")
     is_dir = storage.isdir(uri)
@@ -285,6 +299,46 @@ def read_image(uri: str) -> MedicalImage:
         raise InputError(
             f"{uri}: unsupported extension '{ext or '(none)'}'; supported: {', '.join(SUPPORTED_EXTENSIONS)}"
         )
+    return is_dir
+
+
+def read_header(uri: str) -> ImageHeader:
+    """The shape ``read_image`` would give, its pixels unread, so a run's plan can check prompts
+    against every prompted image before any model loads. Refuses what ``read_image`` refuses on
+    its header (size limits, DICOM geometry, unsupported dimensions)."""
+    is_dir = _check_input(uri)
+    with storage.local_copy(uri) as local:
+        try:
+            if is_dir:
+                with _itk_warnings_off():
+                    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(local)
+                if not series:
+                    raise InputError(f"{uri}: folder holds no DICOM series")
+                names = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(local, s) for s in series), key=len)
+                headers = [_header(name) for name in names]
+                _check_dicom_geometry(headers, uri)
+                first = tuple(headers[0].GetSize())
+                size = (*first[:2], (first[2] if len(first) > 2 else 1) * len(names))
+                dim, ncomp = 3, headers[0].GetNumberOfComponents()
+            else:
+                reader = _header(local)
+                size, dim, ncomp = tuple(reader.GetSize()), reader.GetDimension(), reader.GetNumberOfComponents()
+        except RuntimeError as exc:
+            raise InputError(f"{uri}: cannot read image ({_decoder_reason(exc, local, uri)})") from exc
+    _check_size(size, uri)
+    if dim == 3 and size[2] == 1 and not is_dir and extension_of(uri) in DICOM_EXTENSIONS:
+        dim = 2  # one DICOM frame, as read_image takes it
+    if dim == 2:
+        return ImageHeader((size[1], size[0]), False)
+    if dim != 3 or ncomp != 1:
+        raise InputError(unsupported_image(uri, dim, ncomp))
+    return ImageHeader((size[2], size[1], size[0]), True)
+
+
+def read_image(uri: str) -> MedicalImage:
+    """Read a 2D image, a volume or a DICOM series folder from a path or URI."""
+    is_dir = _check_input(uri)
+    ext = extension_of(uri)
     with storage.local_copy(uri) as local:
         try:
             image = _read_dicom_series(local, uri) if is_dir else _read_file(local, uri)

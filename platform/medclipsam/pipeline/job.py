@@ -10,8 +10,9 @@ from dataclasses import dataclass, replace
 from .. import storage
 from ..config import BIOMEDCLIP_HUB, TaskConfig
 from ..domain.cohort import CohortCase, read_cohort
+from ..domain.images import read_header
 from ..errors import InputError
-from ..prompts.csv_prompts import check_case_ids, read_box_rows, read_point_rows
+from ..prompts.csv_prompts import check_case_ids, group_by_case, prompts_for_case, read_box_rows, read_point_rows
 from ..runs.pins import ModelPin
 from ..storage.access import reading
 from ..storage.fetch import check_download
@@ -87,6 +88,16 @@ class Job:
         return self.save_intermediates or self.attribution
 
 
+def check_against_headers(cases: list[CohortCase], rows: dict, axis: int) -> None:
+    """Every prompted case's rows against its image's header (size, slices, 2D or volume): a prompt
+    that cannot fit is a usage error now, not an error row after the models have loaded."""
+    for case in cases:
+        if case.case_id in rows:
+            with reading(case.uri, "image"):
+                header = read_header(case.uri)
+            prompts_for_case(*rows[case.case_id], header.shape, header.is_volume, axis)
+
+
 def plan(job: Job) -> list[CaseTask]:
     """The job's cases with their prompts, sorted by case_id; input errors are raised here."""
     check_download(job.config.sam.checkpoint, "SAM checkpoint")
@@ -99,11 +110,14 @@ def plan(job: Job) -> list[CaseTask]:
         boxes = read_box_rows(job.boxes_csv) if job.boxes_csv else []
         points = read_point_rows(job.points_csv) if job.points_csv else []
         check_case_ids(boxes, points, {c.case_id for c in cases})
+        check_against_headers(cases, group_by_case(boxes, points), job.config.image.axis)
         by_case: dict[str, tuple[list, list]] = {c.case_id: ([], []) for c in cases}
         for kind, found in enumerate((boxes, points)):
             for row in found:
                 by_case[row.case_id][kind].append(row)
         rows = {case_id: rows_to_json(*lists) for case_id, lists in by_case.items()}
+    elif len(cases) == 1:  # one image: whether it can be read at all is known from its header
+        read_header(cases[0].uri)
     if job.source == SOURCE_LABELS and not any(c.gt_uri for c in cases):
         raise InputError("--prompt-source labels takes its boxes from the ground truth, and no case has one: give "
                          "--gt or a gt_uri column in the manifest")

@@ -7,6 +7,7 @@ for 2D images and the index along the slicing axis for volumes; x is the column 
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import math
 from collections import defaultdict
@@ -72,6 +73,9 @@ def _read_rows(uri: str, columns: tuple[str, ...]) -> list[PromptRow]:
                 raise PromptError(f"{where}: {column} is not finite")
             values.append(value)
         rows.append(PromptRow(uri, number, case_id, slice_index, tuple(values)))
+    if not rows:  # a run with it would write empty masks and call them done
+        raise PromptError(f"{uri}: no prompt rows, only the header; give one row per prompt "
+                          f"({','.join(columns)})")
     return rows
 
 
@@ -114,9 +118,17 @@ def check_case_ids(box_rows: list[PromptRow], point_rows: list[PromptRow], case_
     """Every prompt row must name an input case."""
     unknown = [row for row in box_rows + point_rows if row.case_id not in case_ids]
     if unknown:
-        listed = "; ".join(f"{row.where}: case_id '{row.case_id}'" for row in unknown[:5])
+        known = sorted(case_ids)
+
+        def nearest(case_id: str) -> str:
+            close = difflib.get_close_matches(case_id, known, n=3, cutoff=0.6)
+            return f" (nearest: {', '.join(close)})" if close else ""
+
+        listed = "; ".join(f"{row.where}: case_id '{row.case_id}'{nearest(row.case_id)}" for row in unknown[:5])
         more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
-        raise PromptError(f"prompt rows name cases that match no input: {listed}{more}")
+        shown = ", ".join(known[:10]) + (f" and {len(known) - 10} more" if len(known) > 10 else "")
+        raise PromptError(f"prompt rows name cases that match no input: {listed}{more}; the input's cases are "
+                          f"{shown}")
 
 
 def prompts_for_case(
