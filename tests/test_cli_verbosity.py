@@ -23,7 +23,7 @@ TRACEBACK = "Traceback (most recent call last)"
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("verbosity")
     data = disc_images(root / "data", 2, size=64)
-    (data / "boxes.csv").write_text("case_id,slice,x0,y0,x1,y1\nc0,0,10,10,30,30\nc1,0,10,10,30,30\n")
+    (data / "boxes.csv").write_text("case_id,slice,x0,y0,x1,y1\nc0,,10,10,30,30\nc1,,10,10,30,30\n")
     (root / "bad_boxes.csv").write_text("case_id,slice,x0\nc0,0,1\n")
     (root / "bad.yaml").write_text("task: [unclosed\n")
     (root / "pairs.csv").write_text("image,caption\nnowhere.png,a disc\n")

@@ -41,7 +41,7 @@ def _segment(data, output):
 
 @pytest.mark.parametrize("kind", ["file", "below a file"])
 def test_unwritable_output_is_exit_2_before_any_model_loads(data, tmp_path, no_models, kind):
-    (data / "boxes.csv").write_text("case_id,slice,x0,y0,x1,y1\nc0,0,10,10,30,30\nc1,0,10,10,30,30\n")
+    (data / "boxes.csv").write_text("case_id,slice,x0,y0,x1,y1\nc0,,10,10,30,30\nc1,,10,10,30,30\n")
     blocker = tmp_path / "taken.txt"
     blocker.write_text("a file")
     output = blocker if kind == "file" else blocker / "run"

@@ -205,7 +205,7 @@ def test_plain_http_is_refused_before_any_work(tmp_path, monkeypatch):
         fetch.fetch_file("http://127.0.0.1:9/x.pth", "checkpoint")
     images = _png_cohort(tmp_path / "in")
     boxes = tmp_path / "boxes.csv"
-    boxes.write_text("case_id,slice,x0,y0,x1,y1\nc1,0,4,4,20,20\n")
+    boxes.write_text("case_id,slice,x0,y0,x1,y1\nc1,,4,4,20,20\n")
     args = ["segment", "--input", str(images), "--boxes", str(boxes), "--output", str(tmp_path / "out"),
             "--checkpoint", f"http://user:{SECRETS[0]}@127.0.0.1:9/lite.pth"]
     result = CliRunner().invoke(main, args)
