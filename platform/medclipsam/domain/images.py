@@ -159,7 +159,8 @@ def _itk_warnings_off() -> Iterator[None]:
         sitk.ProcessObject.SetGlobalWarningDisplay(before)
 
 
-def _read_dicom_series(folder: str, uri: str) -> sitk.Image:
+def _dicom_series(folder: str, uri: str) -> tuple[list[str], list[sitk.ImageFileReader], tuple[int, ...]]:
+    """The scan's slice files, their headers and the volume's size (x, y, z), every header check passed."""
     with _itk_warnings_off():  # "No Series were found" for a folder without DICOM files
         series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
     if not series:
@@ -169,7 +170,13 @@ def _read_dicom_series(folder: str, uri: str) -> sitk.Image:
     headers = [_header(name) for name in names]
     _check_dicom_geometry(headers, uri)
     first = tuple(headers[0].GetSize())
-    _check_size((*first[:2], (first[2] if len(first) > 2 else 1) * len(names)), uri)
+    size = (*first[:2], (first[2] if len(first) > 2 else 1) * len(names))
+    _check_size(size, uri)
+    return list(names), headers, size
+
+
+def _read_dicom_series(folder: str, uri: str) -> sitk.Image:
+    names, _, _ = _dicom_series(folder, uri)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(names)
     return reader.Execute()
@@ -310,22 +317,14 @@ def read_header(uri: str) -> ImageHeader:
     with storage.local_copy(uri) as local:
         try:
             if is_dir:
-                with _itk_warnings_off():
-                    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(local)
-                if not series:
-                    raise InputError(f"{uri}: folder holds no DICOM series")
-                names = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(local, s) for s in series), key=len)
-                headers = [_header(name) for name in names]
-                _check_dicom_geometry(headers, uri)
-                first = tuple(headers[0].GetSize())
-                size = (*first[:2], (first[2] if len(first) > 2 else 1) * len(names))
+                _, headers, size = _dicom_series(local, uri)
                 dim, ncomp = 3, headers[0].GetNumberOfComponents()
             else:
                 reader = _header(local)
                 size, dim, ncomp = tuple(reader.GetSize()), reader.GetDimension(), reader.GetNumberOfComponents()
+                _check_size(size, uri)
         except RuntimeError as exc:
             raise InputError(f"{uri}: cannot read image ({_decoder_reason(exc, local, uri)})") from exc
-    _check_size(size, uri)
     if dim == 3 and size[2] == 1 and not is_dir and extension_of(uri) in DICOM_EXTENSIONS:
         dim = 2  # one DICOM frame, as read_image takes it
     if dim == 2:
