@@ -77,3 +77,35 @@ def test_finetune_config_validation(tmp_path):
     old.write_text("registry: {model_name: m, alias: champion}\n")
     with pytest.raises(InputError, match=r"registry\.alias is no longer read.*medclipsam models promote"):
         load_finetune_config(str(old))
+
+
+def test_a_run_ray_train_gives_up_on_is_started_once_more():
+    from ray.exceptions import RayActorError
+    from ray.train import ControllerError
+
+    from medclipsam.finetune.trainer import fit_resuming
+
+    class Trainer:
+        def __init__(self, outcomes: list):
+            self.outcomes, self.fits = outcomes, 0
+
+        def __call__(self):
+            return self
+
+        def fit(self):
+            self.fits += 1
+            outcome = self.outcomes.pop(0)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+
+    lost_worker = Trainer([ControllerError(RayActorError()), "resumed"])
+    assert fit_resuming(lost_worker) == "resumed" and lost_worker.fits == 2
+    twice = Trainer([ControllerError(RayActorError()), ControllerError(RayActorError()), "never"])
+    with pytest.raises(ControllerError):  # once only: a worker that keeps dying is the run's failure
+        fit_resuming(twice)
+    assert twice.fits == 2
+    other = Trainer([ControllerError(ValueError("a callback failed")), "never"])
+    with pytest.raises(ControllerError, match="a callback failed"):
+        fit_resuming(other)
+    assert other.fits == 1

@@ -11,17 +11,20 @@ logs to MLflow and writes the checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from .. import storage
+from .. import errors, storage
 from ..errors import InputError
 from ..models.biomedclip import clip_weights_sha256, load_clip, save_clip
 from ..models.checkpoints import CorruptCheckpoint, read_json_checkpoint, read_torch_checkpoint, restore_newest
@@ -31,6 +34,8 @@ from .losses import contrastive_loss, gather_features
 from .pairs import read_pairs, split_pairs
 from .retrieval import retrieval_metrics
 from .settings import FinetuneConfig
+
+log = logging.getLogger(__name__)
 
 
 def warmup_cosine(total_steps: int, warmup_fraction: float):
@@ -256,16 +261,18 @@ def run_finetune(config: FinetuneConfig, pairs_uri: str, workers: int = 1, use_g
 
     loop_config = {"config": config.model_dump(), "model_dir": model_dir, "tracking_uri": uri, "run_id": run_id,
                    "batches_per_epoch": batches_per_epoch, "has_val": "val" in datasets}
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
-        run_config=RunConfig(name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=2),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks or [])),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
-    )
-    result = trainer.fit()
+    def trainer() -> TorchTrainer:
+        return TorchTrainer(
+            train_loop,
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+            run_config=RunConfig(name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=2),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks or [])),
+            datasets=datasets,
+            dataset_config=DataConfig(datasets_to_split=["train"]),
+        )
+
+    result = fit_resuming(trainer)
     if result.checkpoint is None:
         raise RuntimeError(f"fine-tuning run {name} ended without a checkpoint ({result.error})")
     checkpoint_dir = result.checkpoint.to_directory(tempfile.mkdtemp(prefix="medclipsam-ft-"))
@@ -273,6 +280,28 @@ def run_finetune(config: FinetuneConfig, pairs_uri: str, workers: int = 1, use_g
     version = register_model(Path(checkpoint_dir) / "model", run_id, config, metrics)
     return FinetuneResult(run_id, f"models:/{config.registry.model_name}/{version}", version, metrics,
                           checkpoint_dir, usable_table.num_rows, dropped_short, skipped)
+
+
+def fit_resuming(trainer: Callable[[], Any]) -> Any:
+    """``trainer().fit()``, started once more if Ray Train gives up on a lost worker.
+
+    Ray Train restarts the workers after a worker dies, but not when the death reaches its
+    controller outside those retry paths (a worker of the restarted group dying while the group
+    starts, as seen on a loaded machine: "Destroying worker since its placement group was removed").
+    Then the whole run is started again under the same name and storage, which resumes it from its
+    newest checkpoint; any other controller error is raised as it is.
+    """
+    from ray.exceptions import RayActorError
+    from ray.train import ControllerError
+
+    try:
+        return trainer().fit()
+    except ControllerError as exc:
+        if not isinstance(exc.controller_failure, RayActorError):
+            raise
+        log.warning("Ray Train gave up on a lost worker (%s); starting the run again from its newest checkpoint",
+                    errors.shorten(str(exc.controller_failure)))
+        return trainer().fit()
 
 
 def _usable_pairs(pairs_uri: str, config: FinetuneConfig) -> tuple[pa.Table, int, int]:
