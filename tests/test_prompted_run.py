@@ -127,7 +127,7 @@ def _scene(seed):
 def test_failing_cases_are_recorded_and_the_rest_complete(tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
-    for name in ("good1", "good2", "outside"):
+    for name in ("good1", "good2"):
         _png(inputs / f"{name}.png", _scene(1)[0])
     (inputs / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     _png(inputs / "flat.png", np.full((20, 20), 9))
@@ -135,20 +135,19 @@ def test_failing_cases_are_recorded_and_the_rest_complete(tmp_path):
     boxes = tmp_path / "boxes.csv"
     boxes.write_text(
         "case_id,slice,x0,y0,x1,y1\n"
-        "good1,,35,25,65,55\ngood2,,35,25,65,55\noutside,,35,25,150,55\ncorrupt,,1,1,5,5\nflat,,1,1,5,5\n"
+        "good1,,35,25,65,55\ngood2,,35,25,65,55\ncorrupt,,1,1,5,5\nflat,,1,1,5,5\n"
     )
     job = Job(TaskConfig(task="test"), str(inputs), str(tmp_path / "out"), "files", boxes_csv=str(boxes))
-    assert [t.case_id for t in plan(job)] == ["corrupt", "flat", "good1", "good2", "outside"]
+    # the corrupt image's header cannot be read: its case fails on its own, the plan goes on
+    assert [t.case_id for t in plan(job)] == ["corrupt", "flat", "good1", "good2"]
     records = {r.case_id: r for r in run_job(job, "local", resume=False, track=False).records}
     assert records["good1"].status == records["good2"].status == "ok"
-    assert records["outside"].status == "error" and "boxes.csv line 4" in records["outside"].error
-    assert "lies outside the image" in records["outside"].error
     assert records["corrupt"].status == "error" and "corrupt.png: cannot read image" in records["corrupt"].error
     assert records["flat"].status == "error" and "flat.png: image is constant" in records["flat"].error
     disk = _scene(1)[1]
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "masks" / "good1.png"))) > 0
     assert 2 * (mask & disk).sum() / (mask.sum() + disk.sum()) > 0.85
-    assert not (tmp_path / "out" / "masks" / "outside.png").exists()
+    assert not (tmp_path / "out" / "masks" / "corrupt.png").exists()
     table = read_manifest(str(tmp_path / "out" / "manifest.parquet")).to_pylist()
     assert {row["case_id"]: row["status"] for row in table} == {k: v.status for k, v in records.items()}
 
@@ -167,11 +166,21 @@ def test_cli_exit_codes(tmp_path):
     assert "2 case(s): error=1, ok=1" in mixed.output
     strict = runner.invoke(main, [*base, "--output", str(tmp_path / "o2"), "--strict"])
     assert strict.exit_code == 1
+    # every case failed: exit 1 (two of them, since a lone unreadable image is a usage error, exit 2)
+    bad_only = tmp_path / "bad_only"
+    bad_only.mkdir()
+    for name in ("bad", "worse"):
+        (bad_only / f"{name}.png").write_bytes(b"not a png at all")
     only_bad = tmp_path / "only_bad.csv"
-    only_bad.write_text("case_id,slice,x0,y0,x1,y1\nbad,,1,1,5,5\n")
-    all_fail = runner.invoke(main, ["segment", "--input", str(inputs / "bad.png"), "--boxes", str(only_bad),
+    only_bad.write_text("case_id,slice,x0,y0,x1,y1\nbad,,1,1,5,5\nworse,,1,1,5,5\n")
+    all_fail = runner.invoke(main, ["segment", "--input", str(bad_only), "--boxes", str(only_bad),
                                     "--output", str(tmp_path / "o3")])
-    assert all_fail.exit_code == 1
+    assert all_fail.exit_code == 1 and "2 case(s): error=2" in all_fail.output
+    lone_box = tmp_path / "lone.csv"
+    lone_box.write_text("case_id,slice,x0,y0,x1,y1\nbad,,1,1,5,5\n")
+    lone = runner.invoke(main, ["segment", "--input", str(inputs / "bad.png"), "--boxes", str(lone_box),
+                                "--output", str(tmp_path / "o3b")])
+    assert lone.exit_code == 2 and "bad.png: cannot read image" in lone.output
     # A prompt row for a case that is not an input stops the run before any model is loaded.
     typo = tmp_path / "typo.csv"
     typo.write_text("case_id,slice,x0,y0,x1,y1\ngoood,,35,25,65,55\n")

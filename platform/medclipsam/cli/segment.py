@@ -22,6 +22,9 @@ from .common import (
               help="Image file, folder, DICOM series folder, URI prefix (s3://bucket/cohort/), or a cohort "
                    "manifest (.csv/.parquet: uri, optional case_id, prompt, gt_uri).")
 @click.option("--output", required=True, help="Output folder or URI: masks/<case_id>.png|.nii.gz and manifest.parquet.")
+@click.option("--gt", "gt_uri", default=None,
+              help="Folder or prefix of ground-truth masks, paired by case_id (a manifest's gt_uri column "
+                   "does the same): scores each case (DSC, NSD, HD95) into the manifest and the report.")
 @click.option("--boxes", default=None, help="Box prompts CSV: case_id,slice,x0,y0,x1,y1 (x column, y row, pixels).")
 @click.option("--points", default=None, help="Point prompts CSV: case_id,slice,x,y,label (1 foreground, 0 background).")
 @text_options
@@ -30,9 +33,9 @@ from .common import (
                    "and prompts (prompts/<case_id>.json).")
 @strict_option
 @sam_options
-def segment(input_uri: str, output: str, boxes: str | None, points: str | None, text_prompts: tuple[str, ...],
-            clip_model: str | None, save_intermediates: bool, strict: bool, config_path: str | None,
-            **overrides) -> None:
+def segment(input_uri: str, output: str, gt_uri: str | None, boxes: str | None, points: str | None,
+            text_prompts: tuple[str, ...], clip_model: str | None, save_intermediates: bool, strict: bool,
+            config_path: str | None, **overrides) -> None:
     """Segment every image or volume given by --input.
 
     With --boxes and/or --points, SAM segments the given prompts. Without them, the text-driven
@@ -54,7 +57,7 @@ def segment(input_uri: str, output: str, boxes: str | None, points: str | None, 
         if not (prompted or text_prompts or config.text or is_manifest(input_uri)):
             fail("give --boxes/--points, or a text prompt (--prompt, a config with text.prompts, or a prompt "
                  "column in an input manifest)")
-        job = Job(config, input_uri, output, SOURCE_FILES if prompted else SOURCE_TEXT, prompts=tuple(text_prompts),
+        job = Job(config, input_uri, output, SOURCE_FILES if prompted else SOURCE_TEXT, gt_uri, tuple(text_prompts),
                   clip_uri=clip_model, boxes_csv=boxes, points_csv=points, save_intermediates=save_intermediates)
         result = run_job(job, "local", progress, resume=False, track=False)
     except MedClipSamError as exc:

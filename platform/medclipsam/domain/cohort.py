@@ -206,6 +206,11 @@ def read_cohort_manifest(uri: str) -> list[CohortCase]:
     return [cases[k][1] for k in sorted(cases)]
 
 
+def _some(names, limit: int = 5) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def read_cohort(input_uri: str, gt_uri: str | None = None) -> list[CohortCase]:
     """The cases of ``input_uri`` (prefix, folder, file or manifest), sorted by case_id.
 
@@ -219,6 +224,12 @@ def read_cohort(input_uri: str, gt_uri: str | None = None) -> list[CohortCase]:
             check_case_id(case.case_id, case.uri)
     if gt_uri:
         truths = list_cases(gt_uri)
+        if len(cases) == 1 and len(truths) == 1 and not storage.isdir(gt_uri):  # one image, one mask: a pair
+            truths = {cases[0].case_id: next(iter(truths.values()))}
+        if not any(c.gt_uri or c.case_id in truths for c in cases):
+            raise InputError(f"{gt_uri}: no ground truth here has a case's id (masks pair with images by case_id, "
+                             f"the file name without its extension): masks {_some(truths)}; cases "
+                             f"{_some(c.case_id for c in cases)}")
         cases = [c if c.gt_uri else CohortCase(c.case_id, c.uri, c.prompts, truths.get(c.case_id, ""))
                  for c in cases]
     # recorded in the manifest and read by Ray workers: independent of the working directory

@@ -26,6 +26,7 @@ class CaseRecord:
     mask_uri: str = ""
     status: str = STATUS_OK
     error: str = ""
+    warnings: str = ""  # "; "-separated: why an ok case deserves a look (pipeline.flags)
     prompts: str = "{}"  # JSON: slice -> boxes/points/labels
     n_prompted_slices: int = 0
     seconds_read: float = 0.0
@@ -60,6 +61,7 @@ SCHEMA = pa.schema(
         ("mask_uri", pa.string()),
         ("status", pa.string()),
         ("error", pa.string()),
+        ("warnings", pa.string()),
         ("prompts", pa.string()),
         ("n_prompted_slices", pa.int64()),
         ("seconds_read", pa.float64()),

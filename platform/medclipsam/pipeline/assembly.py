@@ -27,6 +27,7 @@ from ..eval.overlays import overlay_png, overlay_slice
 from ..ops.slicing import assemble_mask, take_slice
 from ..prompts.types import SlicePrompts
 from ..storage.outputs import COARSE, MASKS, OVERLAYS, PROMPTS, SALIENCY, STAGING, case_file
+from . import flags
 from .slices import ARRAY_FIELDS, SOURCE_TEXT, SliceRow
 
 
@@ -37,6 +38,7 @@ class AssemblySettings:
     parameters: str = "{}"  # JSON of every setting, recorded per case
     tolerance: float = 2.0  # NSD tolerance: pixels (2D) or millimetres (volumes)
     save_prompts: bool = False  # also write prompts/<case_id>.json
+    min_box_fill: float = 0.05  # a mask filling less of its prompt box is warned of (pipeline.flags)
 
 
 def prompt_record(prompts: dict[int | None, SlicePrompts]) -> str:
@@ -148,6 +150,7 @@ def _write_outputs(rows: list[SliceRow], record: CaseRecord, settings: AssemblyS
     record.n_prompted_slices = len(prompted)
     record.n_target_slices = len(prompted) if settings.source == SOURCE_TEXT else 0
     masks = {r.key: r.mask for r in rows}
+    record.warnings = flags.SEPARATOR.join(flags.case_warnings(prompted, masks, record.backend, settings.min_box_fill))
     mask = assemble_mask(image, masks, axis)
     record.mask_uri = case_file(settings.output, MASKS, record.case_id, mask_extension(image))
     write_mask(mask, image, record.mask_uri)

@@ -77,7 +77,7 @@ class Job:
 
     def assembly(self) -> AssemblySettings:
         return AssemblySettings(self.output, self.source, self.parameters(), self.config.pipeline.nsd_tolerance,
-                                save_prompts=self.save_intermediates)
+                                save_prompts=self.save_intermediates, min_box_fill=self.config.pipeline.min_box_fill)
 
     @property
     def keep_saliency(self) -> bool:
@@ -90,11 +90,17 @@ class Job:
 
 def check_against_headers(cases: list[CohortCase], rows: dict, axis: int) -> None:
     """Every prompted case's rows against its image's header (size, slices, 2D or volume): a prompt
-    that cannot fit is a usage error now, not an error row after the models have loaded."""
+    that cannot fit is a usage error now, not an error row after the models have loaded. An image
+    whose header cannot be read fails as its own case, as it would unprompted (a lone image: now)."""
     for case in cases:
         if case.case_id in rows:
-            with reading(case.uri, "image"):
-                header = read_header(case.uri)
+            try:
+                with reading(case.uri, "image"):
+                    header = read_header(case.uri)
+            except InputError:
+                if len(cases) == 1:
+                    raise
+                continue
             prompts_for_case(*rows[case.case_id], header.shape, header.is_volume, axis)
 
 
