@@ -40,5 +40,6 @@ def test_demo_offline_runs_the_labels_fallback_quietly(tmp_path, samples_root):
     assert all(r["status"] == "ok" and r["prompt_source"] == "labels" for r in manifest)
     assert {r["case_id"]: round(r["dsc"], 4) for r in manifest} == table
     page = (tmp_path / "out" / "report.html").read_text()
-    assert all(f"<td>{case}</td>" in page for case in EXPECTED_DSC)
+    assert all(f"<td data-value='{case}'>" in page for case in EXPECTED_DSC)
+    assert "id='oracle-banner'" in page and "Oracle upper bound, not a zero-shot result" in page
     assert f"report: {tmp_path / 'out' / 'report.html'}" in run.stdout

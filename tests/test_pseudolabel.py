@@ -23,6 +23,7 @@ from medclipsam.config import parse_config
 from medclipsam.domain.images import read_image, read_mask
 from medclipsam.errors import InputError
 from medclipsam.eval.metrics import dice
+from medclipsam.eval.overlays import MASK_COLOUR
 from medclipsam.pipeline.job import Job
 from medclipsam.pipeline.ray_runner import SamStage
 from medclipsam.pipeline.run import run_job
@@ -139,6 +140,10 @@ def test_labels_mode_from_and_to_s3(cohort, s3_bucket, ray_session, tracking_uri
     assert manifest.column("case_id").to_pylist() == CASES
     assert not fs.exists(f"{output}/.staging")
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{output}/overlays")) == ["brain1.png", "brain2.png"]
+    # brain1's strip: every prompted slice (7, under pipeline.strip_slices' 8)
+    strips = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{output}/strips"))
+    assert [s for s in strips if s.startswith("brain1.")] == [f"brain1.slice{int(k):04d}.png"
+                                                               for k in sorted(prompts, key=int)]
     # MLflow: params, metrics that match the manifest, and the artifacts.
     from mlflow import MlflowClient
 
@@ -153,18 +158,23 @@ def test_labels_mode_from_and_to_s3(cohort, s3_bucket, ray_session, tracking_uri
     assert {"manifest.parquet", "overlays"} <= artifacts
     assert {a.path for a in client.list_artifacts(result.run_id, "overlays")} == {
         "overlays/brain1.png", "overlays/brain2.png"}
-    # The HTML report, read from and written to S3.
+    # The HTML report, written by the run and rewritten by `report`, read from and written to S3.
+    assert result.report_uri == f"{output}/report.html"
+    fs.rm(f"{output}/report.html")
     out = CliRunner().invoke(main, ["report", output])
     assert out.exit_code == 0, out.output
     page = fs.cat(f"{output}/report.html").decode()
     for case in CASES:
-        assert f"<td>{case}</td>" in page
-    assert page.count("data:image/png;base64,") == 2
+        assert f"<td data-value='{case}'>" in page
+    pictured = {s.split(".slice")[0] for s in strips}
+    overlays_only = [c for c in ("brain1", "brain2") if c not in pictured]
+    assert page.count("data:image/png;base64,") == len(strips) + len(overlays_only)
     assert f"{np.mean([r.dsc for r in result.records]):.4f}" in page
+    assert "id='oracle-banner'" in page  # the labels are the prompts
     overlay = np.asarray(Image.open(io.BytesIO(fs.cat(f"{output}/overlays/brain2.png"))))
-    red = (overlay[..., 0] == 255) & (overlay[..., 1] == 40)
+    drawn = (overlay == MASK_COLOUR).all(axis=-1)
     brain2 = next(r for r in result.records if r.case_id == "brain2")
-    assert red.any() and _mask(brain2.mask_uri)[red].all()  # the red contour lies on the mask
+    assert drawn.any() and _mask(brain2.mask_uri)[drawn].all()  # the mask's contour lies on the mask
 
 
 def test_text_mode_matches_the_single_process_runner(cohort, tmp_path, ray_session, tracking_uri, tiny_clip_dir,

@@ -178,6 +178,7 @@ class PipelineConfig(StrictModel):
     # 60-slice volume of them. Raise it for large volumes.
     write_memory_mb: int = Field(512, ge=0)
     overlays: int = Field(8, ge=0)  # cases drawn as overlay pictures (the first ones by case_id)
+    strip_slices: int = Field(8, ge=1)  # slices of a drawn volume in its strip (the report's): evenly spaced
     save_saliency: bool = False  # also write saliency/<case_id>.npy (text mode)
     nsd_tolerance: float = Field(2.0, gt=0.0)  # pixels for 2D images, millimetres for volumes
     min_box_fill: float = Field(0.05, ge=0.0, lt=1.0)  # a mask filling less of its prompt box is warned of (0: never)

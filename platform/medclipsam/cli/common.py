@@ -276,6 +276,8 @@ def summarise_run(result) -> None:
     click.echo(f"{len(result.records)} case(s): {counts} ({result.n_skipped} done earlier, {result.n_processed} "
                f"now in {result.seconds:.0f} s, {result.metrics.get('attempt_cases_per_s', 0.0):.3g} cases/s){scores}; "
                f"manifest: {result.manifest_uri}{tracked}")
+    if getattr(result, "report_uri", ""):
+        click.echo(f"report: {result.report_uri}")
 
 
 def exit_for_errors(counts: dict[str, int], total: int, strict: bool) -> None:

@@ -21,7 +21,6 @@ from .common import CaseProgress, fail, print_scores, sam_options, start_ray, su
 def demo(output: str, cache_dir: str | None, clip_model: str | None, address: str | None, config_path: str | None,
          **overrides) -> None:
     """Pseudo-label the sample volumes with the Ray pipeline, text-driven (box prompts from labels if offline)."""
-    from ..eval.report import write_report
     from ..models.biomedclip import offline_help
     from ..pipeline.demo import DEMO_CONFIG, demo_job
     from ..pipeline.run import run_job
@@ -35,11 +34,9 @@ def demo(output: str, cache_dir: str | None, clip_model: str | None, address: st
                        f"from the labels instead (an oracle upper bound, not zero-shot). {offline_help(job.clip)} "
                        "Then: medclipsam demo --clip-model <that folder>")
         result = run_job(job, "ray", progress, connect=lambda: start_ray(address))
-        page = write_report(result.manifest_uri.rsplit("/", 1)[0])
     except MedClipSamError as exc:
         fail(str(exc), exc.exit_code)
     finally:
         progress.close()
     print_scores(result.records)
-    summarise_run(result)
-    click.echo(f"report: {page}")
+    summarise_run(result)  # and where the report is

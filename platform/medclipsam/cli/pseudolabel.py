@@ -104,12 +104,18 @@ def _registered_pipeline(uri: str, tracking_uri: str | None):
 @click.argument("run_output")
 @click.option("--output", "destination", default=None,
               help="Where to write the page [default: RUN_OUTPUT/report.html].")
-def report(run_output: str, destination: str | None) -> None:
-    """Write a static HTML page of a pseudolabel run: summary, per-case metrics and overlay pictures."""
+@click.option("--scores", "scores_uri", default=None,
+              help="A per-case table of `medclipsam evaluate --output` (.csv or .parquet), merged into the cases "
+                   "the run did not score [default: RUN_OUTPUT/scores.csv or scores.parquet, when there].")
+def report(run_output: str, destination: str | None, scores_uri: str | None) -> None:
+    """Write the review report of a segment or pseudolabel run: one self-contained HTML page.
+
+    Every run writes it too; run this to rewrite it, e.g. after `evaluate` scored the masks.
+    """
     from ..eval.report import write_report
 
     try:
-        written = write_report(run_output, destination)
+        written = write_report(run_output, destination, scores_uri)
     except MedClipSamError as exc:
         fail(str(exc), exc.exit_code)
     click.echo(f"report: {written}")

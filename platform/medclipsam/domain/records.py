@@ -116,15 +116,27 @@ def to_table(records: list[CaseRecord]) -> pa.Table:
     return pa.Table.from_pylist([storage.redact_values(asdict(record)) for record in records], schema=SCHEMA)
 
 
-def write_manifest(records: list[CaseRecord], uri: str) -> None:
-    """Write the manifest atomically to ``uri`` (any fsspec URI)."""
+ABOUT_KEY = b"medclipsam.run"  # the manifest's Parquet metadata: what the run was (JSON), for its report
+
+
+def write_manifest(records: list[CaseRecord], uri: str, about: dict | None = None) -> None:
+    """Write the manifest atomically to ``uri`` (any fsspec URI); ``about`` goes into its metadata."""
     buffer = io.BytesIO()
-    pq.write_table(to_table(records), buffer)
+    table = to_table(records)
+    if about:
+        table = table.replace_schema_metadata({ABOUT_KEY: json.dumps(storage.redact_values(about)).encode()})
+    pq.write_table(table, buffer)
     storage.write_bytes_atomic(uri, buffer.getvalue())
 
 
 def read_manifest(uri: str) -> pa.Table:
     return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+
+
+def manifest_about(table: pa.Table) -> dict:
+    """What ``write_manifest`` recorded about the run ({} for a manifest without it)."""
+    raw = (table.schema.metadata or {}).get(ABOUT_KEY)
+    return json.loads(raw) if raw else {}
 
 
 def write_record(record: CaseRecord, output: str) -> None:

@@ -1,22 +1,35 @@
-"""A static HTML page of a pseudo-labelling run: summary, per-case table, overlay pictures.
+"""The review report of a run: one self-contained HTML page a reviewer can work through offline.
 
-The page embeds the pictures, so it is one self-contained file that can be mailed or archived.
+It says first what the scores mean (where the prompts came from, and in large letters when they
+came from the labels: an oracle upper bound, not a zero-shot result), which models and settings
+made the masks, then the summary, a table that sorts by any column and filters by status, and per
+drawn case a strip of its prompted slices (mask, truth and prompts drawn; click to enlarge, arrow
+keys page through the case). The pictures are embedded and the script is the page's own, so the
+file can be mailed or archived and opened with no network.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import io
+import json
 import math
+import re
+from dataclasses import dataclass
 
 import pyarrow as pa
 
 from .. import storage
-from ..domain.records import read_manifest, status_counts
+from ..domain.records import manifest_about, read_manifest, status_counts
 from ..errors import InputError
-from ..storage.outputs import MANIFEST, OVERLAYS
+from ..storage.outputs import MANIFEST, OVERLAYS, RUN_FILE, STRIPS
+from .overlays import BACKGROUND_POINT_COLOUR, MASK_COLOUR, PROMPT_COLOUR, TRUTH_COLOUR
 
-COLUMNS = ("case_id", "status", "n_slices", "n_prompted_slices", "dsc", "nsd", "hd95", "seconds", "error")
+COLUMNS = ("case_id", "status", "warnings", "n_slices", "n_prompted_slices", "dsc", "nsd", "hd95", "seconds",
+           "error")
+NUMERIC = {"n_slices", "n_prompted_slices", "dsc", "nsd", "hd95", "seconds"}
+SCORE_FILES = ("scores.csv", "scores.parquet")  # `medclipsam evaluate --output` next to the run, merged
 
 
 def _seconds(row: dict) -> float:
@@ -29,11 +42,92 @@ PAGE_STYLE = ("body{font-family:sans-serif;margin:2em}table{border-collapse:coll
               "{text-align:left}.error{color:#b00}figure{display:inline-block;margin:6px}"
               "img{max-width:320px}")
 
+REPORT_STYLE = (
+    ".banner{background:#b00;color:#fff;font-size:1.3em;font-weight:bold;padding:.8em 1em;margin:1em 0;"
+    "border-radius:4px}.note{background:#eef;padding:.5em 1em;border-radius:4px}"
+    "table.about td,table.about th{text-align:left}"
+    "th.sortable{cursor:pointer;user-select:none}th.sortable:after{content:' \\2195';color:#999}"
+    "th[aria-sort=ascending]:after{content:' \\25B2';color:#000}"
+    "th[aria-sort=descending]:after{content:' \\25BC';color:#000}"
+    "td.text{text-align:left;max-width:28em}tr.warned td.warn{color:#8a5a00}"
+    ".strip{display:flex;flex-wrap:wrap;gap:6px}.strip figure{margin:0}"
+    "img.thumb{height:180px;width:auto;max-width:none;cursor:zoom-in;border:1px solid #ccc}"
+    "figcaption{font-size:.85em;text-align:center}.swatch{display:inline-block;width:1em;height:1em;"
+    "vertical-align:middle;margin:0 .3em 0 1em;border:1px solid #555}"
+    "#lightbox{display:none;position:fixed;inset:0;background:rgba(0,0,0,.88);z-index:10;text-align:center;"
+    "color:#fff}#lightbox.open{display:block}#lightbox img{max-width:95vw;max-height:85vh;margin-top:3vh;"
+    "image-rendering:pixelated}#lightbox p{margin:.5em}"
+)
 
-def html_page(title: str, body: list[str], extra_style: str = "") -> str:
+# The page's own script (no library): sort the table by a header, filter it by status, and the
+# lightbox that pages through one case's slices.
+REPORT_SCRIPT = """
+(function () {
+  var table = document.getElementById('cases');
+  var body = table.tBodies[0];
+  function key(cell, numeric) {
+    var v = cell.getAttribute('data-value');
+    if (!numeric) return v.toLowerCase();
+    var n = parseFloat(v);
+    return isNaN(n) ? null : n;
+  }
+  Array.prototype.forEach.call(table.tHead.rows[0].cells, function (th, column) {
+    th.addEventListener('click', function () {
+      var numeric = th.getAttribute('data-type') === 'number';
+      var ascending = th.getAttribute('aria-sort') !== 'ascending';
+      Array.prototype.forEach.call(table.tHead.rows[0].cells, function (other) {
+        other.removeAttribute('aria-sort');
+      });
+      th.setAttribute('aria-sort', ascending ? 'ascending' : 'descending');
+      var rows = Array.prototype.slice.call(body.rows);
+      rows.sort(function (a, b) {
+        var x = key(a.cells[column], numeric), y = key(b.cells[column], numeric);
+        if (x === y) return 0;
+        if (x === null) return 1;  /* no value: last, either way */
+        if (y === null) return -1;
+        return (x < y ? -1 : 1) * (ascending ? 1 : -1);
+      });
+      rows.forEach(function (row) { body.appendChild(row); });
+    });
+  });
+  var filter = document.getElementById('status-filter');
+  filter.addEventListener('change', function () {
+    Array.prototype.forEach.call(body.rows, function (row) {
+      row.hidden = filter.value !== '' && row.getAttribute('data-status') !== filter.value;
+    });
+  });
+  var box = document.getElementById('lightbox'), big = box.querySelector('img'), caption = box.querySelector('p');
+  var group = [], at = 0;
+  function show(i) {
+    at = (i + group.length) % group.length;
+    big.src = group[at].src;
+    caption.textContent = group[at].getAttribute('data-caption') + '  (' + (at + 1) + ' of ' + group.length +
+      '; arrow keys: previous and next, Esc: close)';
+  }
+  document.querySelectorAll('img.thumb').forEach(function (img) {
+    img.addEventListener('click', function () {
+      group = Array.prototype.slice.call(document.querySelectorAll('img.thumb[data-case="' +
+        img.getAttribute('data-case') + '"]'));
+      show(group.indexOf(img));
+      box.classList.add('open');
+    });
+  });
+  box.addEventListener('click', function () { box.classList.remove('open'); });
+  document.addEventListener('keydown', function (event) {
+    if (!box.classList.contains('open')) return;
+    if (event.key === 'Escape') box.classList.remove('open');
+    if (event.key === 'ArrowRight') show(at + 1);
+    if (event.key === 'ArrowLeft') show(at - 1);
+  });
+})();
+"""
+
+
+def html_page(title: str, body: list[str], extra_style: str = "", script: str = "") -> str:
     """A self-contained page (the run report, the tuner's trials): head, style, ``body`` one part a line."""
+    tail = [f"<script>{script}</script>"] if script else []
     return "\n".join([f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-                      f"<style>{PAGE_STYLE}{extra_style}</style></head><body>", *body, "</body></html>"])
+                      f"<style>{PAGE_STYLE}{extra_style}</style></head><body>", *body, *tail, "</body></html>"])
 
 
 def html_row(cells: list[str], css: str = "", heads: int = 0) -> str:
@@ -55,19 +149,138 @@ def _cell(value) -> str:
     return html.escape(str(value))
 
 
-def _summary(rows: list[dict]) -> list[tuple[str, str]]:
-    counts = status_counts(rows)
-    scored = [r for r in rows if isinstance(r.get("dsc"), float) and math.isfinite(r["dsc"])]
-    items = [("cases", str(len(rows))), *((f"status {k}", str(v)) for k, v in counts.items())]
-    if scored:
-        items += [("mean DSC", f"{sum(r['dsc'] for r in scored) / len(scored):.4f}"),
-                  ("mean NSD", f"{sum(r['nsd'] for r in scored) / len(scored):.4f}"),
-                  ("scored cases", str(len(scored)))]
-    return items
-
-
 def _finite(value) -> bool:
     return isinstance(value, float) and math.isfinite(value)
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if _finite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+@dataclass
+class Picture:
+    caption: str  # "slice 12", or "image" for a 2D one
+    png: bytes
+
+
+# -- provenance ------------------------------------------------------------------------------------
+
+
+def _short(digest: str) -> str:
+    return f"<code title='{html.escape(digest)}'>{html.escape(digest[:12])}</code>" if digest else "-"
+
+
+def _distinct(rows: list[dict], column: str) -> list[str]:
+    return sorted({str(r.get(column) or "") for r in rows} - {""})
+
+
+def _source(rows: list[dict], about: dict) -> str:
+    sources = _distinct(rows, "prompt_source")
+    return about.get("source") or (sources[0] if len(sources) == 1 else ", ".join(sources))
+
+
+def _prompts_line(source: str, about: dict, rows: list[dict]) -> str:
+    if source == "labels":
+        margin = ""
+        parameters = _distinct(rows, "parameters")
+        if parameters:
+            margin = json.loads(parameters[0]).get("labels", {}).get("box_margin", "")
+        return (f"boxes from the ground-truth labels ({html.escape(about.get('gt', '') or 'gt_uri')}), "
+                f"margin {html.escape(str(margin))} px")
+    if source == "files":
+        given = [f"{kind} {html.escape(about[kind])}" for kind in ("boxes", "points") if about.get(kind)]
+        return "from CSV files: " + ("; ".join(given) or "-")
+    sentences = about.get("text_prompts") or sorted({s for r in rows for s in json.loads(r.get("text_prompt") or "[]")})
+    quoted = "; ".join(f"&ldquo;{html.escape(s)}&rdquo;" for s in sentences)
+    return f"text, through CLIP saliency (zero-shot): {quoted}" if sentences else "text (zero-shot)"
+
+
+def _about(rows: list[dict], about: dict, run_file: dict | None, written: str) -> list[str]:
+    source = _source(rows, about)
+    parts = []
+    if source == "labels":
+        parts.append("<div id='oracle-banner' class='banner' role='alert'>Oracle upper bound, not a zero-shot "
+                     "result: SAM was prompted with boxes taken from the ground-truth labels. These scores "
+                     "measure the SAM backend given near-perfect boxes, not the text-driven pipeline.</div>")
+    items = [("prompts", _prompts_line(source, about, rows))]
+    backends = sorted({(r.get("backend") or "", r.get("checkpoint") or "", r.get("checkpoint_sha256") or "")
+                       for r in rows if r.get("backend")})
+    for backend, checkpoint, digest in backends:
+        items.append(("SAM", f"{html.escape(backend)}: {html.escape(checkpoint)}, sha256 {_short(digest)}"))
+    clips = sorted({(r.get("clip_model") or "", r.get("clip_sha256") or "") for r in rows if r.get("clip_model")})
+    for model, digest in clips:
+        items.append(("CLIP", f"{html.escape(model)}, sha256 {_short(digest)}"))
+    if about.get("task"):
+        items.append(("config", f"task {html.escape(about['task'])}, sha256 {_short(about.get('config_sha256', ''))}"
+                                f"; settings that decide the masks: sha256 {_short(about.get('settings_sha256', ''))}"))
+    for key, words in (("input", "input"), ("gt", "ground truth")):
+        if about.get(key):
+            items.append((words, html.escape(about[key])))
+    if run_file and run_file.get("mlflow_run_id"):
+        items.append(("MLflow run", f"{html.escape(run_file['mlflow_run_id'])} in "
+                                    f"{html.escape(run_file.get('tracking_uri', ''))}"))
+    items.append(("written", html.escape(about.get("written") or "-") + f" (this report: {html.escape(written)})"))
+    versions = about.get("versions") or {}
+    if versions:
+        items.append(("versions", html.escape(", ".join(f"{k} {v}" for k, v in versions.items()))))
+    parts.append("<table class='about'>" + "".join(html_row([html.escape(k), v], heads=1) for k, v in items)
+                 + "</table>")
+    return parts
+
+
+# -- summary and table -----------------------------------------------------------------------------
+
+
+def _units(rows: list[dict]) -> tuple[str, str]:
+    """HD95's unit and NSD's tolerance words: pixels for 2D images, millimetres for volumes."""
+    kinds = {int(r.get("n_slices") or 1) > 1 for r in rows}
+    if kinds == {True}:
+        return "mm", "mm"
+    if kinds == {False}:
+        return "px", "px"
+    return "mm for volumes, px for 2D images", "mm (volumes) or px (2D)"
+
+
+def _summary(rows: list[dict], about: dict, merged: str) -> str:
+    counts = status_counts(rows)
+    scored = [r for r in rows if _finite(r.get("dsc"))]
+    distance, tolerance = _units(rows)
+    nsd_tolerance = about.get("nsd_tolerance", 2.0)
+    items = [("cases", str(len(rows))), *((f"status {k}", str(v)) for k, v in counts.items()),
+             ("cases with warnings", str(sum(bool(r.get("warnings")) for r in rows)))]
+    if scored:
+        items += [("scored cases", str(len(scored)) + merged),
+                  ("mean DSC (0 to 1)", f"{_mean([r['dsc'] for r in scored]):.4f}"),
+                  (f"mean NSD (0 to 1, tolerance {nsd_tolerance:g} {tolerance})",
+                   f"{_mean([r['nsd'] for r in scored]):.4f}"),
+                  (f"mean HD95 ({distance}; finite values)", _cell(_mean([r["hd95"] for r in scored])))]
+    else:
+        items.append(("scores", "none: give --gt (or a gt_uri column), or run medclipsam evaluate into scores.csv"))
+    return "<table id='summary'>" + "".join(html_row([html.escape(k), v], heads=1) for k, v in items) + "</table>"
+
+
+def _case_table(rows: list[dict], drawn: set[str], columns: tuple[str, ...]) -> str:
+    heads = "".join(f"<th class='sortable' data-type='{'number' if c in NUMERIC else 'text'}'>{html.escape(c)}</th>"
+                    for c in columns)
+    lines = []
+    for row in rows:
+        cells = []
+        for column in columns:
+            value = _seconds(row) if column == "seconds" else row.get(column, "")
+            sort_value = "" if isinstance(value, float) and math.isnan(value) else str(value)
+            text = _cell(value)
+            if column == "case_id" and row["case_id"] in drawn:
+                text = f"<a href='#case-{html.escape(row['case_id'])}'>{text}</a>"
+            css = " class='text'" if column in ("warnings", "error") else ""
+            cells.append(f"<td data-value='{html.escape(sort_value)}'{css}>{text}</td>")
+        css = "error" if row["status"] == "error" else ("warned" if row.get("warnings") else "")
+        lines.append(f"<tr data-status='{html.escape(row['status'])}' class='{css}'>" + "".join(cells) + "</tr>")
+    options = "".join(f"<option value='{html.escape(s)}'>{html.escape(s)} ({n})</option>"
+                      for s, n in status_counts(rows).items())
+    return (f"<p><label>status <select id='status-filter'><option value=''>all ({len(rows)})</option>{options}"
+            "</select></label> &middot; click a header to sort</p>"
+            f"<table id='cases'><thead><tr>{heads}</tr></thead><tbody>\n" + "\n".join(lines) + "\n</tbody></table>")
 
 
 def _attribution(rows: list[dict]) -> str:
@@ -87,32 +300,135 @@ def _attribution(rows: list[dict]) -> str:
             + html_table(header, lines))
 
 
-def render_report(table: pa.Table, pictures: dict[str, bytes], title: str) -> str:
-    """The HTML text for a manifest table and ``{case_id: png}`` overlays."""
+# -- pictures --------------------------------------------------------------------------------------
+
+
+def _swatch(colour: tuple[int, int, int], words: str) -> str:
+    return f"<span class='swatch' style='background:rgb{colour}'></span>{html.escape(words)}"
+
+
+def _strips(rows: list[dict], pictures: dict[str, list[Picture]]) -> list[str]:
+    if not pictures:
+        return ["<h2>Pictures</h2><p>No case was drawn (<code>pipeline.overlays: 0</code>).</p>"]
+    legend = (_swatch(MASK_COLOUR, "mask") + _swatch(TRUTH_COLOUR, "ground truth") + _swatch(PROMPT_COLOUR, "prompt")
+              + _swatch(BACKGROUND_POINT_COLOUR, "background point"))
+    parts = [f"<h2>Pictures</h2><p>{legend}</p><p class='note'>The first cases by case_id "
+             "(<code>pipeline.overlays</code>); for a volume, its prompted slices (all of them, or "
+             "<code>pipeline.strip_slices</code> evenly spaced). Click a picture to enlarge it.</p>"]
+    by_case = {r["case_id"]: r for r in rows}
+    for case_id, strip in sorted(pictures.items()):
+        row = by_case.get(case_id, {})
+        score = f" &middot; DSC {_cell(row['dsc'])}" if _finite(row.get("dsc")) else ""
+        warned = f" &middot; <span class='warn'>{html.escape(row['warnings'])}</span>" if row.get("warnings") else ""
+        figures = []
+        for picture in strip:
+            data = base64.b64encode(picture.png).decode()
+            label = f"{case_id}, {picture.caption}"
+            figures.append(f"<figure><img class='thumb' src='data:image/png;base64,{data}' alt='{html.escape(label)}' "
+                           f"data-case='{html.escape(case_id)}' data-caption='{html.escape(label)}'>"
+                           f"<figcaption>{html.escape(picture.caption)}</figcaption></figure>")
+        parts.append(f"<section id='case-{html.escape(case_id)}'><h3>{html.escape(case_id)}{score}{warned}</h3>"
+                     f"<div class='strip'>{''.join(figures)}</div></section>")
+    return parts
+
+
+def merge_scores(rows: list[dict], scores: list[dict]) -> tuple[list[dict], int]:
+    """Rows with ``evaluate``'s scores where the run has none (``scored_by``: run or evaluate); how many."""
+    by_case = {s["case_id"]: s for s in scores if s.get("status", "ok") == "ok"}
+    merged, taken = [], 0
+    for original in rows:
+        row = dict(original)
+        if _finite(row.get("dsc")):
+            row["scored_by"] = "run"
+        elif row["case_id"] in by_case:
+            found = by_case[row["case_id"]]
+            row.update({k: float(found[k]) for k in ("dsc", "nsd", "hd95")}, scored_by="evaluate")
+            taken += 1
+        else:
+            row["scored_by"] = ""
+        merged.append(row)
+    return merged, taken
+
+
+def render_report(table: pa.Table, pictures: dict[str, list[Picture]], title: str, *, about: dict | None = None,
+                  run_file: dict | None = None, scores: list[dict] | None = None, scores_uri: str = "",
+                  written: str = "") -> str:
+    """The HTML text of a run's manifest ``table``, its pictures by case and, when given, its metadata
+    (``about``), ``run.json`` and ``evaluate``'s per-case scores."""
+    about = about if about is not None else manifest_about(table)
     rows = table.to_pylist()
-    summary = [html_row([html.escape(k), html.escape(v)], heads=1) for k, v in _summary(rows)]
-    cases = [html_row([_cell({**row, "seconds": _seconds(row)}.get(c, "")) for c in COLUMNS],
-                      "error" if row["status"] == "error" else "") for row in rows]
-    body = [f"<h1>{html.escape(title)}</h1>" + html_table([], summary) + "<h2>Cases</h2>"
-            + html_table(list(COLUMNS), cases) + _attribution(rows)
-            + "<h2>Overlays</h2><p>red: mask; green: ground truth (when given)</p>"]
-    for case_id, png in sorted(pictures.items()):
-        data = base64.b64encode(png).decode()
-        body.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(case_id)}'>"
-                    f"<figcaption>{html.escape(case_id)}</figcaption></figure>")
-    return html_page(title, body)
+    columns = COLUMNS
+    merged = ""
+    if scores:
+        rows, taken = merge_scores(rows, scores)
+        columns = (*COLUMNS[:8], "scored_by", *COLUMNS[8:])
+        merged = f" ({taken} from {html.escape(scores_uri or 'evaluate')})" if taken else ""
+    body = [f"<h1>{html.escape(title)}</h1>", *_about(rows, about, run_file, written), "<h2>Summary</h2>",
+            _summary(rows, about, merged), "<h2>Cases</h2>", _case_table(rows, set(pictures), columns),
+            _attribution(rows), *_strips(rows, pictures),
+            "<div id='lightbox' role='dialog' aria-label='enlarged picture'><img alt='enlarged picture'><p></p></div>"]
+    return html_page(title, body, REPORT_STYLE, REPORT_SCRIPT)
 
 
-def write_report(run_output: str, destination: str | None = None) -> str:
-    """Write ``<run_output>/report.html`` (or ``destination``); returns where it went."""
+# -- reading a run ---------------------------------------------------------------------------------
+
+
+def run_pictures(run_output: str, case_ids: list[str]) -> dict[str, list[Picture]]:
+    """Each drawn case's pictures: a volume's strip (``strips/``), else its one overlay, in slice order."""
+    found: dict[str, list[Picture]] = {}
+    for folder in (OVERLAYS, STRIPS):
+        uri = storage.join(run_output, folder)
+        if not storage.exists(uri):
+            continue
+        files = {storage.basename(u): u for u in storage.list_files(uri) if u.endswith(".png")}
+        for case_id in case_ids:
+            if folder == OVERLAYS and f"{case_id}.png" in files:
+                found[case_id] = [Picture("image", storage.read_bytes(files[f"{case_id}.png"]))]
+                continue
+            pattern = re.compile(re.escape(case_id) + r"\.slice(\d+)\.png")
+            strip = sorted((int(m.group(1)), name) for name in files if (m := pattern.fullmatch(name)))
+            if strip:
+                found[case_id] = [Picture(f"slice {k}", storage.read_bytes(files[name])) for k, name in strip]
+    return found
+
+
+def read_scores(uri: str) -> list[dict]:
+    """``medclipsam evaluate --output`` rows (CSV or Parquet): case_id, dsc, nsd, hd95, status."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    data = io.BytesIO(storage.read_bytes(uri))
+    try:
+        table = pq.read_table(data) if uri.endswith(".parquet") else pacsv.read_csv(data)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"{uri}: cannot read the scores table ({exc})") from exc
+    missing = [c for c in ("case_id", "dsc", "nsd", "hd95") if c not in table.column_names]
+    if missing:
+        raise InputError(f"{uri}: not a table of medclipsam evaluate (no column {', '.join(missing)})")
+    return table.to_pylist()
+
+
+def write_report(run_output: str, destination: str | None = None, scores_uri: str | None = None) -> str:
+    """Write ``<run_output>/report.html`` (or ``destination``); returns where it went.
+
+    ``scores_uri`` (else ``scores.csv``/``scores.parquet`` in the run folder, when there) is an
+    ``evaluate`` table merged into the cases that have no scores of their own."""
+    from datetime import UTC, datetime
+
     manifest = storage.join(run_output, MANIFEST)
     if not storage.exists(manifest):
-        raise InputError(f"{manifest}: no manifest; is {run_output} the output of a pseudolabel run?")
+        raise InputError(f"{manifest}: no manifest; is {run_output} the output of a segment or pseudolabel run?")
     table = read_manifest(manifest)
-    folder = storage.join(run_output, OVERLAYS)
-    uris = [u for u in storage.list_files(folder) if u.endswith(".png")] if storage.exists(folder) else []
-    pictures = {storage.basename(u)[: -len(".png")]: data for u, data in storage.read_many(uris).items()}
+    if scores_uri is None:
+        scores_uri = next((u for u in (storage.join(run_output, n) for n in SCORE_FILES) if storage.exists(u)), "")
+    elif not storage.exists(scores_uri):
+        raise InputError(f"{scores_uri}: no such scores table")
+    run_json = storage.join(run_output, RUN_FILE)
+    run_file = json.loads(storage.read_bytes(run_json)) if storage.exists(run_json) else None
+    pictures = run_pictures(run_output, table.column("case_id").to_pylist())
+    page = render_report(table, pictures, f"medclipsam run {storage.basename(run_output)}", run_file=run_file,
+                         scores=read_scores(scores_uri) if scores_uri else None, scores_uri=scores_uri,
+                         written=datetime.now(UTC).isoformat(timespec="seconds"))
     destination = destination or storage.join(run_output, "report.html")
-    page = render_report(table, pictures, f"medclipsam run {storage.basename(run_output)}")
     storage.write_bytes_atomic(destination, page.encode())
     return destination

@@ -23,10 +23,10 @@ from ..domain.records import STATUS_ERROR, STATUS_NO_PROMPTS, STATUS_NO_TARGET, 
 from ..errors import StorageUnavailable
 from ..eval.evaluation import score_mask
 from ..eval.metrics import dice
-from ..eval.overlays import overlay_png, overlay_slice
+from ..eval.overlays import overlay_png, overlay_slice, strip_slices
 from ..ops.slicing import assemble_mask, take_slice
 from ..prompts.types import SlicePrompts
-from ..storage.outputs import COARSE, MASKS, OVERLAYS, PROMPTS, SALIENCY, STAGING, case_file
+from ..storage.outputs import COARSE, MASKS, OVERLAYS, PROMPTS, SALIENCY, STAGING, STRIPS, case_file
 from . import flags
 from .slices import ARRAY_FIELDS, SOURCE_TEXT, SliceRow
 
@@ -39,6 +39,7 @@ class AssemblySettings:
     tolerance: float = 2.0  # NSD tolerance: pixels (2D) or millimetres (volumes)
     save_prompts: bool = False  # also write prompts/<case_id>.json
     min_box_fill: float = 0.05  # a mask filling less of its prompt box is warned of (pipeline.flags)
+    strip_slices: int = 8  # slices of a drawn volume in its strip
 
 
 def prompt_record(prompts: dict[int | None, SlicePrompts]) -> str:
@@ -168,7 +169,7 @@ def _write_outputs(rows: list[SliceRow], record: CaseRecord, settings: AssemblyS
             truth, record.error = None, f"ground truth: {exc}"
     pictures = {r.key: r.image for r in rows if r.image.size}
     if pictures:
-        _write_overlay(record, masks, pictures, truth, axis, settings.output)
+        _write_overlay(record, masks, prompted, pictures, truth, axis, settings)
     record.status = STATUS_OK if prompted else (STATUS_NO_TARGET if settings.source == SOURCE_TEXT
                                                 else STATUS_NO_PROMPTS)
 
@@ -203,14 +204,24 @@ def _write_intermediates(rows: list[SliceRow], record: CaseRecord, image: Medica
                                    record.prompts.encode())
 
 
-def _write_overlay(record: CaseRecord, masks: dict, pictures: dict, truth, axis: int, output: str) -> None:
+def _write_overlay(record: CaseRecord, masks: dict, prompts: dict, pictures: dict, truth, axis: int,
+                   settings: AssemblySettings) -> None:
+    """The overlay of the case's fullest slice; for a volume, also the strip of its prompted slices."""
     if None in masks:  # a 2D image
         truth_slices = {None: truth.array} if truth is not None else None
         key = None
     else:
         truth_slices = ({k: take_slice(truth.array, k, axis) for k in masks} if truth is not None else None)
         key = overlay_slice(masks, truth_slices)
-    if key not in pictures:
+
+    def picture(k: int | None) -> bytes:
+        return overlay_png(pictures[k], masks[k], truth_slices[k] if truth_slices else None, prompts.get(k))
+
+    if key in pictures:
+        storage.write_bytes_atomic(case_file(settings.output, OVERLAYS, record.case_id, ".png"), picture(key))
+    if key is None:
         return
-    png = overlay_png(pictures[key], masks[key], truth_slices[key] if truth_slices else None)
-    storage.write_bytes_atomic(case_file(output, OVERLAYS, record.case_id, ".png"), png)
+    for k in strip_slices([k for k in prompts if k in pictures], key, settings.strip_slices):
+        if k in pictures:
+            storage.write_bytes_atomic(case_file(settings.output, STRIPS, record.case_id, f".slice{k:04d}.png"),
+                                       picture(k))

@@ -4,6 +4,7 @@ the masks. Everything here is checked before any model loads, so a bad input cos
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, replace
 
@@ -75,9 +76,21 @@ class Job:
     def parameters(self) -> str:
         return json.dumps(self.settings_record(), sort_keys=True)
 
+    def about(self) -> dict:
+        """What the run was, for its manifest's metadata and report: the task config by name and hash,
+        the input, where the prompts came from."""
+        config = json.dumps(self.config.model_dump(mode="json"), sort_keys=True)
+        return {"task": self.config.task, "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
+                "settings_sha256": hashlib.sha256(self.parameters().encode()).hexdigest(), "input": self.input_uri,
+                "gt": self.gt_uri or "", "source": self.source, "boxes": self.boxes_csv or "",
+                "points": self.points_csv or "", "text_prompts": list(self.text_prompts),
+                "clip_model": self.clip if self.source == SOURCE_TEXT else "",
+                "nsd_tolerance": self.config.pipeline.nsd_tolerance}
+
     def assembly(self) -> AssemblySettings:
         return AssemblySettings(self.output, self.source, self.parameters(), self.config.pipeline.nsd_tolerance,
-                                save_prompts=self.save_intermediates, min_box_fill=self.config.pipeline.min_box_fill)
+                                save_prompts=self.save_intermediates, min_box_fill=self.config.pipeline.min_box_fill,
+                                strip_slices=self.config.pipeline.strip_slices)
 
     @property
     def keep_saliency(self) -> bool:

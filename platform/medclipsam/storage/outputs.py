@@ -4,7 +4,8 @@
     <output>/saliency/<case_id>.npy        saliency maps (optional), image-shaped float32
     <output>/coarse/<case_id>.png|.nii.gz  coarse masks (optional)
     <output>/prompts/<case_id>.json        SAM prompts per slice (optional)
-    <output>/overlays/<case_id>.png        contour pictures of the first cases
+    <output>/overlays/<case_id>.png        contour pictures of the first cases (one slice of a volume)
+    <output>/strips/<case_id>.slice<k>.png the same for the prompted slices of those volumes (the report's)
     <output>/records/<case_id>.json        the case's manifest row, written last
     <output>/manifest.parquet              every record of the run
     <output>/run.json                      the settings of the run (a resume must match them)
@@ -18,7 +19,7 @@ from .. import storage
 from ..errors import InputError
 
 MASKS, SALIENCY, COARSE, PROMPTS = "masks", "saliency", "coarse", "prompts"
-OVERLAYS, RECORDS, STAGING = "overlays", "records", ".staging"
+OVERLAYS, STRIPS, RECORDS, STAGING = "overlays", "strips", "records", ".staging"
 MANIFEST, RUN_FILE = "manifest.parquet", "run.json"
 
 
