@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-lane-a test-lane-b lint install clean
+.PHONY: demo test test-lane-a test-lane-b lint install browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,22 @@ LANE_A := "$(addprefix --ignore=,$(RAY_TESTS) tests/test_benchmarks.py)" tests/t
 	tests/test_demo.py tests/test_job_submission.py tests/test_security.py
 LANE_B := tests/test_benchmarks.py tests/test_pseudolabel.py tests/test_weak.py tests/test_tune.py
 
-test: $(STAMP) lint
+# The report's browser tests (tests/browser.py) drive Debian's headless chromium through chromedriver;
+# a fresh CI machine lacks both, so `make test` installs them first (as root, else through sudo).
+BROWSER_PACKAGES := chromium chromium-driver
+SUDO := $(if $(filter 0,$(shell id -u)),,$(shell command -v sudo))
+
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	if [ "$$(id -u)" = 0 ] || [ -n "$(SUDO)" ]; then \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends $(BROWSER_PACKAGES); \
+	else \
+		echo "make test needs chromium and chromedriver: run 'apt-get install $(BROWSER_PACKAGES)' as root." >&2; \
+		exit 1; \
+	fi
+
+test: $(STAMP) lint browser
 	$(BIN)/medclipsam data samples  # once, before the lanes would both fetch it
 	$(MAKE) --no-print-directory -j2 test-lane-a test-lane-b
 
