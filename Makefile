@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-lane-a test-lane-b lint install browser clean
+.PHONY: demo test test-lane-a test-lane-b lint install system-tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,22 +36,28 @@ LANE_A := "$(addprefix --ignore=,$(RAY_TESTS) tests/test_benchmarks.py)" tests/t
 	tests/test_demo.py tests/test_job_submission.py tests/test_security.py
 LANE_B := tests/test_benchmarks.py tests/test_pseudolabel.py tests/test_weak.py tests/test_tune.py
 
-# The report's browser tests (tests/browser.py) drive Debian's headless chromium through chromedriver;
-# a fresh CI machine lacks both, so `make test` installs them first (as root, else through sudo).
-BROWSER_PACKAGES := chromium chromium-driver
+# Programs the tests drive that PyPI does not ship: Debian's headless chromium and its chromedriver
+# (the report's browser tests, tests/browser.py) and dicom3tools' dciodvfy, the DICOM standard's own
+# validator (the SEG tests). A fresh CI machine lacks them, so `make test` installs the missing ones
+# first (as root, else through sudo).
+SYSTEM_TOOLS := chromium:chromium chromedriver:chromium-driver dciodvfy:dicom3tools
 SUDO := $(if $(filter 0,$(shell id -u)),,$(shell command -v sudo))
 
-browser:
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+system-tools:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+		command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] || [ -n "$(SUDO)" ]; then \
+		echo "installing$$missing (apt-get)"; \
 		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			--no-install-recommends $(BROWSER_PACKAGES); \
+			--no-install-recommends $$missing; \
 	else \
-		echo "make test needs chromium and chromedriver: run 'apt-get install $(BROWSER_PACKAGES)' as root." >&2; \
+		echo "make test needs$$missing: run 'apt-get install$$missing' as root." >&2; \
 		exit 1; \
 	fi
 
-test: $(STAMP) lint browser
+test: $(STAMP) lint system-tools
 	$(BIN)/medclipsam data samples  # once, before the lanes would both fetch it
 	$(MAKE) --no-print-directory -j2 test-lane-a test-lane-b
 

@@ -175,8 +175,13 @@ def _dicom_series(folder: str, uri: str) -> tuple[list[str], list[sitk.ImageFile
     return list(names), headers, size
 
 
+def dicom_series_files(folder: str, uri: str) -> list[str]:
+    """The files of a DICOM folder's scan in the order of the volume's slices (``read_image``'s z)."""
+    return _dicom_series(folder, uri)[0]
+
+
 def _read_dicom_series(folder: str, uri: str) -> sitk.Image:
-    names, _, _ = _dicom_series(folder, uri)
+    names = dicom_series_files(folder, uri)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(names)
     return reader.Execute()

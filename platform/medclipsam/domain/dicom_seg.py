@@ -1,0 +1,83 @@
+"""Masks as DICOM Segmentation objects (BINARY SEG, through highdicom), so that a mask computed on a
+DICOM scan goes back to where the scan came from: a PACS, OHIF or 3D Slicer shows it over the series.
+
+Each frame references the source slice it was computed on (its SOP instance and image position), the
+SEG keeps the source's patient, study and frame of reference, and gets series and instance UIDs of its
+own. The source slices are given in the order of the volume ``read_image`` returns, so the mask's
+``z`` index is that slice's frame; slices with no foreground are left out of the SEG.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from .. import __version__, storage
+from ..errors import InputError, describe
+from .images import dicom_series_files
+
+MANUFACTURER = "medclipsam"
+SEG_SERIES_NUMBER = 900  # after the scanner's own series, as viewers list them
+
+
+@dataclass(frozen=True)
+class Segment:
+    """What the mask shows, in the codes a viewer displays (SNOMED CT category and type)."""
+
+    label: str
+    category: Code = field(default_factory=lambda: codes.SCT.MorphologicallyAbnormalStructure)
+    property_type: Code = field(default_factory=lambda: codes.SCT.Mass)
+
+
+def source_datasets(local: str, uri: str) -> list[pydicom.Dataset]:
+    """The source's slices as pydicom datasets, in ``read_image``'s slice order (a single file: one)."""
+    names = dicom_series_files(local, uri) if os.path.isdir(local) else [local]
+    try:
+        return [pydicom.dcmread(name) for name in names]
+    except (pydicom.errors.InvalidDicomError, OSError, ValueError) as exc:
+        raise InputError(f"{uri}: cannot read the DICOM source of the mask ({describe(exc)})") from exc
+
+
+def _frames(mask: np.ndarray, sources: list[pydicom.Dataset], uri: str) -> np.ndarray:
+    """``mask`` as one binary frame per source slice (a 2D mask of a single-frame image gets one)."""
+    frames = mask[np.newaxis] if mask.ndim == 2 else mask
+    rows, columns = int(sources[0].Rows), int(sources[0].Columns)
+    if frames.shape != (len(sources), rows, columns):
+        raise ValueError(f"{uri}: mask shape {mask.shape} does not fit {len(sources)} slice(s) of "
+                         f"{rows} x {columns}")
+    return (frames > 0).astype(np.uint8)
+
+
+def segmentation(mask: np.ndarray, sources: list[pydicom.Dataset], segment: Segment, description: str,
+                 uri: str = "") -> hd.seg.Segmentation:
+    """The BINARY SEG of ``mask`` over ``sources``: one segment, its algorithm medclipsam (AI, AUTOMATIC)."""
+    algorithm = hd.AlgorithmIdentificationSequence(name=MANUFACTURER, version=__version__,
+                                                    family=codes.cid7162.ArtificialIntelligence)
+    described = hd.seg.SegmentDescription(
+        segment_number=1, segment_label=segment.label[:64], segmented_property_category=segment.category,
+        segmented_property_type=segment.property_type, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm)
+    return hd.seg.Segmentation(
+        source_images=sources, pixel_array=_frames(mask, sources, uri),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[described],
+        series_instance_uid=hd.UID(), series_number=SEG_SERIES_NUMBER, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer=MANUFACTURER, manufacturer_model_name=MANUFACTURER,
+        software_versions=__version__, device_serial_number="none", series_description=description[:64],
+        omit_empty_frames=True)
+
+
+def write_dicom_seg(mask: np.ndarray, source_uri: str, uri: str, segment: Segment, description: str) -> None:
+    """Write ``mask`` (``read_image(source_uri)``'s shape) as a SEG at ``uri``, atomically."""
+    with storage.local_copy(source_uri) as local:
+        seg = segmentation(mask, source_datasets(local, source_uri), segment, description, source_uri)
+    with tempfile.TemporaryDirectory(prefix="medclipsam-") as tmp:
+        path = os.path.join(tmp, "seg.dcm")
+        seg.save_as(path)
+        storage.upload_file_atomic(path, uri)
