@@ -48,7 +48,9 @@ def test_loader_reads_the_saved_weights_through_every_uri_form(tiny_clip_dir, cl
 
 
 def test_loader_errors_name_the_uri_and_the_remedy(tmp_path, tiny_clip_dir):
-    with pytest.raises(ModelError, match=r"BiomedCLIP-PubMedBERT_256.*cannot be loaded.*copy the model to a folder"):
+    hub = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+    remedy = rf"`hf download {hub} --local-dir .*`; then pass that folder"
+    with pytest.raises(ModelError, match=rf"{hub}: cannot be loaded \(RuntimeError: .*\)\. .*" + remedy):
         load_clip(BIOMEDCLIP_HUB)
     with pytest.raises(ModelError, match=r"nowhere: no such directory"):
         load_clip(str(tmp_path / "nowhere"))
