@@ -15,7 +15,6 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from dicom_series import write_mr_series
-from pydicom.sr.codedict import codes
 
 from medclipsam import __version__
 from medclipsam.domain.dicom_seg import Segment, write_dicom_seg
@@ -68,7 +67,8 @@ def test_seg_is_valid_and_gives_back_the_nifti_voxels_slice_by_source_slice(seri
     truth = sitk.GetArrayFromImage(label) > 0  # in the order the series was written (uids)
     assert mask.sum() == truth.sum() > 500  # the grid is the label's own, in the reader's slice order
     seg_path, nifti_path = tmp_path / "brain1.seg.dcm", tmp_path / "brain1.nii.gz"
-    tumour = Segment("brain tumour", codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Neoplasm)
+    tumour = Segment("brain tumour", ("49755003", "SCT", "Morphologically Abnormal Structure"),
+                     ("108369006", "SCT", "Neoplasm"))
     write_dicom_seg(mask, str(folder), str(seg_path), tumour, "medclipsam brain_tumor: labels")
     write_mask(mask, image, str(nifti_path))
 

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import storage
+from .domain.mask_formats import ABNORMAL_STRUCTURE, MASS, CodeTriple, Segment, parse_mask_formats
 from .errors import InputError
 
 #: CT window presets as (centre, width) in Hounsfield units.
@@ -184,6 +185,46 @@ class PipelineConfig(StrictModel):
     min_box_fill: float = Field(0.05, ge=0.0, lt=1.0)  # a mask filling less of its prompt box is warned of (0: never)
 
 
+class CodeConfig(StrictModel):
+    """A coded concept as DICOM writes it: the code, its scheme (SCT: SNOMED CT) and its meaning."""
+
+    code: str
+    scheme: str = "SCT"
+    meaning: str
+
+    def triple(self) -> CodeTriple:
+        return (self.code, self.scheme, self.meaning)
+
+
+def _code(triple: CodeTriple) -> CodeConfig:
+    return CodeConfig(code=triple[0], scheme=triple[1], meaning=triple[2])
+
+
+class SegmentConfig(StrictModel):
+    """What the masks show, as a DICOM SEG names its segment (label, property category and type)."""
+
+    label: str = Field("target", min_length=1, max_length=64)
+    category: CodeConfig = _code(ABNORMAL_STRUCTURE)
+    type: CodeConfig = _code(MASS)
+
+    def segment(self) -> Segment:
+        return Segment(self.label, self.category.triple(), self.type.triple())
+
+
+class OutputConfig(StrictModel):
+    """How each case's mask is written (``--mask-format``): the formats, and the SEG's segment."""
+
+    mask_format: list[str] = ["auto"]  # auto | nifti | png, and/or dicom-seg; a comma-separated string too
+    segment: SegmentConfig = SegmentConfig()
+
+    @field_validator("mask_format", mode="before")
+    @classmethod
+    def _formats(cls, value: object) -> list[str]:
+        if not isinstance(value, (str, list, tuple)):
+            raise ValueError("give a format name, a comma-separated string or a list of names")
+        return list(parse_mask_formats(value))
+
+
 class TrackingConfig(StrictModel):
     uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory
     experiment: str = "medclipsam-pseudolabel"
@@ -201,12 +242,13 @@ class TaskConfig(StrictModel):
     oracle: OracleConfig = OracleConfig()
     sam: SamConfig = SamConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    output: OutputConfig = OutputConfig()
     tracking: TrackingConfig = TrackingConfig()
 
 
 def _describe(error: dict) -> str:
     where = ".".join(str(part) for part in error["loc"]) or "(top level)"
-    return f"{where}: {error['msg']}"
+    return f"{where}: {error['msg'].removeprefix('Value error, ')}"
 
 
 def parse_model(data: object, model: type[M], source: str = "<config>") -> M:

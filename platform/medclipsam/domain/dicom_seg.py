@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field
 
 import highdicom as hd
 import numpy as np
@@ -22,18 +21,10 @@ from pydicom.sr.coding import Code
 from .. import __version__, storage
 from ..errors import InputError, describe
 from .images import dicom_series_files
+from .mask_formats import Segment
 
 MANUFACTURER = "medclipsam"
 SEG_SERIES_NUMBER = 900  # after the scanner's own series, as viewers list them
-
-
-@dataclass(frozen=True)
-class Segment:
-    """What the mask shows, in the codes a viewer displays (SNOMED CT category and type)."""
-
-    label: str
-    category: Code = field(default_factory=lambda: codes.SCT.MorphologicallyAbnormalStructure)
-    property_type: Code = field(default_factory=lambda: codes.SCT.Mass)
 
 
 def source_datasets(local: str, uri: str) -> list[pydicom.Dataset]:
@@ -61,9 +52,9 @@ def segmentation(mask: np.ndarray, sources: list[pydicom.Dataset], segment: Segm
     algorithm = hd.AlgorithmIdentificationSequence(name=MANUFACTURER, version=__version__,
                                                     family=codes.cid7162.ArtificialIntelligence)
     described = hd.seg.SegmentDescription(
-        segment_number=1, segment_label=segment.label[:64], segmented_property_category=segment.category,
-        segmented_property_type=segment.property_type, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm)
+        segment_number=1, segment_label=segment.label[:64], segmented_property_category=Code(*segment.category),
+        segmented_property_type=Code(*segment.property_type),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm)
     return hd.seg.Segmentation(
         source_images=sources, pixel_array=_frames(mask, sources, uri),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[described],

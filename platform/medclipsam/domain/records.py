@@ -17,6 +17,7 @@ STATUS_OK = "ok"
 STATUS_ERROR = "error"
 STATUS_NO_PROMPTS = "no_prompts"
 STATUS_NO_TARGET = "no_target"
+WARNING_SEPARATOR = "; "  # joins a case's warnings in its record; no warning holds it
 
 
 @dataclass
@@ -24,9 +25,10 @@ class CaseRecord:
     case_id: str
     source_uri: str
     mask_uri: str = ""
+    mask_formats: str = ""  # the formats written, comma-separated ("nifti,dicom-seg"); masks/<case_id>.seg.dcm
     status: str = STATUS_OK
     error: str = ""
-    warnings: str = ""  # "; "-separated: why an ok case deserves a look (pipeline.flags)
+    warnings: str = ""  # WARNING_SEPARATOR-separated: why an ok case deserves a look (pipeline.flags)
     prompts: str = "{}"  # JSON: slice -> boxes/points/labels
     n_prompted_slices: int = 0
     seconds_read: float = 0.0
@@ -59,6 +61,7 @@ SCHEMA = pa.schema(
         ("case_id", pa.string()),
         ("source_uri", pa.string()),
         ("mask_uri", pa.string()),
+        ("mask_formats", pa.string()),
         ("status", pa.string()),
         ("error", pa.string()),
         ("warnings", pa.string()),

@@ -13,12 +13,13 @@ from __future__ import annotations
 import io
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .. import storage
 from ..domain.images import MedicalImage, mask_extension, read_mask, write_mask
+from ..domain.mask_files import MaskOutput, write_case_masks
 from ..domain.records import STATUS_ERROR, STATUS_NO_PROMPTS, STATUS_NO_TARGET, STATUS_OK, CaseRecord, write_record
 from ..errors import StorageUnavailable
 from ..eval.evaluation import score_mask
@@ -26,7 +27,7 @@ from ..eval.metrics import dice
 from ..eval.overlays import overlay_png, overlay_slice, strip_slices
 from ..ops.slicing import assemble_mask, take_slice
 from ..prompts.types import SlicePrompts
-from ..storage.outputs import COARSE, MASKS, OVERLAYS, PROMPTS, SALIENCY, STAGING, STRIPS, case_file
+from ..storage.outputs import COARSE, OVERLAYS, PROMPTS, SALIENCY, STAGING, STRIPS, case_file
 from . import flags
 from .slices import ARRAY_FIELDS, SOURCE_TEXT, SliceRow
 
@@ -40,6 +41,7 @@ class AssemblySettings:
     save_prompts: bool = False  # also write prompts/<case_id>.json
     min_box_fill: float = 0.05  # a mask filling less of its prompt box is warned of (pipeline.flags)
     strip_slices: int = 8  # slices of a drawn volume in its strip
+    masks: MaskOutput = field(default_factory=MaskOutput)  # the formats each mask is written in
 
 
 def prompt_record(prompts: dict[int | None, SlicePrompts]) -> str:
@@ -151,10 +153,11 @@ def _write_outputs(rows: list[SliceRow], record: CaseRecord, settings: AssemblyS
     record.n_prompted_slices = len(prompted)
     record.n_target_slices = len(prompted) if settings.source == SOURCE_TEXT else 0
     masks = {r.key: r.mask for r in rows}
-    record.warnings = flags.SEPARATOR.join(flags.case_warnings(prompted, masks, record.backend, settings.min_box_fill))
+    warnings = flags.case_warnings(prompted, masks, record.backend, settings.min_box_fill)
     mask = assemble_mask(image, masks, axis)
-    record.mask_uri = case_file(settings.output, MASKS, record.case_id, mask_extension(image))
-    write_mask(mask, image, record.mask_uri)
+    written = write_case_masks(mask, image, record.source_uri, settings.output, record.case_id, settings.masks)
+    record.mask_uri, record.mask_formats = written.mask_uri, ",".join(written.formats)
+    record.warnings = flags.SEPARATOR.join([*warnings, *written.warnings])
     _write_intermediates(rows, record, image, axis, settings)
     truth = None
     if record.gt_uri:

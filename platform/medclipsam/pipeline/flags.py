@@ -12,11 +12,12 @@ import math
 import numpy as np
 
 from ..config import SAM_BACKENDS
+from ..domain.records import WARNING_SEPARATOR
 from ..prompts.types import SlicePrompts
 
 POINTS_ONLY = "points only"
 SMALL_MASK = "small mask"
-SEPARATOR = "; "
+SEPARATOR = WARNING_SEPARATOR
 
 
 def _where(key: int | None) -> str:

@@ -12,6 +12,7 @@ from .. import storage
 from ..config import BIOMEDCLIP_HUB, TaskConfig
 from ..domain.cohort import CohortCase, read_cohort
 from ..domain.images import read_header
+from ..domain.mask_files import MaskOutput, check_dicom_sources
 from ..errors import InputError
 from ..prompts.csv_prompts import check_case_ids, group_by_case, prompts_for_case, read_box_rows, read_point_rows
 from ..runs.pins import ModelPin
@@ -90,7 +91,13 @@ class Job:
     def assembly(self) -> AssemblySettings:
         return AssemblySettings(self.output, self.source, self.parameters(), self.config.pipeline.nsd_tolerance,
                                 save_prompts=self.save_intermediates, min_box_fill=self.config.pipeline.min_box_fill,
-                                strip_slices=self.config.pipeline.strip_slices)
+                                strip_slices=self.config.pipeline.strip_slices, masks=self.mask_output())
+
+    def mask_output(self) -> MaskOutput:
+        """The mask formats, and what a SEG calls its segment and series (the task and the prompt source)."""
+        output = self.config.output
+        return MaskOutput(tuple(output.mask_format), output.segment.segment(),
+                          f"medclipsam {self.config.task}: {self.source} prompts")
 
     @property
     def keep_saliency(self) -> bool:
@@ -147,6 +154,7 @@ def plan(job: Job) -> list[CaseTask]:
         if unprompted:
             raise InputError(f"no text prompt for case(s) {', '.join(unprompted[:5])}: give --prompt, a config "
                              "with text.prompts, or a prompt column in the input manifest")
+    check_dicom_sources(job.mask_output(), [c.uri for c in cases])
     drawn = {c.case_id for c in cases[: job.config.pipeline.overlays]}
 
     def sentences(case: CohortCase) -> str:

@@ -14,14 +14,15 @@ import io
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 from .. import storage
 from ..domain.cohort import CohortCase, read_cohort
-from ..domain.images import mask_extension, read_image, read_mask, write_mask
-from ..domain.records import STATUS_ERROR, CaseRecord, record_from_dict, write_record
+from ..domain.images import read_image, read_mask
+from ..domain.mask_files import MaskOutput, check_dicom_sources, write_case_masks
+from ..domain.records import STATUS_ERROR, WARNING_SEPARATOR, CaseRecord, record_from_dict, write_record
 from ..errors import InputError, StorageUnavailable
 from ..eval.evaluation import score_mask
 from ..runs.case_run import CaseRun, run_cases
@@ -29,7 +30,7 @@ from ..runs.pins import ModelPin, pin_registered
 from ..runs.ray_session import ensure_ray, pool_device
 from ..runs.tracking import use_store
 from ..storage.access import check_output_folder, reading
-from ..storage.outputs import MASKS, case_file
+from ..storage.outputs import case_file
 from .dataset import nnunet_input
 from .ensemble import Ensemble, EnsembleFolder, resolve_ensemble
 from .settings import WeakConfig
@@ -47,6 +48,7 @@ class PredictSettings:
     save_maps: bool
     tolerance: float
     parameters: str  # JSON, recorded per case
+    masks: MaskOutput = field(default_factory=MaskOutput)  # the formats each mask is written in
 
 
 def _save_array(array: np.ndarray, uri: str) -> None:
@@ -72,8 +74,9 @@ def predict_case(ensemble: Ensemble, case: CohortCase, settings: PredictSettings
         mask = p > settings.threshold
         entropy = binary_entropy(p)
         record.uncertainty = case_uncertainty(entropy, mask)
-        record.mask_uri = case_file(settings.output, MASKS, case.case_id, mask_extension(image))
-        write_mask(mask, image, record.mask_uri)
+        written = write_case_masks(mask, image, case.uri, settings.output, case.case_id, settings.masks)
+        record.mask_uri, record.mask_formats, record.warnings = (written.mask_uri, ",".join(written.formats),
+                                                                 WARNING_SEPARATOR.join(written.warnings))
         if settings.save_maps:
             _save_array(p, case_file(settings.output, PROB, case.case_id, ".npy"))
             _save_array(entropy, case_file(settings.output, ENTROPY, case.case_id, ".npy"))
@@ -130,7 +133,10 @@ def _settings(folder: EnsembleFolder, output: str, config: WeakConfig, threshold
     parameters = {"model": folder.uri, "sha256": folder.sha256, "threshold": t, "members": chosen,
                   "n_members": len(folder.members(chosen)), "tile_step_size": p.tile_step_size,
                   "use_gaussian": p.use_gaussian, "use_mirroring": p.use_mirroring}
-    return PredictSettings(output, t, chosen, save_maps, p.nsd_tolerance, json.dumps(parameters, sort_keys=True))
+    masks = MaskOutput(tuple(config.output.mask_format), config.output.segment.segment(),
+                       "medclipsam weak ensemble")
+    return PredictSettings(output, t, chosen, save_maps, p.nsd_tolerance, json.dumps(parameters, sort_keys=True),
+                           masks)
 
 
 def run_weak_predict(model: str, input_uri: str, output: str, config: WeakConfig, gt: str | None = None,
@@ -153,6 +159,7 @@ def run_weak_predict(model: str, input_uri: str, output: str, config: WeakConfig
         cases = read_cohort(input_uri, gt)
     if not cases:
         raise InputError(f"{input_uri}: no cases")
+    check_dicom_sources(MaskOutput(tuple(config.output.mask_format)), [c.uri for c in cases])
     check_output_folder(output)  # before the ensemble is fetched and loaded
     folder = resolve_ensemble(pin.uri)
     pin = replace(pin, sha256=folder.sha256)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ..config import StrictModel, load_model
+from ..config import OutputConfig, StrictModel, load_model
 
 
 class TrainingSettings(StrictModel):
@@ -70,6 +70,7 @@ class WeakConfig(StrictModel):
     data: DataSettings = DataSettings()
     ensemble: EnsembleSettings = EnsembleSettings()
     prediction: PredictionSettings = PredictionSettings()
+    output: OutputConfig = OutputConfig()  # weak predict's mask formats (--mask-format) and SEG segment
     tracking: TrackingSettings = TrackingSettings()
 
 

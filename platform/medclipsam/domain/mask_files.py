@@ -1,0 +1,97 @@
+"""A case's mask in each file format asked for (``output.mask_format``, ``--mask-format``).
+
+One NIfTI or PNG mask is always written, since scoring, ``evaluate``, the report and weak training
+read it (``mask_uri``): ``auto`` (NIfTI 0/1 for a volume, PNG 0/255 for a 2D image), ``nifti`` (NIfTI
+0/1 for both) or ``png`` (2D images; a volume gets NIfTI, with a warning). ``dicom-seg`` adds
+``<case_id>.seg.dcm`` beside it for a case whose source is DICOM (a series folder or a ``.dcm``
+file); any other case gets a warning instead, so one mixed cohort still runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import InputError
+from ..storage.outputs import MASKS, case_file
+from .images import DICOM_EXTENSIONS, MedicalImage, extension_of, mask_extension, write_mask, write_sitk
+from .mask_formats import (
+    AUTO,
+    DICOM_SEG,
+    FILE_FORMATS,
+    NIFTI,
+    NOT_DICOM,
+    PNG,
+    PNG_VOLUME,
+    SEG_SUFFIX,
+    Segment,
+)
+
+
+def is_dicom_source(uri: str) -> bool:
+    """A ``.dcm`` file or a folder (the only folders a cohort lists are DICOM series), told from the URI."""
+    ext = extension_of(uri)
+    return ext in DICOM_EXTENSIONS or ext == ""
+
+
+@dataclass(frozen=True)
+class MaskOutput:
+    """How a run writes each case's mask (``output`` section of the config)."""
+
+    formats: tuple[str, ...] = (AUTO,)
+    segment: Segment = field(default_factory=lambda: Segment("target"))
+    description: str = "medclipsam"  # the SEG's series description: the task and the prompt source
+
+    @property
+    def wants_dicom(self) -> bool:
+        return DICOM_SEG in self.formats
+
+
+def check_dicom_sources(settings: MaskOutput, uris: list[str]) -> None:
+    """A DICOM format for a cohort with no DICOM case is a usage error (a mixed cohort is warned of per case)."""
+    if settings.wants_dicom and uris and not any(is_dicom_source(uri) for uri in uris):
+        raise InputError(f"--mask-format {DICOM_SEG} writes masks over their DICOM source, and none of the "
+                         f"{len(uris)} case(s) is a DICOM series folder or .dcm file (e.g. {', '.join(uris[:2])}); "
+                         f"use {', '.join(FILE_FORMATS)}")
+
+
+@dataclass
+class WrittenMasks:
+    mask_uri: str
+    formats: list[str]  # as written, e.g. ["nifti", "dicom-seg"]
+    warnings: list[str]
+
+
+def _file_format(image: MedicalImage, formats: tuple[str, ...]) -> tuple[str, list[str]]:
+    asked = next((name for name in formats if name in FILE_FORMATS), AUTO)
+    if asked == PNG and image.is_volume:
+        return NIFTI, [f"{PNG_VOLUME}: PNG holds 2D masks, so this volume's mask is NIfTI"]
+    if asked == AUTO:
+        return (NIFTI if mask_extension(image) == ".nii.gz" else PNG), []
+    return asked, []
+
+
+def write_case_masks(mask: np.ndarray, image: MedicalImage, source_uri: str, output: str, case_id: str,
+                     settings: MaskOutput) -> WrittenMasks:
+    """Write ``mask`` (``image``'s shape; ``image`` read from ``source_uri``) under ``output/masks/`` in
+    every format of ``settings``."""
+    kind, warnings = _file_format(image, settings.formats)
+    uri = case_file(output, MASKS, case_id, ".png" if kind == PNG else ".nii.gz")
+    if kind == NIFTI and not image.is_volume:  # a 2D NIfTI keeps 0/1, as a volume's does
+        write_sitk(sitk.GetImageFromArray((mask > 0).astype(np.uint8)), uri)
+    else:
+        write_mask(mask, image, uri)
+    written = WrittenMasks(uri, [kind], warnings)
+    if settings.wants_dicom:
+        if is_dicom_source(source_uri):
+            from .dicom_seg import write_dicom_seg  # highdicom takes a second to import: only when a SEG is due
+
+            write_dicom_seg(mask, source_uri, case_file(output, MASKS, case_id, SEG_SUFFIX), settings.segment,
+                            settings.description)
+            written.formats.append(DICOM_SEG)
+        else:
+            written.warnings.append(f"{NOT_DICOM}: no DICOM SEG, since the source ({extension_of(source_uri)}) "
+                                    "is not a DICOM series or file")
+    return written
