@@ -127,6 +127,15 @@ def sam_options(func):
     return func
 
 
+def mask_format_option(func):
+    """``--mask-format``: the config's ``output.mask_format``, for every command that writes masks."""
+    return click.option(
+        "--mask-format", default=None,
+        help="Mask file formats, comma-separated: one of auto (NIfTI for volumes, PNG for 2D images), nifti, png; "
+             "and dicom-seg (masks/<case_id>.seg.dcm, a DICOM SEG over a DICOM source) [default: the config's "
+             "output.mask_format, auto].")(func)
+
+
 def text_options(func):
     """--prompt and --clip-model: what to segment and with which CLIP model (text-driven runs)."""
     func = click.option("--clip-model", default=None,

@@ -9,6 +9,7 @@ from .common import (
     CaseProgress,
     exit_for_errors,
     fail,
+    mask_format_option,
     sam_options,
     start_ray,
     strict_option,
@@ -46,11 +47,12 @@ from .common import (
               help="MLflow tracking URI [default: the config's tracking.uri, $MLFLOW_TRACKING_URI, else "
                    "sqlite:///mlflow.db in the working directory].")
 @click.option("--experiment", default=None, help="MLflow experiment [default: the config's, medclipsam-pseudolabel].")
+@mask_format_option
 @strict_option
 @sam_options
 def pseudolabel(input_uri: str, output: str, gt_uri, text_prompts, clip_model, prompt_source: str,
                 save_saliency: bool | None, attribution: bool, pipeline_uri, address, tracking_uri, experiment,
-                strict: bool, config_path, **overrides) -> None:
+                mask_format: str | None, strict: bool, config_path, **overrides) -> None:
     """Pseudo-label a cohort on Ray Data: saliency and SAM actor pools, resumable, tracked in MLflow.
 
     Cases already completed under --output are skipped, so a killed run continues where it stopped.
@@ -63,7 +65,7 @@ def pseudolabel(input_uri: str, output: str, gt_uri, text_prompts, clip_model, p
     progress = CaseProgress()
     try:
         sections = {"pipeline": {"save_saliency": save_saliency or None},
-                    "tracking": {"uri": tracking_uri, "experiment": experiment}}
+                    "tracking": {"uri": tracking_uri, "experiment": experiment}, "output": {"mask_format": mask_format}}
         if pipeline_uri:
             registered, pins = _registered_pipeline(pipeline_uri, tracking_uri)
             config = task_config(None, registered, **sections)

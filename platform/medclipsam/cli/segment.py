@@ -9,6 +9,7 @@ from .common import (
     CaseProgress,
     exit_for_errors,
     fail,
+    mask_format_option,
     sam_options,
     strict_option,
     summarise_run,
@@ -31,11 +32,12 @@ from .common import (
 @click.option("--save-intermediates", is_flag=True,
               help="Text-driven mode: also write saliency maps (saliency/<case_id>.npy), coarse masks (coarse/) "
                    "and prompts (prompts/<case_id>.json).")
+@mask_format_option
 @strict_option
 @sam_options
 def segment(input_uri: str, output: str, gt_uri: str | None, boxes: str | None, points: str | None,
-            text_prompts: tuple[str, ...], clip_model: str | None, save_intermediates: bool, strict: bool,
-            config_path: str | None, **overrides) -> None:
+            text_prompts: tuple[str, ...], clip_model: str | None, save_intermediates: bool, mask_format: str | None,
+            strict: bool, config_path: str | None, **overrides) -> None:
     """Segment every image or volume given by --input.
 
     With --boxes and/or --points, SAM segments the given prompts. Without them, the text-driven
@@ -49,7 +51,7 @@ def segment(input_uri: str, output: str, gt_uri: str | None, boxes: str | None, 
 
     progress = CaseProgress(every_case=True)
     try:
-        config = task_config(config_path, **overrides)
+        config = task_config(config_path, output={"mask_format": mask_format}, **overrides)
         prompted = bool(boxes or points)
         if prompted and (text_prompts or clip_model or save_intermediates):
             fail("--prompt, --clip-model and --save-intermediates belong to the text-driven mode; "

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import MedClipSamError
-from .common import CaseProgress, exit_for_errors, fail, print_scores, start_ray, strict_option
+from .common import CaseProgress, exit_for_errors, fail, mask_format_option, print_scores, start_ray, strict_option
 
 
 @click.group()
@@ -115,20 +115,22 @@ def _print_training(result, register: str | None) -> None:
               help="Which checkpoints vote: the kept cycle epochs, those and checkpoint_final, or "
                    "checkpoint_final alone [default: the ensemble's, cycles].")
 @click.option("--save-maps", is_flag=True, help="Also write prob/<case>.npy and entropy/<case>.npy.")
-@click.option("--config", "config_path", default=None, help="Weak-supervision YAML (its prediction section).")
+@mask_format_option
+@click.option("--config", "config_path", default=None,
+              help="Weak-supervision YAML (its prediction and output sections).")
 @click.option("--local", is_flag=True, help="Predict in this process instead of a Ray Data actor pool.")
 @click.option("--address", default=None, help="Ray cluster address [default: the job's cluster, else a local Ray].")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI, for models:/ URIs.")
 @strict_option
-def predict(model, input_uri, output, gt_uri, threshold, members, save_maps, config_path, local, address,
-            tracking_uri, strict) -> None:
+def predict(model, input_uri, output, gt_uri, threshold, members, save_maps, mask_format, config_path, local,
+            address, tracking_uri, strict) -> None:
     """Segment a cohort with a trained ensemble: masks, per-case uncertainty, scores with --gt."""
     from ..runs.tracking import use_store
     from ..weak.predict import run_weak_predict
 
     progress = CaseProgress()
     try:
-        config = _weak_config(config_path, tracking={"uri": tracking_uri})
+        config = _weak_config(config_path, tracking={"uri": tracking_uri}, output={"mask_format": mask_format})
         uri = use_store(config.tracking.uri)
         result = run_weak_predict(model, input_uri, output, config, gt_uri, threshold, members, save_maps,
                                   "local" if local else "ray", uri, progress, connect=lambda: start_ray(address))
