@@ -1,6 +1,7 @@
 """A real volume written as a DICOM MR series with pydicom: every attribute of the MR Image IOD that
 dciodvfy checks, the slices' positions along the volume's own direction (axial or oblique), and the
-files named in a shuffled order, so that nothing downstream may rely on file names for slice order."""
+files named in a shuffled order, so that nothing downstream may rely on file names for slice order;
+and an RTSTRUCT read back onto such a series."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from skimage.draw import polygon2mask
 
 ORG_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root for generated UIDs
 
@@ -61,3 +63,23 @@ def write_mr_series(volume: sitk.Image, folder: Path, *, patient: str = "ANON^TE
         ds.PixelData = pixels[z].tobytes()
         ds.save_as(folder / f"IM{order[z]:04d}.dcm", enforce_file_format=True)
     return uids
+
+
+def rasterise_rtstruct(path: Path, series_folder: Path) -> tuple[np.ndarray, float]:
+    """An RTSTRUCT's first ROI filled back onto the series, even-odd per slice, by a route of its own:
+    SimpleITK's geometry of the series (not the Image Plane attributes the writer used) takes each
+    contour point to a voxel index. Also the largest distance, in slices, of a point off its slice."""
+    names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(series_folder))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(names)
+    volume = reader.Execute()
+    slice_of = {pydicom.dcmread(name, stop_before_pixels=True).SOPInstanceUID: z for z, name in enumerate(names)}
+    filled = np.zeros(sitk.GetArrayViewFromImage(volume).shape, bool)
+    off_plane = 0.0
+    for contour in pydicom.dcmread(path).ROIContourSequence[0].ContourSequence:
+        points = np.array(contour.ContourData, dtype=float).reshape(-1, 3)
+        index = np.array([volume.TransformPhysicalPointToContinuousIndex(tuple(p)) for p in points])
+        z = slice_of[contour.ContourImageSequence[0].ReferencedSOPInstanceUID]
+        off_plane = max(off_plane, float(np.abs(index[:, 2] - z).max()))
+        filled[z] ^= polygon2mask(filled.shape[1:], index[:, [1, 0]])  # (row, column) vertices
+    return filled, off_plane

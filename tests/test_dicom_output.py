@@ -1,6 +1,6 @@
 """``--mask-format dicom-seg`` through the commands: a mixed cohort (a DICOM MR series of the sample
-brain1 beside the NRRD breast1) gets a valid SEG for the DICOM case that holds the NIfTI mask's voxels
-and names the task's segment, a warning and NIfTI alone for the other; a cohort with no DICOM case is a
+brain1 beside the NRRD breast1) gets a valid SEG and RTSTRUCT for the DICOM case that hold the NIfTI
+mask's voxels and name the task's segment, a warning and NIfTI alone for the other; a cohort with no DICOM case is a
 usage error before any model loads."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pydicom
 import SimpleITK as sitk
 from click.testing import CliRunner
-from dicom_series import write_mr_series
+from dicom_series import rasterise_rtstruct, write_mr_series
 from test_dicom_seg import _on_grid, dciodvfy
 
 from medclipsam.cli import main
@@ -34,14 +34,16 @@ def test_a_mixed_cohort_gets_a_seg_for_its_dicom_case_and_a_warning_for_the_othe
     boxes.write_text(oracle_boxes_csv(str(labels), margin=2.0))
 
     run = CliRunner().invoke(main, ["segment", "--input", str(images), "--boxes", str(boxes), "--gt", str(labels),
-                                    "--config", "brain_tumor_mri", "--mask-format", "nifti,dicom-seg",
+                                    "--config", "brain_tumor_mri", "--mask-format", "nifti,dicom-seg,rtstruct",
                                     "--output", str(tmp_path / "out")])
     assert run.exit_code == 0, run.output
     rows = {r["case_id"]: r for r in pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()}
-    assert (rows["brain1"]["mask_formats"], rows["breast1"]["mask_formats"]) == ("nifti,dicom-seg", "nifti")
-    assert rows["breast1"]["warnings"].startswith("not DICOM: no DICOM SEG, since the source (.nrrd)")
+    assert (rows["brain1"]["mask_formats"], rows["breast1"]["mask_formats"]) == ("nifti,dicom-seg,rtstruct", "nifti")
+    assert rows["breast1"]["warnings"] == ("not DICOM: no dicom-seg, rtstruct, since the source (.nrrd) is not a "
+                                           "DICOM series or file")
     assert "warning: 1 case(s) with a not DICOM warning (breast1)" in run.output
-    assert not (tmp_path / "out" / "masks" / "breast1.seg.dcm").exists()
+    assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == [
+        "brain1.nii.gz", "brain1.rtstruct.dcm", "brain1.seg.dcm", "breast1.nii.gz"]
     assert rows["brain1"]["dsc"] > 0.8  # the boxes are the truth's: the run itself is sound
 
     seg_path = tmp_path / "out" / "masks" / "brain1.seg.dcm"
@@ -60,6 +62,12 @@ def test_a_mixed_cohort_gets_a_seg_for_its_dicom_case_and_a_warning_for_the_othe
     assert described.SegmentedPropertyTypeCodeSequence[0].CodeMeaning == "Neoplasm"
     assert seg.SeriesDescription == "medclipsam brain_tumor_mri: files prompts"
 
+    rtstruct = tmp_path / "out" / "masks" / "brain1.rtstruct.dcm"
+    assert not [line for line in dciodvfy(rtstruct).splitlines() if line.startswith("Error")]
+    filled, _ = rasterise_rtstruct(rtstruct, images / "brain1")
+    np.testing.assert_array_equal(filled, nifti)
+    assert pydicom.dcmread(rtstruct).StructureSetROISequence[0].ROIName == "brain tumour"
+
 
 def test_dicom_seg_for_a_cohort_without_dicom_is_a_usage_error_before_any_model(tmp_path, samples_root):
     boxes = tmp_path / "boxes.csv"
@@ -76,7 +84,8 @@ def test_dicom_seg_for_a_cohort_without_dicom_is_a_usage_error_before_any_model(
                                 "--output", str(tmp_path / "weak")])
     assert weak.exit_code == 2 and "none of the 5 case(s) is a DICOM series folder" in weak.output
     for formats, words in (("nifti,png", "nifti, png: give one of auto, nifti, png"),
-                           ("nifti,rtstruct", "unknown mask format rtstruct; choose from auto, nifti, png, dicom-seg")):
+                           ("nifti,rtss",
+                            "unknown mask format rtss; choose from auto, nifti, png, dicom-seg, rtstruct")):
         bad = runner.invoke(main, ["segment", "--input", str(samples_root / "images"), "--boxes", str(boxes),
                                    "--mask-format", formats, "--output", str(tmp_path / "out")])
         assert bad.exit_code == 2 and f"output.mask_format: {words}" in bad.output, bad.output

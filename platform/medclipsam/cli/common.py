@@ -132,7 +132,8 @@ def mask_format_option(func):
     return click.option(
         "--mask-format", default=None,
         help="Mask file formats, comma-separated: one of auto (NIfTI for volumes, PNG for 2D images), nifti, png; "
-             "and dicom-seg (masks/<case_id>.seg.dcm, a DICOM SEG over a DICOM source) [default: the config's "
+             "and dicom-seg (masks/<case_id>.seg.dcm, a DICOM SEG over a DICOM source), rtstruct "
+             "(masks/<case_id>.rtstruct.dcm, an RT Structure Set over it) [default: the config's "
              "output.mask_format, auto].")(func)
 
 

@@ -9,9 +9,6 @@ own. The source slices are given in the order of the volume ``read_image`` retur
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import highdicom as hd
 import numpy as np
 import pydicom
@@ -19,21 +16,11 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from .. import __version__, storage
-from ..errors import InputError, describe
-from .images import dicom_series_files
+from .dicom_sources import save_dataset, source_datasets
 from .mask_formats import Segment
 
 MANUFACTURER = "medclipsam"
 SEG_SERIES_NUMBER = 900  # after the scanner's own series, as viewers list them
-
-
-def source_datasets(local: str, uri: str) -> list[pydicom.Dataset]:
-    """The source's slices as pydicom datasets, in ``read_image``'s slice order (a single file: one)."""
-    names = dicom_series_files(local, uri) if os.path.isdir(local) else [local]
-    try:
-        return [pydicom.dcmread(name) for name in names]
-    except (pydicom.errors.InvalidDicomError, OSError, ValueError) as exc:
-        raise InputError(f"{uri}: cannot read the DICOM source of the mask ({describe(exc)})") from exc
 
 
 def _frames(mask: np.ndarray, sources: list[pydicom.Dataset], uri: str) -> np.ndarray:
@@ -68,7 +55,4 @@ def write_dicom_seg(mask: np.ndarray, source_uri: str, uri: str, segment: Segmen
     """Write ``mask`` (``read_image(source_uri)``'s shape) as a SEG at ``uri``, atomically."""
     with storage.local_copy(source_uri) as local:
         seg = segmentation(mask, source_datasets(local, source_uri), segment, description, source_uri)
-    with tempfile.TemporaryDirectory(prefix="medclipsam-") as tmp:
-        path = os.path.join(tmp, "seg.dcm")
-        seg.save_as(path)
-        storage.upload_file_atomic(path, uri)
+    save_dataset(seg, uri)

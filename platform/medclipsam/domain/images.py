@@ -40,6 +40,7 @@ MAX_VOXELS_ENV = "MEDCLIPSAM_MAX_VOXELS"
 DEFAULT_MAX_VOXELS = 1_500_000_000
 MAX_NON_FINITE_SHARE = 0.5  # an image or slice with more NaN/Inf voxels than this share has no picture left
 DICOM_STEP_TOLERANCE = 0.1  # the largest slice step may exceed the smallest by this share of it (0.1: 10%)
+FRAME_OF_REFERENCE = "0020|0052"  # FrameOfReferenceUID, as ITK names DICOM tags
 
 
 @dataclass
@@ -120,13 +121,18 @@ def _mm(value: float) -> str:
 
 
 def _check_dicom_geometry(headers: list[sitk.ImageFileReader], uri: str) -> None:
-    """The slices of a series must make one volume: one size, one orientation, evenly spaced.
+    """The slices of a series must make one volume: one frame of reference, size and orientation,
+    evenly spaced.
 
     ITK would stack mixed orientations silently, and give a series with a gap one spacing (so
     the mask would be written misplaced), so these are refused before any pixel is read.
     """
     if len(headers) < 2:
         return
+    frames = {h.GetMetaData(FRAME_OF_REFERENCE).strip() for h in headers if h.HasMetaDataKey(FRAME_OF_REFERENCE)}
+    if len(frames) > 1:
+        raise InputError(f"{uri}: DICOM series mixes {len(frames)} frames of reference (FrameOfReferenceUID), so "
+                         "its slices' positions are not in one space and it is not one volume")
     sizes = [tuple(h.GetSize()[:2]) for h in headers]
     odd = next((size for size in sizes if size != sizes[0]), None)
     if odd is not None:

@@ -3,12 +3,14 @@
 One NIfTI or PNG mask is always written, since scoring, ``evaluate``, the report and weak training
 read it (``mask_uri``): ``auto`` (NIfTI 0/1 for a volume, PNG 0/255 for a 2D image), ``nifti`` (NIfTI
 0/1 for both) or ``png`` (2D images; a volume gets NIfTI, with a warning). ``dicom-seg`` adds
-``<case_id>.seg.dcm`` beside it for a case whose source is DICOM (a series folder or a ``.dcm``
-file); any other case gets a warning instead, so one mixed cohort still runs.
+``<case_id>.seg.dcm`` and ``rtstruct`` ``<case_id>.rtstruct.dcm`` beside it for a case whose source
+is DICOM (a series folder or a ``.dcm`` file); any other case, or a DICOM source a format cannot
+cover (an RTSTRUCT needs patient geometry), gets a warning instead, so one mixed cohort still runs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,13 +21,15 @@ from ..storage.outputs import MASKS, case_file
 from .images import DICOM_EXTENSIONS, MedicalImage, extension_of, mask_extension, write_mask, write_sitk
 from .mask_formats import (
     AUTO,
-    DICOM_SEG,
+    DICOM_FORMATS,
     FILE_FORMATS,
     NIFTI,
+    NO_DICOM_OBJECT,
     NOT_DICOM,
     PNG,
     PNG_VOLUME,
-    SEG_SUFFIX,
+    RTSTRUCT,
+    SUFFIXES,
     Segment,
 )
 
@@ -45,14 +49,15 @@ class MaskOutput:
     description: str = "medclipsam"  # the SEG's series description: the task and the prompt source
 
     @property
-    def wants_dicom(self) -> bool:
-        return DICOM_SEG in self.formats
+    def dicom_formats(self) -> tuple[str, ...]:
+        return tuple(name for name in self.formats if name in DICOM_FORMATS)
 
 
 def check_dicom_sources(settings: MaskOutput, uris: list[str]) -> None:
     """A DICOM format for a cohort with no DICOM case is a usage error (a mixed cohort is warned of per case)."""
-    if settings.wants_dicom and uris and not any(is_dicom_source(uri) for uri in uris):
-        raise InputError(f"--mask-format {DICOM_SEG} writes masks over their DICOM source, and none of the "
+    if settings.dicom_formats and uris and not any(is_dicom_source(uri) for uri in uris):
+        raise InputError(f"--mask-format {','.join(settings.dicom_formats)} writes masks over their DICOM source, "
+                         f"and none of the "
                          f"{len(uris)} case(s) is a DICOM series folder or .dcm file (e.g. {', '.join(uris[:2])}); "
                          f"use {', '.join(FILE_FORMATS)}")
 
@@ -84,14 +89,27 @@ def write_case_masks(mask: np.ndarray, image: MedicalImage, source_uri: str, out
     else:
         write_mask(mask, image, uri)
     written = WrittenMasks(uri, [kind], warnings)
-    if settings.wants_dicom:
-        if is_dicom_source(source_uri):
-            from .dicom_seg import write_dicom_seg  # highdicom takes a second to import: only when a SEG is due
-
-            write_dicom_seg(mask, source_uri, case_file(output, MASKS, case_id, SEG_SUFFIX), settings.segment,
-                            settings.description)
-            written.formats.append(DICOM_SEG)
-        else:
-            written.warnings.append(f"{NOT_DICOM}: no DICOM SEG, since the source ({extension_of(source_uri)}) "
-                                    "is not a DICOM series or file")
+    if settings.dicom_formats and not is_dicom_source(source_uri):
+        written.warnings.append(f"{NOT_DICOM}: no {', '.join(settings.dicom_formats)}, since the source "
+                                f"({extension_of(source_uri)}) is not a DICOM series or file")
+        return written
+    for name in settings.dicom_formats:
+        try:
+            _dicom_writer(name)(mask, source_uri, case_file(output, MASKS, case_id, SUFFIXES[name]),
+                                settings.segment, settings.description)
+        except InputError as exc:  # the case keeps its mask file; the reason is its warning
+            written.warnings.append(f"{NO_DICOM_OBJECT}: {exc}")
+            continue
+        written.formats.append(name)
     return written
+
+
+def _dicom_writer(name: str) -> Callable[..., None]:
+    """The writer of a DICOM format, imported when first due (highdicom takes a second to import)."""
+    if name == RTSTRUCT:
+        from .rtstruct import write_rtstruct
+
+        return write_rtstruct
+    from .dicom_seg import write_dicom_seg
+
+    return write_dicom_seg

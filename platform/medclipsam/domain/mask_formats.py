@@ -6,11 +6,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-AUTO, NIFTI, PNG, DICOM_SEG = "auto", "nifti", "png", "dicom-seg"
+AUTO, NIFTI, PNG, DICOM_SEG, RTSTRUCT = "auto", "nifti", "png", "dicom-seg", "rtstruct"
 FILE_FORMATS = (AUTO, NIFTI, PNG)
-MASK_FORMATS = (*FILE_FORMATS, DICOM_SEG)
-SEG_SUFFIX = ".seg.dcm"
-NOT_DICOM = "not DICOM"  # the warning's kind (pipeline.flags.summary groups by it)
+DICOM_FORMATS = (DICOM_SEG, RTSTRUCT)  # written over a DICOM source, beside the mask file
+MASK_FORMATS = (*FILE_FORMATS, *DICOM_FORMATS)
+SUFFIXES = {DICOM_SEG: ".seg.dcm", RTSTRUCT: ".rtstruct.dcm"}
+NOT_DICOM = "not DICOM"  # the warnings' kinds (pipeline.flags.summary groups by them)
+NO_DICOM_OBJECT = "no DICOM object"
 PNG_VOLUME = "png of a volume"
 
 
