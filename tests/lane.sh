@@ -10,12 +10,16 @@ python=$1 name=$2
 shift 2
 tmp=$(mktemp -d -t "mcs-$name-XXXXXX")
 failed=()
+log=$tmp/lane.log
 for args in "$@"; do
     # shellcheck disable=SC2086  # each argument is one pytest command line, split on purpose
     TMPDIR=$tmp PYTHONUNBUFFERED=1 "$python" -m pytest -q -p no:cacheprovider --durations=5 $args 2>&1 \
-        | sed -u "s/^/[$name] /" || failed+=("$args")
+        | sed -u "s/^/[$name] /" | tee -a "$log" || failed+=("$args")
 done
 if ((${#failed[@]})); then
+    # Ray's workers print long tracebacks as a process ends: the tests that failed are repeated
+    # here, last, where a log's tail shows them.
+    grep -E "^\[$name\] (FAILED|ERROR) [^ :]+\.py" "$log" | cut -c1-300
     for args in "${failed[@]}"; do
         echo "[$name] FAILED: pytest $args"
     done

@@ -9,6 +9,7 @@ this package's retry layer and nothing else.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -81,9 +82,10 @@ def test_an_outage_longer_than_the_budget_is_one_sentence(store, monkeypatch):
     took = time.monotonic() - begin
     message = str(caught.value)
     assert message.startswith(f"{bucket}/c.bin: the object store did not answer (")
-    assert "tries over" in message and "last: EndpointConnectionError: Could not connect" in message
+    # a loaded machine can spend the whole budget on one try: the count is not the point
+    assert re.search(r"\(\d+ tr(?:y|ies) over \d+ s; last: EndpointConnectionError: Could not", message)
     assert "\n" not in message and caught.value.exit_code == 1
-    assert 1.0 <= took <= 4.0  # about the budget, not the whole outage
+    assert 1.0 <= took < 5.5  # about the budget, not the whole 6 s outage (a slow last try may overrun it)
     returned.join()
 
 
