@@ -176,7 +176,7 @@ def test_a_truth_lost_to_an_outage_fails_the_case_and_a_bad_truth_does_not(tmp_p
     settings = AssemblySettings(str(tmp_path), "labels")
 
     def truth_from(error):
-        def read(uri):
+        def read(uri, like=None):
             raise error
         return read
 

@@ -18,8 +18,11 @@ from .common import fail, print_scores
 @click.option("--geometry", type=click.Choice(["warn", "fail", "ignore"]), default="warn", show_default=True,
               help="A prediction whose spacing, origin or direction differs from its truth's: scored with a "
                    "warning, failed, or scored silently.")
+@click.option("--gt-segment", default=None,
+              help="For DICOM SEG truths (<case_id>.seg.dcm) holding several segments: the one to score, by "
+                   "number or label [default: a SEG's only segment].")
 @click.option("--output", default=None, help="Write the per-case table here (.csv or .parquet).")
-def evaluate(pred: str, gt: str, tolerance: float, geometry: str, output: str | None) -> None:
+def evaluate(pred: str, gt: str, tolerance: float, geometry: str, gt_segment: str | None, output: str | None) -> None:
     """Per-case DSC, NSD and HD95 of predictions against ground truth, and their means."""
     from ..eval.evaluation import evaluate as run_evaluation
     from ..eval.evaluation import write_table
@@ -28,7 +31,7 @@ def evaluate(pred: str, gt: str, tolerance: float, geometry: str, output: str | 
     try:
         if output:
             check_output_file(output)  # before any case is scored
-        rows, summary = run_evaluation(pred, gt, tolerance, geometry)
+        rows, summary = run_evaluation(pred, gt, tolerance, geometry, gt_segment)
     except MedClipSamError as exc:
         fail(str(exc), exc.exit_code)
     print_scores(rows, summary)

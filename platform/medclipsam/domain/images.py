@@ -41,6 +41,8 @@ DEFAULT_MAX_VOXELS = 1_500_000_000
 MAX_NON_FINITE_SHARE = 0.5  # an image or slice with more NaN/Inf voxels than this share has no picture left
 DICOM_STEP_TOLERANCE = 0.1  # the largest slice step may exceed the smallest by this share of it (0.1: 10%)
 FRAME_OF_REFERENCE = "0020|0052"  # FrameOfReferenceUID, as ITK names DICOM tags
+SERIES_UID = "0020|000e"  # SeriesInstanceUID
+SEG_FILE_SUFFIX = ".seg.dcm"  # a DICOM SEG named for its case: a mask, not an image (case_id without it)
 
 
 @dataclass
@@ -56,6 +58,8 @@ class MedicalImage:
     origin: tuple[float, ...]
     direction: tuple[float, ...]
     uri: str = ""
+    series_uid: str = ""  # a DICOM source's SeriesInstanceUID and FrameOfReferenceUID ("" otherwise):
+    frame_of_reference: str = ""  # what a DICOM SEG ground truth is checked against
 
     @property
     def spacing_array_order(self) -> tuple[float, ...]:
@@ -72,9 +76,15 @@ def extension_of(uri: str) -> str:
     return os.path.splitext(name)[1]
 
 
+def is_seg_file(uri: str) -> bool:
+    return uri.lower().endswith(SEG_FILE_SUFFIX)
+
+
 def case_id_from_uri(uri: str) -> str:
-    """The file (or DICOM series folder) name without its image extension."""
+    """The file (or DICOM series folder) name without its image extension (a SEG's: ``.seg.dcm``)."""
     name = storage.basename(uri)
+    if is_seg_file(name):
+        return name[: -len(SEG_FILE_SUFFIX)]
     ext = extension_of(uri)
     if ext in SUPPORTED_EXTENSIONS:
         return name[: len(name) - len(ext)]
@@ -186,11 +196,17 @@ def dicom_series_files(folder: str, uri: str) -> list[str]:
     return _dicom_series(folder, uri)[0]
 
 
-def _read_dicom_series(folder: str, uri: str) -> sitk.Image:
-    names = dicom_series_files(folder, uri)
+def _read_dicom_series(folder: str, uri: str) -> tuple[sitk.Image, tuple[str, str]]:
+    names, headers, _ = _dicom_series(folder, uri)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(names)
-    return reader.Execute()
+    return reader.Execute(), _dicom_identity(headers[0])
+
+
+def _dicom_identity(header: sitk.ImageFileReader | sitk.Image) -> tuple[str, str]:
+    """The series and frame-of-reference UIDs of a DICOM header ("" where absent)."""
+    return tuple(header.GetMetaData(key).strip() if header.HasMetaDataKey(key) else ""  # type: ignore[return-value]
+                 for key in (SERIES_UID, FRAME_OF_REFERENCE))
 
 
 _SITK_PREFIX = re.compile(r"Exception thrown in SimpleITK \w+:\s*")
@@ -349,15 +365,21 @@ def read_image(uri: str) -> MedicalImage:
     """Read a 2D image, a volume or a DICOM series folder from a path or URI."""
     is_dir = _check_input(uri)
     ext = extension_of(uri)
+    identity = ("", "")
     with storage.local_copy(uri) as local:
         try:
-            image = _read_dicom_series(local, uri) if is_dir else _read_file(local, uri)
+            if is_dir:
+                image, identity = _read_dicom_series(local, uri)
+            else:
+                image = _read_file(local, uri)
+                identity = _dicom_identity(image) if ext in DICOM_EXTENSIONS else identity
         except RuntimeError as exc:  # SimpleITK reports unreadable files as RuntimeError
             raise InputError(f"{uri}: cannot read image ({_decoder_reason(exc, local, uri)})") from exc
     result = _to_medical_image(
         image, uri, force_2d=ext in IMAGE_2D_EXTENSIONS and image.GetDimension() == 2,
         single_frame_is_2d=not is_dir and ext in DICOM_EXTENSIONS,
     )
+    result.series_uid, result.frame_of_reference = identity
     # A few NaN/Inf voxels are left to the windowing, which ignores them; most of them is an error.
     values = result.array
     if check_finite(values, uri):
@@ -401,10 +423,18 @@ def write_sitk(image: sitk.Image, uri: str) -> None:
         storage.upload_file_atomic(local, uri)
 
 
-def read_mask(uri: str) -> MedicalImage:
-    """Read a mask (any supported format) as a boolean array with its geometry."""
+def read_mask(uri: str, like: MedicalImage | None = None, segment: int | str | None = None) -> MedicalImage:
+    """Read a mask (any supported format) as a boolean array with its geometry.
+
+    A DICOM SEG (``<case_id>.seg.dcm``) has no grid of its own beyond its frames: it is mapped onto
+    ``like``, the image (or mask) it is compared with; ``segment`` picks one of several segments by
+    number or label."""
     if not storage.exists(uri):
         raise InputError(f"{uri}: no such file or object")
+    if is_seg_file(uri):
+        from .seg_truth import read_seg_mask  # highdicom takes a second to import: only for a SEG
+
+        return read_seg_mask(uri, like, segment)
     with storage.local_copy(uri) as local:
         try:
             image = _read_file(local, uri)

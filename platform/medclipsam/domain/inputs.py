@@ -12,7 +12,7 @@ import logging
 from .. import storage
 from ..errors import InputError
 from ..storage.retry import is_transient
-from .images import DICOM_EXTENSIONS, case_id_from_uri, extension_of, is_supported
+from .images import DICOM_EXTENSIONS, case_id_from_uri, extension_of, is_seg_file, is_supported
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,9 @@ def _has_dicom_magic(uri: str) -> bool:
 
 
 def _looks_like_dicom_folder(files: list[str]) -> bool:
-    """Every file is .dcm/.dicom or has no extension, and the first one is a DICOM file."""
-    if not files:
+    """Every file is .dcm/.dicom or has no extension, and the first one is a DICOM file; a folder of
+    ``<case_id>.seg.dcm`` masks is no series."""
+    if not files or any(is_seg_file(f) for f in files):
         return False
     plausible = all(f.lower().endswith(DICOM_EXTENSIONS) or "." not in storage.basename(f) for f in files)
     return plausible and _has_dicom_magic(files[0])
@@ -75,7 +76,8 @@ def list_cases(uri: str) -> dict[str, str]:
     """{case_id: URI} for a file, a folder/prefix of images, or a DICOM series folder.
 
     In a folder, every supported image file is a case, and so is every sub-folder holding a
-    DICOM series (case_id = folder name); links to either count as they do. Other files and
+    DICOM series (case_id = folder name) and every ``<case_id>.seg.dcm`` (a DICOM SEG mask, which
+    gives way to a mask file of the same case); links to either count as they do. Other files and
     broken links are skipped with a log line. Two inputs with the same case_id are an error,
     since prompts and outputs are keyed by it.
     """
@@ -89,13 +91,15 @@ def list_cases(uri: str) -> dict[str, str]:
     if _looks_like_dicom_folder(files):
         return {storage.basename(uri): uri}
     cases: dict[str, str] = {}
-    candidates = [f for f in files if is_supported(f) and not f.lower().endswith(DICOM_EXTENSIONS)]
+    candidates = [f for f in files if is_seg_file(f) or (is_supported(f) and not f.lower().endswith(DICOM_EXTENSIONS))]
     skipped = [f"{link} (broken link)" for link in broken] + [f for f in files if f not in candidates]
     for sub in subfolders:
         if _looks_like_dicom_folder(_entries(sub)[0]):
             candidates.append(sub)
-    for candidate in candidates:
+    for candidate in sorted(candidates, key=is_seg_file):  # a run's masks/: its SEG is a copy of the mask file
         case_id = case_id_from_uri(candidate)
+        if case_id in cases and is_seg_file(candidate) and not is_seg_file(cases[case_id]):
+            continue
         if case_id in cases:
             raise InputError(f"two inputs share case_id '{case_id}': {cases[case_id]} and {candidate}")
         cases[case_id] = candidate

@@ -57,10 +57,12 @@ def geometry_mismatch(pred: MedicalImage, truth: MedicalImage) -> str:
     return ""
 
 
-def evaluate_case(case_id: str, pred_uri: str, gt_uri: str, tolerance: float, geometry: str = "warn") -> EvaluationRow:
+def evaluate_case(case_id: str, pred_uri: str, gt_uri: str, tolerance: float, geometry: str = "warn",
+                  gt_segment: str | None = None) -> EvaluationRow:
     row = EvaluationRow(case_id, pred_uri, gt_uri, tolerance=tolerance)
     try:
-        pred, truth = read_mask(pred_uri), read_mask(gt_uri)
+        pred = read_mask(pred_uri)
+        truth = read_mask(gt_uri, like=pred, segment=gt_segment)  # a SEG truth is laid onto the prediction's grid
         mismatch = geometry_mismatch(pred, truth) if geometry != "ignore" else ""
         if mismatch and geometry == "fail":
             row.status, row.error = "error", f"{pred_uri}: {mismatch}"
@@ -73,8 +75,8 @@ def evaluate_case(case_id: str, pred_uri: str, gt_uri: str, tolerance: float, ge
     return row
 
 
-def evaluate(pred: str, gt: str, tolerance: float = DEFAULT_TOLERANCE,
-             geometry: str = "warn") -> tuple[list[EvaluationRow], dict[str, float]]:
+def evaluate(pred: str, gt: str, tolerance: float = DEFAULT_TOLERANCE, geometry: str = "warn",
+             gt_segment: str | None = None) -> tuple[list[EvaluationRow], dict[str, float]]:
     """Score every predicted case that has a ground truth of the same case_id.
 
     Returns the per-case rows and a summary (means over scored cases; HD95 over finite values).
@@ -99,7 +101,8 @@ def evaluate(pred: str, gt: str, tolerance: float = DEFAULT_TOLERANCE,
             rows.append(EvaluationRow(case_id, "", truths[case_id], status="missing_pred",
                                       error=f"no prediction for case '{case_id}' under {pred}"))
         else:
-            rows.append(evaluate_case(case_id, predictions[case_id], truths[case_id], tolerance, geometry))
+            rows.append(evaluate_case(case_id, predictions[case_id], truths[case_id], tolerance, geometry,
+                                      gt_segment))
     scored = [r for r in rows if r.status == "ok"]
     summary = {
         "n_scored": float(len(scored)),

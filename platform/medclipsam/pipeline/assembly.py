@@ -162,7 +162,7 @@ def _write_outputs(rows: list[SliceRow], record: CaseRecord, settings: AssemblyS
     truth = None
     if record.gt_uri:
         try:
-            truth = read_mask(record.gt_uri)
+            truth = read_mask(record.gt_uri, like=image)
             scores = score_mask(mask, record.mask_uri, truth, settings.tolerance)
             record.dsc, record.nsd, record.hd95 = scores.dsc, scores.nsd, scores.hd95
             _attribute(rows, record, truth)

@@ -228,7 +228,7 @@ def _given_prompts(task: CaseTask, image: MedicalImage, source: str, settings: I
         return {}
     if not task.gt_uri:
         raise ValueError("box prompts from labels need a ground truth (gt_uri) for this case")
-    label = read_mask(task.gt_uri)
+    label = read_mask(task.gt_uri, like=image)
     expected = image.array.shape if image.is_volume else image.array.shape[:2]
     if label.array.shape != expected:
         raise ValueError(f"ground truth {task.gt_uri} has shape {label.array.shape}, image {expected}")

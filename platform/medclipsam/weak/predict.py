@@ -82,7 +82,8 @@ def predict_case(ensemble: Ensemble, case: CohortCase, settings: PredictSettings
             _save_array(entropy, case_file(settings.output, ENTROPY, case.case_id, ".npy"))
         if case.gt_uri:
             try:
-                scores = score_mask(mask, record.mask_uri, read_mask(case.gt_uri), settings.tolerance)
+                scores = score_mask(mask, record.mask_uri, read_mask(case.gt_uri, like=image),
+                                    settings.tolerance)
                 record.dsc, record.nsd, record.hd95 = scores.dsc, scores.nsd, scores.hd95
             except StorageUnavailable:  # not the truth's fault: the case fails, and a resume scores it
                 raise
