@@ -85,7 +85,14 @@ def test_dicom_seg_for_a_cohort_without_dicom_is_a_usage_error_before_any_model(
     assert weak.exit_code == 2 and "none of the 5 case(s) is a DICOM series folder" in weak.output
     for formats, words in (("nifti,png", "nifti, png: give one of auto, nifti, png"),
                            ("nifti,rtss",
-                            "unknown mask format rtss; choose from auto, nifti, png, dicom-seg, rtstruct")):
+                            "unknown mask format rtss; choose from auto, nifti, png, dicom-seg, rtstruct, "
+                            "fractional-seg")):
         bad = runner.invoke(main, ["segment", "--input", str(samples_root / "images"), "--boxes", str(boxes),
                                    "--mask-format", formats, "--output", str(tmp_path / "out")])
         assert bad.exit_code == 2 and f"output.mask_format: {words}" in bad.output, bad.output
+    fractional = runner.invoke(main, ["pseudolabel", "--input", str(samples_root / "images"), "--prompt", "a tumour",
+                                      "--mask-format", "dicom-seg,fractional-seg", "--output", str(tmp_path / "pl")])
+    assert fractional.exit_code == 2 and "Traceback" not in fractional.output
+    assert ("--mask-format fractional-seg writes the probabilities of weak predict's ensemble, and SAM's masks "
+            "(segment, pseudolabel) have none") in fractional.output
+    assert not (tmp_path / "pl").exists()

@@ -15,10 +15,14 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from dicom_series import write_mr_series
+from scipy import ndimage
 
 from medclipsam import __version__
 from medclipsam.domain.dicom_seg import Segment, write_dicom_seg
 from medclipsam.domain.images import dicom_series_files, read_image, read_mask, write_mask
+from medclipsam.domain.inputs import list_cases
+from medclipsam.domain.mask_files import MaskOutput, check_dicom_sources, write_case_masks
+from medclipsam.domain.mask_formats import AUTO, DICOM_SEG, FRACTIONAL_SEG, NIFTI
 from medclipsam.errors import InputError
 
 
@@ -134,3 +138,45 @@ def test_a_mask_that_does_not_fit_its_source_or_a_source_that_is_not_dicom_is_a_
     with pytest.raises(InputError, match=r"scan.dcm: cannot read the DICOM source of the mask \("):
         write_dicom_seg(np.zeros((8, 8), bool), str(not_dicom), str(tmp_path / "y.dcm"), Segment("m"), "d")
     assert not (tmp_path / "x.dcm").exists() and not (tmp_path / "y.dcm").exists()
+
+
+def test_a_probability_seg_holds_the_probabilities_within_its_quantisation(series, tmp_path):
+    """``fractional-seg`` beside the binary SEG, as weak predict writes them: each voxel's stored value is
+    round(255 p), so reading it back gives p within 1/510; frames whose p all round to 0 are left out."""
+    _, folder, _, label = series
+    image = read_image(str(folder))
+    mask = _on_grid(label, image)
+    distance = ndimage.distance_transform_edt(~mask) - ndimage.distance_transform_edt(mask)
+    p = (1.0 / (1.0 + np.exp(distance / 2.0))).astype(np.float32)  # a soft tumour: 1/2 on its boundary
+    p[p < 1e-3] = 0.0
+    p[~mask.any(axis=(1, 2))] = 0.0  # slices without tumour: no frame
+    settings = MaskOutput((NIFTI, DICOM_SEG, FRACTIONAL_SEG), Segment("tumour"), "medclipsam weak ensemble")
+    written = write_case_masks(p > 0.5, image, str(folder), str(tmp_path), "brain1", settings, p)
+    assert written.formats == ["nifti", "dicom-seg", "fractional-seg"] and not written.warnings
+    path = tmp_path / "masks" / "brain1.prob.seg.dcm"
+    report = dciodvfy(path)
+    assert "Segmentation" in report and not [line for line in report.splitlines() if line.startswith("Error")], report
+
+    seg = hd.seg.segread(path)
+    assert (seg.SegmentationType, seg.SegmentationFractionalType, seg.MaximumFractionalValue) == (
+        "FRACTIONAL", "PROBABILITY", 255)
+    assert seg.SeriesDescription == "medclipsam weak ensemble (probability)" and seg.SeriesNumber == 902
+    order = [pydicom.dcmread(name, stop_before_pixels=True).SOPInstanceUID
+             for name in dicom_series_files(str(folder), str(folder))]
+    back = seg.get_pixels_by_source_instance(order, segment_numbers=[1], assert_missing_frames_are_empty=True)[..., 0]
+    assert back.dtype.kind == "f" and 0.0 < np.abs(back - p).max() <= 1 / 510 + 1e-6
+    stored = seg.get_pixels_by_source_instance(order, segment_numbers=[1], rescale_fractional=False)[..., 0]
+    np.testing.assert_array_equal(stored, np.round(p * 255))
+    binary = hd.seg.segread(tmp_path / "masks" / "brain1.seg.dcm")
+    assert seg.NumberOfFrames == binary.NumberOfFrames == int(mask.any(axis=(1, 2)).sum()) < len(order)
+    assert binary.SegmentationType == "BINARY" and binary.SeriesInstanceUID != seg.SeriesInstanceUID
+    assert list_cases(str(tmp_path / "masks")) == {"brain1": str(tmp_path / "masks" / "brain1.nii.gz")}
+
+
+def test_only_a_run_with_probabilities_takes_the_probability_format(series, tmp_path):
+    _, folder, _, _ = series
+    settings = MaskOutput((AUTO, FRACTIONAL_SEG))
+    with pytest.raises(InputError, match=r"^--mask-format fractional-seg writes the probabilities of weak "
+                                         r"predict's ensemble, and SAM's masks \(segment, pseudolabel\) have none"):
+        check_dicom_sources(settings, [str(folder)])
+    check_dicom_sources(settings, [str(folder)], probabilities=True)

@@ -11,16 +11,19 @@ import json
 import os
 import shutil
 
+import highdicom as hd
 import numpy as np
 import pyarrow.parquet as pq
+import pydicom
 import pytest
 import SimpleITK as sitk
 from click.testing import CliRunner
+from dicom_series import write_mr_series
 from disc_cohort import disc_images
 from ray_faults import KillWorkersOnce
 
 from medclipsam.cli import main
-from medclipsam.domain.images import read_image, read_mask
+from medclipsam.domain.images import dicom_series_files, read_image, read_mask
 from medclipsam.weak.dataset import cases_from_folders, nnunet_input
 from medclipsam.weak.ensemble import Ensemble, resolve_ensemble
 from medclipsam.weak.nnunet_env import CONFIGURATION, FOLD, TRAINER_NAME, nnunet_environment, trained_folder
@@ -146,7 +149,8 @@ def test_ensemble_averages_the_members_probabilities(trained):
 
 def test_weak_predict_from_the_registry(trained, tmp_path):
     """``weak predict --model models:/weak-test@champion`` on Ray Data: masks with the source geometry,
-    the manifest's uncertainty equals the saved maps' score, scores against the truth."""
+    the manifest's uncertainty equals the saved maps' score, scores against the truth; the stack written as
+    a DICOM series also gets a binary SEG of its mask and a FRACTIONAL SEG of its probabilities."""
     data = trained["data"]
     volume = np.stack([sitk.GetArrayFromImage(sitk.ReadImage(str(data / "images" / f"c{i}.png"))) for i in range(3)])
     cohort = tmp_path / "cohort"
@@ -155,19 +159,23 @@ def test_weak_predict_from_the_registry(trained, tmp_path):
     image.SetSpacing((1.0, 1.0, 2.5))
     image.SetOrigin((4.0, -3.0, 10.0))
     sitk.WriteImage(image, str(cohort / "stack.nii.gz"))
+    write_mr_series(image, cohort / "stackdcm")
     out = tmp_path / "predicted"
     result = CliRunner().invoke(main, ["weak", "predict", "--model", "models:/weak-test@champion", "--input",
                                        str(cohort), "--gt", str(data / "labels"), "--output", str(out),
-                                       "--save-maps", "--tracking-uri", trained["tracking"]])
+                                       "--save-maps", "--mask-format", "auto,dicom-seg,fractional-seg",
+                                       "--tracking-uri", trained["tracking"]])
     assert result.exit_code == 0, result.output
-    assert "9 case(s): ok=9 (0 done earlier, 9 now" in result.output
+    assert "10 case(s): ok=10 (0 done earlier, 10 now" in result.output
     version = trained["result"].version
     recorded = json.loads((out / "run.json").read_text())["models"][0]
     assert recorded["role"] == "ensemble"
     assert recorded["requested"] == "models:/weak-test@champion" and recorded["version"] == version
     assert recorded["uri"] == f"models:/weak-test/{version}"
     rows = {r["case_id"]: r for r in pq.read_table(out / "manifest.parquet").to_pylist()}
-    assert sorted(rows) == sorted([f"c{i}" for i in range(8)] + ["stack"])
+    assert sorted(rows) == sorted([f"c{i}" for i in range(8)] + ["stack", "stackdcm"])
+    assert {case: row["mask_formats"] for case, row in rows.items() if row["mask_formats"] != "png"} == {
+        "stack": "nifti", "stackdcm": "nifti,dicom-seg,fractional-seg"}
     for case, row in rows.items():
         p = np.load(out / "prob" / f"{case}.npy")
         mask = read_mask(row["mask_uri"]).array
@@ -177,6 +185,17 @@ def test_weak_predict_from_the_registry(trained, tmp_path):
         assert row["uncertainty"] == pytest.approx(case_uncertainty(entropy, mask), rel=1e-6)
         # the alias was resolved once, at the start: the manifest names the version
         assert row["backend"] == "nnunet-ensemble" and row["checkpoint"] == f"models:/weak-test/{version}"
+    order = [pydicom.dcmread(name, stop_before_pixels=True).SOPInstanceUID
+             for name in dicom_series_files(str(cohort / "stackdcm"), "stackdcm")]
+    fractional = hd.seg.segread(out / "masks" / "stackdcm.prob.seg.dcm")
+    assert fractional.SegmentationType == "FRACTIONAL"
+    stored = fractional.get_pixels_by_source_instance(order, segment_numbers=[1], rescale_fractional=False)
+    p = np.load(out / "prob" / "stackdcm.npy")
+    np.testing.assert_array_equal(stored[..., 0], np.round(p * 255))  # the ensemble's mean, in steps of 1/255
+    binary = hd.seg.segread(out / "masks" / "stackdcm.seg.dcm").get_pixels_by_source_instance(
+        order, segment_numbers=[1], combine_segments=True, assert_missing_frames_are_empty=True)
+    np.testing.assert_array_equal(binary > 0, p > 0.2)
+    np.testing.assert_allclose(p, np.load(out / "prob" / "stack.npy"), atol=1e-5)  # same voxels, same model
     stack = read_mask(rows["stack"]["mask_uri"])
     assert stack.array.shape == (3, 64, 64) and stack.spacing == pytest.approx((1.0, 1.0, 2.5))
     assert stack.origin == pytest.approx((4.0, -3.0, 10.0))
@@ -184,7 +203,7 @@ def test_weak_predict_from_the_registry(trained, tmp_path):
     assert np.mean(scored) > 0.6, scored  # the ensemble learned the discs
     rerun = CliRunner().invoke(main, ["weak", "predict", "--model", "models:/weak-test@champion", "--input",
                                       str(cohort), "--output", str(out), "--tracking-uri", trained["tracking"]])
-    assert rerun.exit_code == 0 and "(9 done earlier, 0 now" in rerun.output
+    assert rerun.exit_code == 0 and "(10 done earlier, 0 now" in rerun.output
 
 
 def test_gate_scores_an_ensemble_through_weak_predict(trained, tmp_path):

@@ -214,7 +214,7 @@ class SegmentConfig(StrictModel):
 class OutputConfig(StrictModel):
     """How each case's mask is written (``--mask-format``): the formats, and the SEG's segment."""
 
-    mask_format: list[str] = ["auto"]  # auto | nifti | png, and dicom-seg and/or rtstruct; a comma-separated string too
+    mask_format: list[str] = ["auto"]  # auto | nifti | png, + dicom-seg, rtstruct, fractional-seg; or "a,b"
     segment: SegmentConfig = SegmentConfig()
 
     @field_validator("mask_format", mode="before")

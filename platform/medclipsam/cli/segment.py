@@ -7,6 +7,7 @@ import click
 from ..errors import MedClipSamError
 from .common import (
     CaseProgress,
+    case_id_tag_option,
     exit_for_errors,
     fail,
     mask_format_option,
@@ -34,10 +35,11 @@ from .common import (
                    "and prompts (prompts/<case_id>.json).")
 @mask_format_option
 @strict_option
+@case_id_tag_option
 @sam_options
 def segment(input_uri: str, output: str, gt_uri: str | None, boxes: str | None, points: str | None,
             text_prompts: tuple[str, ...], clip_model: str | None, save_intermediates: bool, mask_format: str | None,
-            strict: bool, config_path: str | None, **overrides) -> None:
+            strict: bool, case_id_tag: str | None, config_path: str | None, **overrides) -> None:
     """Segment every image or volume given by --input.
 
     With --boxes and/or --points, SAM segments the given prompts. Without them, the text-driven
@@ -60,7 +62,8 @@ def segment(input_uri: str, output: str, gt_uri: str | None, boxes: str | None, 
             fail("give --boxes/--points, or a text prompt (--prompt, a config with text.prompts, or a prompt "
                  "column in an input manifest)")
         job = Job(config, input_uri, output, SOURCE_FILES if prompted else SOURCE_TEXT, gt_uri, tuple(text_prompts),
-                  clip_uri=clip_model, boxes_csv=boxes, points_csv=points, save_intermediates=save_intermediates)
+                  clip_uri=clip_model, boxes_csv=boxes, points_csv=points, save_intermediates=save_intermediates,
+                  case_id_tag=case_id_tag)
         result = run_job(job, "local", progress, resume=False, track=False)
     except MedClipSamError as exc:
         fail(str(exc), exc.exit_code)

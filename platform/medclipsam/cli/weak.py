@@ -9,7 +9,16 @@ from pathlib import Path
 import click
 
 from ..errors import MedClipSamError
-from .common import CaseProgress, exit_for_errors, fail, mask_format_option, print_scores, start_ray, strict_option
+from .common import (
+    CaseProgress,
+    case_id_tag_option,
+    exit_for_errors,
+    fail,
+    mask_format_option,
+    print_scores,
+    start_ray,
+    strict_option,
+)
 
 
 @click.group()
@@ -116,14 +125,15 @@ def _print_training(result, register: str | None) -> None:
                    "checkpoint_final alone [default: the ensemble's, cycles].")
 @click.option("--save-maps", is_flag=True, help="Also write prob/<case>.npy and entropy/<case>.npy.")
 @mask_format_option
+@case_id_tag_option
 @click.option("--config", "config_path", default=None,
               help="Weak-supervision YAML (its prediction and output sections).")
 @click.option("--local", is_flag=True, help="Predict in this process instead of a Ray Data actor pool.")
 @click.option("--address", default=None, help="Ray cluster address [default: the job's cluster, else a local Ray].")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI, for models:/ URIs.")
 @strict_option
-def predict(model, input_uri, output, gt_uri, threshold, members, save_maps, mask_format, config_path, local,
-            address, tracking_uri, strict) -> None:
+def predict(model, input_uri, output, gt_uri, threshold, members, save_maps, mask_format, case_id_tag, config_path,
+            local, address, tracking_uri, strict) -> None:
     """Segment a cohort with a trained ensemble: masks, per-case uncertainty, scores with --gt."""
     from ..runs.tracking import use_store
     from ..weak.predict import run_weak_predict
@@ -133,7 +143,8 @@ def predict(model, input_uri, output, gt_uri, threshold, members, save_maps, mas
         config = _weak_config(config_path, tracking={"uri": tracking_uri}, output={"mask_format": mask_format})
         uri = use_store(config.tracking.uri)
         result = run_weak_predict(model, input_uri, output, config, gt_uri, threshold, members, save_maps,
-                                  "local" if local else "ray", uri, progress, connect=lambda: start_ray(address))
+                                  "local" if local else "ray", uri, progress, connect=lambda: start_ray(address),
+                                  case_id_tag=case_id_tag)
     except MedClipSamError as exc:
         fail(str(exc), exc.exit_code)
     finally:

@@ -211,15 +211,20 @@ def _some(names, limit: int = 5) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def read_cohort(input_uri: str, gt_uri: str | None = None) -> list[CohortCase]:
+def read_cohort(input_uri: str, gt_uri: str | None = None, case_id_tag: str | None = None) -> list[CohortCase]:
     """The cases of ``input_uri`` (prefix, folder, file or manifest), sorted by case_id.
 
     ``gt_uri`` (a folder or prefix of masks) pairs ground truth by case_id with cases that have none.
+    ``case_id_tag`` (a DICOM keyword) names the listed DICOM cases by that tag's value; the truth is
+    listed by file name as always, so its masks are named by those values.
     """
     if is_manifest(input_uri):
+        if case_id_tag:
+            raise InputError(f"{input_uri}: a manifest names its cases (its case_id column, else the file name), so "
+                             f"the case id tag {case_id_tag} applies to a listed folder only")
         cases = read_cohort_manifest(input_uri)
     else:
-        cases = [CohortCase(case_id, uri) for case_id, uri in list_cases(input_uri).items()]
+        cases = [CohortCase(case_id, uri) for case_id, uri in list_cases(input_uri, case_id_tag).items()]
         for case in cases:
             check_case_id(case.case_id, case.uri)
     if gt_uri:

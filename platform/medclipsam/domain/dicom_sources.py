@@ -10,12 +10,13 @@ import pydicom
 
 from .. import storage
 from ..errors import InputError, describe
-from .images import dicom_series_files
+from .images import dicom_series_files, split_series_uri
 
 
 def source_datasets(local: str, uri: str) -> list[pydicom.Dataset]:
-    """The source's slices in ``read_image``'s slice order (a single file: one)."""
-    names = dicom_series_files(local, uri) if os.path.isdir(local) else [local]
+    """The source's slices in ``read_image``'s slice order (a single file: one); of one series of a folder
+    (``series_uri``), that series' slices only, so a SEG never references another series' instances."""
+    names = dicom_series_files(local, uri) if os.path.isdir(split_series_uri(local)[0]) else [local]
     try:
         return [pydicom.dcmread(name) for name in names]
     except (pydicom.errors.InvalidDicomError, OSError, ValueError) as exc:

@@ -43,6 +43,8 @@ DICOM_STEP_TOLERANCE = 0.1  # the largest slice step may exceed the smallest by 
 FRAME_OF_REFERENCE = "0020|0052"  # FrameOfReferenceUID, as ITK names DICOM tags
 SERIES_UID = "0020|000e"  # SeriesInstanceUID
 SEG_FILE_SUFFIX = ".seg.dcm"  # a DICOM SEG named for its case: a mask, not an image (case_id without it)
+PROBABILITY_SEG_SUFFIX = ".prob.seg.dcm"  # weak predict's FRACTIONAL SEG beside the binary one: no mask
+SERIES_PART = "#series="  # <folder>#series=<SeriesInstanceUID>: one series of a folder holding several
 
 
 @dataclass
@@ -67,8 +69,21 @@ class MedicalImage:
         return tuple(reversed(self.spacing))
 
 
+def series_uri(folder: str, series_uid: str) -> str:
+    """The URI of one series of a DICOM folder that holds several: ``<folder>#series=<SeriesInstanceUID>``."""
+    return f"{folder.rstrip('/')}{SERIES_PART}{series_uid}"
+
+
+def split_series_uri(uri: str) -> tuple[str, str]:
+    """``(folder, SeriesInstanceUID)`` of a ``series_uri``; ``(uri, "")`` for any other URI or path."""
+    folder, part = storage.split_part(uri)
+    return (folder, part.removeprefix(SERIES_PART)) if part.startswith(SERIES_PART) else (uri, "")
+
+
 def extension_of(uri: str) -> str:
-    """The image extension of ``uri`` (``.nii.gz`` counts as one), lower case, or ''."""
+    """The image extension of ``uri`` (``.nii.gz`` counts as one), lower case, or '' (a folder's series too)."""
+    if split_series_uri(uri)[1]:
+        return ""
     name = storage.basename(uri).lower()
     for ext in sorted(SUPPORTED_EXTENSIONS, key=len, reverse=True):
         if name.endswith(ext):
@@ -77,11 +92,17 @@ def extension_of(uri: str) -> str:
 
 
 def is_seg_file(uri: str) -> bool:
-    return uri.lower().endswith(SEG_FILE_SUFFIX)
+    """A binary SEG named for its case (a probability SEG beside it is not a case's mask)."""
+    name = uri.lower()
+    return name.endswith(SEG_FILE_SUFFIX) and not name.endswith(PROBABILITY_SEG_SUFFIX)
 
 
 def case_id_from_uri(uri: str) -> str:
-    """The file (or DICOM series folder) name without its image extension (a SEG's: ``.seg.dcm``)."""
+    """The file (or DICOM series folder) name without its image extension (a SEG's: ``.seg.dcm``); for one
+    series of a folder, ``<folder>_<SeriesInstanceUID>``."""
+    folder, series = split_series_uri(uri)
+    if series:
+        return f"{storage.basename(folder)}_{series}"
     name = storage.basename(uri)
     if is_seg_file(name):
         return name[: -len(SEG_FILE_SUFFIX)]
@@ -175,14 +196,26 @@ def _itk_warnings_off() -> Iterator[None]:
         sitk.ProcessObject.SetGlobalWarningDisplay(before)
 
 
-def _dicom_series(folder: str, uri: str) -> tuple[list[str], list[sitk.ImageFileReader], tuple[int, ...]]:
-    """The scan's slice files, their headers and the volume's size (x, y, z), every header check passed."""
+def _series_file_names(local: str, uri: str) -> tuple[str, ...]:
+    """The files of the series ``local`` names (``series_uri``), sorted by GDCM along the slice normal; of a
+    plain folder, its longest series (the scan: others are usually localisers)."""
+    folder, wanted = split_series_uri(local)
     with _itk_warnings_off():  # "No Series were found" for a folder without DICOM files
         series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
     if not series:
         raise InputError(f"{uri}: folder holds no DICOM series")
-    # The longest series is the scan; others are usually localisers.
-    names = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, s) for s in series), key=len)
+    if wanted and wanted not in series:
+        raise InputError(f"{uri}: the folder holds no DICOM series {wanted} (it holds {', '.join(series[:3])}"
+                         f"{' and more' if len(series) > 3 else ''})")
+    if wanted:
+        return sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, wanted)
+    return max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, s) for s in series), key=len)
+
+
+def _dicom_series(folder: str, uri: str) -> tuple[list[str], list[sitk.ImageFileReader], tuple[int, ...]]:
+    """The scan's slice files, their headers and the volume's size (x, y, z), every header check passed;
+    ``folder`` is a local folder or one series of it (``series_uri``)."""
+    names = _series_file_names(folder, uri)
     headers = [_header(name) for name in names]
     _check_dicom_geometry(headers, uri)
     first = tuple(headers[0].GetSize())
@@ -192,7 +225,8 @@ def _dicom_series(folder: str, uri: str) -> tuple[list[str], list[sitk.ImageFile
 
 
 def dicom_series_files(folder: str, uri: str) -> list[str]:
-    """The files of a DICOM folder's scan in the order of the volume's slices (``read_image``'s z)."""
+    """The files of a DICOM folder's scan (or of the series a ``series_uri`` names) in the order of the
+    volume's slices (``read_image``'s z)."""
     return _dicom_series(folder, uri)[0]
 
 
@@ -324,10 +358,13 @@ class ImageHeader:
 
 
 def _check_input(uri: str) -> bool:
-    """The checks every read starts with; True for a (DICOM series) folder."""
-    if not storage.exists(uri):
+    """The checks every read starts with; True for a (DICOM series) folder or one series of a folder."""
+    folder, series = split_series_uri(uri)
+    if not storage.exists(folder):
         raise InputError(f"{uri}: no such file or object")
-    is_dir = storage.isdir(uri)
+    is_dir = storage.isdir(folder)
+    if series and not is_dir:
+        raise InputError(f"{uri}: names a series of {folder}, which is not a folder")
     ext = extension_of(uri)
     if not is_dir and ext not in SUPPORTED_EXTENSIONS:
         raise InputError(

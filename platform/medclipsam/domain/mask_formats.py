@@ -7,10 +7,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 AUTO, NIFTI, PNG, DICOM_SEG, RTSTRUCT = "auto", "nifti", "png", "dicom-seg", "rtstruct"
+FRACTIONAL_SEG = "fractional-seg"  # weak predict's mean probability, a FRACTIONAL (PROBABILITY) SEG
 FILE_FORMATS = (AUTO, NIFTI, PNG)
-DICOM_FORMATS = (DICOM_SEG, RTSTRUCT)  # written over a DICOM source, beside the mask file
+DICOM_FORMATS = (DICOM_SEG, RTSTRUCT, FRACTIONAL_SEG)  # written over a DICOM source, beside the mask file
+PROBABILITY_FORMATS = (FRACTIONAL_SEG,)  # only a run that has probabilities (weak predict) writes these
 MASK_FORMATS = (*FILE_FORMATS, *DICOM_FORMATS)
-SUFFIXES = {DICOM_SEG: ".seg.dcm", RTSTRUCT: ".rtstruct.dcm"}
+SUFFIXES = {DICOM_SEG: ".seg.dcm", RTSTRUCT: ".rtstruct.dcm", FRACTIONAL_SEG: ".prob.seg.dcm"}
 NOT_DICOM = "not DICOM"  # the warnings' kinds (pipeline.flags.summary groups by them)
 NO_DICOM_OBJECT = "no DICOM object"
 PNG_VOLUME = "png of a volume"

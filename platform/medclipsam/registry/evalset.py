@@ -43,12 +43,15 @@ def content_sha256(cases: list[CohortCase] | tuple[CohortCase, ...]) -> str:
 
 
 def _bytes_sha256(uri: str) -> str:
-    """Of a file, or of a folder (a DICOM series): its files' names and bytes."""
+    """Of a file, or of a folder (a DICOM series): its files' names and bytes; of one series of a folder
+    (``<folder>#series=<uid>``), the whole folder's and the series' UID."""
     digest = hashlib.sha256()
+    folder, part = storage.split_part(uri)
     try:
-        if storage.isdir(uri):
-            for name in sorted(storage.list_files(uri, recursive=True)):
-                digest.update(name.removeprefix(uri).encode() + b"\0" + storage.read_bytes(name))
+        if storage.isdir(folder):
+            digest.update(part.encode())
+            for name in sorted(storage.list_files(folder, recursive=True)):
+                digest.update(name.removeprefix(folder).encode() + b"\0" + storage.read_bytes(name))
         else:
             digest.update(storage.read_bytes(uri))
     except FileNotFoundError:

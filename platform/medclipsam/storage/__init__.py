@@ -114,12 +114,25 @@ def basename(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
+_PART = re.compile(r"#[a-z]+=[^/#]+$")  # names a part of the object before it: a folder's DICOM series
+
+
+def split_part(uri: str) -> tuple[str, str]:
+    """``(object, part)`` of a URI ending in ``#name=value`` (``folder#series=1.2.3``); ``(uri, "")`` otherwise."""
+    found = _PART.search(uri)
+    return (uri[: found.start()], found.group()) if found and found.start() else (uri, "")
+
+
 @contextlib.contextmanager
 def local_copy(uri: str) -> Iterator[str]:
-    """Yield a local path holding the file (or directory) at ``uri``; remote data is fetched."""
+    """Yield a local path holding the file (or directory) at ``uri``; remote data is fetched.
+
+    A ``#name=value`` part (``split_part``) is not part of the path: the whole object is copied
+    and the part is kept on the local path, so its reader still knows which part to read."""
     if not is_remote(uri):
         yield uri.removeprefix("file://")
         return
+    uri, part = split_part(uri)
     fs, path = filesystem(uri)
     tmp = tempfile.mkdtemp(prefix="medclipsam-")
     try:
@@ -128,7 +141,7 @@ def local_copy(uri: str) -> Iterator[str]:
             retried(uri, lambda: fs.get(path.rstrip("/") + "/", target + "/", recursive=True))
         else:
             retried(uri, lambda: fs.get(path, target))
-        yield target
+        yield target + part
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
