@@ -113,16 +113,26 @@ def test_a_seg_of_another_series_or_frame_of_reference_or_with_no_image_is_a_sen
 
 
 def test_a_run_scored_against_a_seg_gets_the_scores_of_its_nifti_truth(brain, tmp_path):
-    _, folder, image, tumour, _ = brain
+    """``segment --gt-segment tumour`` against the two-segment SEG: the tumour scores, as its NIfTI does,
+    and the manifest's gt_uri says which segment it was."""
+    base, folder, image, tumour, _ = brain
     labels = tmp_path / "labels"
     write_mask(tumour, image, str(labels / "brain1.nii.gz"))
-    _other_seg(folder, {"tumour": tumour}, tmp_path / "brain1.seg.dcm")
     boxes = tmp_path / "boxes.csv"
     boxes.write_text(oracle_boxes_csv(str(labels), margin=2.0))
-    run = CliRunner().invoke(main, ["segment", "--input", str(folder), "--boxes", str(boxes), "--gt",
-                                    str(tmp_path / "brain1.seg.dcm"), "--output", str(tmp_path / "out")])
+    seg = base / "truth" / "brain1.seg.dcm"  # segments 1 'tumour' and 2 'square'
+    runner = CliRunner()
+    with pytest.raises(InputError, match=r"no segment '3' in the SEG \(it holds 1 'tumour', 2 'square'\)"):
+        read_mask(f"{seg}#segment=3", like=image)  # what a run's case records as its error (its mask stands)
+    np.testing.assert_array_equal(read_mask(f"{seg}#segment=square", like=image).array, brain[4])
+    not_seg = runner.invoke(main, ["segment", "--input", str(folder), "--boxes", str(boxes), "--gt", str(labels),
+                                   "--gt-segment", "tumour", "--output", str(tmp_path / "none")])
+    assert not_seg.exit_code == 2 and "--gt-segment tumour picks a segment of DICOM SEG truths" in not_seg.output
+    run = runner.invoke(main, ["segment", "--input", str(folder), "--boxes", str(boxes), "--gt", str(seg),
+                               "--gt-segment", "TUMOUR", "--output", str(tmp_path / "out")])
     assert run.exit_code == 0, run.output
     row = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()[0]
+    assert row["gt_uri"] == f"{seg}#segment=TUMOUR"
     assert row["status"] == "ok" and not row["error"] and row["dsc"] > 0.8
     by_nifti, _ = evaluate(str(tmp_path / "out" / "masks"), str(labels))
     assert (row["dsc"], row["nsd"]) == pytest.approx((by_nifti[0].dsc, by_nifti[0].nsd), abs=1e-9)

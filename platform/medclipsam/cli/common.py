@@ -127,24 +127,30 @@ def sam_options(func):
     return func
 
 
-def mask_format_option(func):
-    """``--mask-format``: the config's ``output.mask_format``, for every command that writes masks."""
-    return click.option(
-        "--mask-format", default=None,
-        help="Mask file formats, comma-separated: one of auto (NIfTI for volumes, PNG for 2D images), nifti, png; "
-             "and dicom-seg (masks/<case_id>.seg.dcm, a DICOM SEG over a DICOM source), rtstruct "
-             "(masks/<case_id>.rtstruct.dcm, an RT Structure Set over it), fractional-seg (weak predict only: "
-             "masks/<case_id>.prob.seg.dcm, the ensemble's probability as a FRACTIONAL SEG) [default: the config's "
-             "output.mask_format, auto].")(func)
-
-
-def case_id_tag_option(func):
-    """``--case-id-tag``: a DICOM keyword whose value names each DICOM case of a listed --input."""
-    return click.option(
-        "--case-id-tag", default=None,
-        help="Name each DICOM case of a listed --input folder by this DICOM keyword's value in its first file "
-             "(e.g. SeriesInstanceUID, AccessionNumber, PatientID; characters other than letters, digits, . _ - "
-             "become _); other cases keep their file-name ids [default: the folder or file name].")(func)
+def cohort_options(func):
+    """--mask-format, --case-id-tag and --gt-segment: how every command that writes a cohort's masks
+    names its cases, writes their masks and reads their DICOM SEG truths."""
+    options = [
+        click.option(
+            "--mask-format", default=None,
+            help="Mask file formats, comma-separated: one of auto (NIfTI for volumes, PNG for 2D images), nifti, "
+                 "png; and dicom-seg (masks/<case_id>.seg.dcm, a DICOM SEG over a DICOM source), rtstruct "
+                 "(masks/<case_id>.rtstruct.dcm, an RT Structure Set over it), fractional-seg (weak predict only: "
+                 "masks/<case_id>.prob.seg.dcm, the ensemble's probability as a FRACTIONAL SEG) [default: the "
+                 "config's output.mask_format, auto]."),
+        click.option(
+            "--case-id-tag", default=None,
+            help="Name each DICOM case of a listed --input folder by this DICOM keyword's value in its first file "
+                 "(e.g. SeriesInstanceUID, AccessionNumber, PatientID; characters other than letters, digits, "
+                 ". _ - become _); other cases keep their file-name ids [default: the folder or file name]."),
+        click.option(
+            "--gt-segment", default=None,
+            help="For DICOM SEG ground truths (<case_id>.seg.dcm) holding several segments: the one to score "
+                 "against, by number or label [default: a SEG's only segment]."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
 
 
 def text_options(func):

@@ -7,10 +7,9 @@ import click
 from ..errors import MedClipSamError
 from .common import (
     CaseProgress,
-    case_id_tag_option,
+    cohort_options,
     exit_for_errors,
     fail,
-    mask_format_option,
     sam_options,
     start_ray,
     strict_option,
@@ -48,13 +47,13 @@ from .common import (
               help="MLflow tracking URI [default: the config's tracking.uri, $MLFLOW_TRACKING_URI, else "
                    "sqlite:///mlflow.db in the working directory].")
 @click.option("--experiment", default=None, help="MLflow experiment [default: the config's, medclipsam-pseudolabel].")
-@mask_format_option
+@cohort_options
 @strict_option
-@case_id_tag_option
 @sam_options
 def pseudolabel(input_uri: str, output: str, gt_uri, text_prompts, clip_model, prompt_source: str,
                 save_saliency: bool | None, attribution: bool, pipeline_uri, address, tracking_uri, experiment,
-                mask_format: str | None, strict: bool, case_id_tag: str | None, config_path, **overrides) -> None:
+                mask_format: str | None, strict: bool, case_id_tag: str | None, gt_segment: str | None, config_path,
+                **overrides) -> None:
     """Pseudo-label a cohort on Ray Data: saliency and SAM actor pools, resumable, tracked in MLflow.
 
     Cases already completed under --output are skipped, so a killed run continues where it stopped.
@@ -74,7 +73,7 @@ def pseudolabel(input_uri: str, output: str, gt_uri, text_prompts, clip_model, p
         else:
             config, pins = task_config(config_path, **sections, **overrides), ()
         job = Job(config, input_uri, output, prompt_source, gt_uri, tuple(text_prompts), clip_model,
-                  attribution=attribution, pins=pins, case_id_tag=case_id_tag)
+                  attribution=attribution, pins=pins, case_id_tag=case_id_tag, gt_segment=gt_segment)
         result = run_job(job, "ray", progress, connect=lambda: start_ray(address))
     except MedClipSamError as exc:
         fail(str(exc), exc.exit_code)

@@ -7,10 +7,9 @@ import click
 from ..errors import MedClipSamError
 from .common import (
     CaseProgress,
-    case_id_tag_option,
+    cohort_options,
     exit_for_errors,
     fail,
-    mask_format_option,
     sam_options,
     strict_option,
     summarise_run,
@@ -33,13 +32,13 @@ from .common import (
 @click.option("--save-intermediates", is_flag=True,
               help="Text-driven mode: also write saliency maps (saliency/<case_id>.npy), coarse masks (coarse/) "
                    "and prompts (prompts/<case_id>.json).")
-@mask_format_option
+@cohort_options
 @strict_option
-@case_id_tag_option
 @sam_options
 def segment(input_uri: str, output: str, gt_uri: str | None, boxes: str | None, points: str | None,
             text_prompts: tuple[str, ...], clip_model: str | None, save_intermediates: bool, mask_format: str | None,
-            strict: bool, case_id_tag: str | None, config_path: str | None, **overrides) -> None:
+            strict: bool, case_id_tag: str | None, gt_segment: str | None, config_path: str | None,
+            **overrides) -> None:
     """Segment every image or volume given by --input.
 
     With --boxes and/or --points, SAM segments the given prompts. Without them, the text-driven
@@ -63,7 +62,7 @@ def segment(input_uri: str, output: str, gt_uri: str | None, boxes: str | None, 
                  "column in an input manifest)")
         job = Job(config, input_uri, output, SOURCE_FILES if prompted else SOURCE_TEXT, gt_uri, tuple(text_prompts),
                   clip_uri=clip_model, boxes_csv=boxes, points_csv=points, save_intermediates=save_intermediates,
-                  case_id_tag=case_id_tag)
+                  case_id_tag=case_id_tag, gt_segment=gt_segment)
         result = run_job(job, "local", progress, resume=False, track=False)
     except MedClipSamError as exc:
         fail(str(exc), exc.exit_code)

@@ -11,10 +11,9 @@ import click
 from ..errors import MedClipSamError
 from .common import (
     CaseProgress,
-    case_id_tag_option,
+    cohort_options,
     exit_for_errors,
     fail,
-    mask_format_option,
     print_scores,
     start_ray,
     strict_option,
@@ -124,16 +123,15 @@ def _print_training(result, register: str | None) -> None:
               help="Which checkpoints vote: the kept cycle epochs, those and checkpoint_final, or "
                    "checkpoint_final alone [default: the ensemble's, cycles].")
 @click.option("--save-maps", is_flag=True, help="Also write prob/<case>.npy and entropy/<case>.npy.")
-@mask_format_option
-@case_id_tag_option
+@cohort_options
 @click.option("--config", "config_path", default=None,
               help="Weak-supervision YAML (its prediction and output sections).")
 @click.option("--local", is_flag=True, help="Predict in this process instead of a Ray Data actor pool.")
 @click.option("--address", default=None, help="Ray cluster address [default: the job's cluster, else a local Ray].")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI, for models:/ URIs.")
 @strict_option
-def predict(model, input_uri, output, gt_uri, threshold, members, save_maps, mask_format, case_id_tag, config_path,
-            local, address, tracking_uri, strict) -> None:
+def predict(model, input_uri, output, gt_uri, threshold, members, save_maps, mask_format, case_id_tag, gt_segment,
+            config_path, local, address, tracking_uri, strict) -> None:
     """Segment a cohort with a trained ensemble: masks, per-case uncertainty, scores with --gt."""
     from ..runs.tracking import use_store
     from ..weak.predict import run_weak_predict
@@ -144,7 +142,7 @@ def predict(model, input_uri, output, gt_uri, threshold, members, save_maps, mas
         uri = use_store(config.tracking.uri)
         result = run_weak_predict(model, input_uri, output, config, gt_uri, threshold, members, save_maps,
                                   "local" if local else "ray", uri, progress, connect=lambda: start_ray(address),
-                                  case_id_tag=case_id_tag)
+                                  case_id_tag=case_id_tag, gt_segment=gt_segment)
     except MedClipSamError as exc:
         fail(str(exc), exc.exit_code)
     finally:

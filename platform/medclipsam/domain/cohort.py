@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from .. import storage
 from ..errors import InputError, MedClipSamError
 from ..storage.outputs import check_case_id, quoted
-from .images import case_id_from_uri
+from .images import case_id_from_uri, is_seg_file, segment_uri
 from .inputs import list_cases
 
 MANIFEST_EXTENSIONS = (".csv", ".parquet")
@@ -211,12 +211,14 @@ def _some(names, limit: int = 5) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def read_cohort(input_uri: str, gt_uri: str | None = None, case_id_tag: str | None = None) -> list[CohortCase]:
+def read_cohort(input_uri: str, gt_uri: str | None = None, case_id_tag: str | None = None,
+                gt_segment: str | None = None) -> list[CohortCase]:
     """The cases of ``input_uri`` (prefix, folder, file or manifest), sorted by case_id.
 
     ``gt_uri`` (a folder or prefix of masks) pairs ground truth by case_id with cases that have none.
     ``case_id_tag`` (a DICOM keyword) names the listed DICOM cases by that tag's value; the truth is
-    listed by file name as always, so its masks are named by those values.
+    listed by file name as always, so its masks are named by those values. ``gt_segment`` (a segment
+    number or label) picks the segment of every DICOM SEG truth, in its ``gt_uri`` (``segment_uri``).
     """
     if is_manifest(input_uri):
         if case_id_tag:
@@ -237,8 +239,18 @@ def read_cohort(input_uri: str, gt_uri: str | None = None, case_id_tag: str | No
                              f"{_some(c.case_id for c in cases)}")
         cases = [c if c.gt_uri else CohortCase(c.case_id, c.uri, c.prompts, truths.get(c.case_id, ""))
                  for c in cases]
+    if gt_segment:
+        cases = _with_segment(cases, gt_segment)
     # recorded in the manifest and read by Ray workers: independent of the working directory
     return [CohortCase(c.case_id, storage.absolute(c.uri), c.prompts, c.gt_uri and storage.absolute(c.gt_uri))
+            for c in cases]
+
+
+def _with_segment(cases: list[CohortCase], segment: str) -> list[CohortCase]:
+    if not any(is_seg_file(c.gt_uri) for c in cases):
+        raise InputError(f"--gt-segment {segment} picks a segment of DICOM SEG truths (<case_id>.seg.dcm), and no "
+                         f"case's ground truth is one (e.g. {_some(c.gt_uri or '(none)' for c in cases)})")
+    return [CohortCase(c.case_id, c.uri, c.prompts, segment_uri(c.gt_uri, segment)) if is_seg_file(c.gt_uri) else c
             for c in cases]
 
 

@@ -45,6 +45,7 @@ SERIES_UID = "0020|000e"  # SeriesInstanceUID
 SEG_FILE_SUFFIX = ".seg.dcm"  # a DICOM SEG named for its case: a mask, not an image (case_id without it)
 PROBABILITY_SEG_SUFFIX = ".prob.seg.dcm"  # weak predict's FRACTIONAL SEG beside the binary one: no mask
 SERIES_PART = "#series="  # <folder>#series=<SeriesInstanceUID>: one series of a folder holding several
+SEGMENT_PART = "#segment="  # <case_id>.seg.dcm#segment=<number or label>: one segment of a SEG truth
 
 
 @dataclass
@@ -78,6 +79,11 @@ def split_series_uri(uri: str) -> tuple[str, str]:
     """``(folder, SeriesInstanceUID)`` of a ``series_uri``; ``(uri, "")`` for any other URI or path."""
     folder, part = storage.split_part(uri)
     return (folder, part.removeprefix(SERIES_PART)) if part.startswith(SERIES_PART) else (uri, "")
+
+
+def segment_uri(seg_uri: str, segment: str) -> str:
+    """The URI of one segment of a DICOM SEG truth, so that the choice travels with the case's ``gt_uri``."""
+    return f"{seg_uri}{SEGMENT_PART}{segment}"
 
 
 def extension_of(uri: str) -> str:
@@ -465,7 +471,10 @@ def read_mask(uri: str, like: MedicalImage | None = None, segment: int | str | N
 
     A DICOM SEG (``<case_id>.seg.dcm``) has no grid of its own beyond its frames: it is mapped onto
     ``like``, the image (or mask) it is compared with; ``segment`` picks one of several segments by
-    number or label."""
+    number or label, and so does a ``#segment=`` ending of ``uri`` (``segment_uri``)."""
+    path, part = storage.split_part(uri)
+    if part.startswith(SEGMENT_PART) and is_seg_file(path):
+        uri, segment = path, part.removeprefix(SEGMENT_PART)
     if not storage.exists(uri):
         raise InputError(f"{uri}: no such file or object")
     if is_seg_file(uri):

@@ -39,6 +39,7 @@ class Job:
     attribution: bool = False  # also the DSC of the coarse mask and of SAM prompted by the truth's boxes
     pins: tuple[ModelPin, ...] = ()  # models pinned by the caller (a registered pipeline), recorded with the run
     case_id_tag: str | None = None  # a DICOM keyword whose value names the listed DICOM cases
+    gt_segment: str | None = None  # the segment (number or label) of DICOM SEG truths that scores
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -75,6 +76,8 @@ class Job:
             settings["files"] = {"boxes": self.boxes_csv or "", "points": self.points_csv or ""}
         if self.case_id_tag:  # it renames the cases: a resume with another tag would mix two namings
             settings["case_id_tag"] = self.case_id_tag
+        if self.gt_segment:  # another segment is another truth
+            settings["gt_segment"] = self.gt_segment
         return settings
 
     def parameters(self) -> str:
@@ -133,7 +136,7 @@ def plan(job: Job) -> list[CaseTask]:
     if job.source == SOURCE_TEXT:
         check_download(job.clip, "CLIP model")
     with reading(job.input_uri, "cohort"):
-        cases = read_cohort(job.input_uri, job.gt_uri, job.case_id_tag)
+        cases = read_cohort(job.input_uri, job.gt_uri, job.case_id_tag, job.gt_segment)
     rows: dict[str, str] = {}
     if job.source == SOURCE_FILES:
         boxes = read_box_rows(job.boxes_csv) if job.boxes_csv else []

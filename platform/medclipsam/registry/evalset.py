@@ -53,7 +53,8 @@ def _bytes_sha256(uri: str) -> str:
             for name in sorted(storage.list_files(folder, recursive=True)):
                 digest.update(name.removeprefix(folder).encode() + b"\0" + storage.read_bytes(name))
         else:
-            digest.update(storage.read_bytes(uri))
+            digest.update(part.encode())  # one segment of a SEG truth: the file's bytes and the choice
+            digest.update(storage.read_bytes(folder))
     except FileNotFoundError:
         raise InputError(f"{uri}: no such file (named by the evaluation set)") from None
     return digest.hexdigest()

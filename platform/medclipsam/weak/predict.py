@@ -127,7 +127,8 @@ class WeakPredictResult:
 
 
 def _settings(folder: EnsembleFolder, output: str, config: WeakConfig, threshold: float | None,
-              members: str | None, save_maps: bool, case_id_tag: str | None = None) -> PredictSettings:
+              members: str | None, save_maps: bool, case_id_tag: str | None = None,
+              gt_segment: str | None = None) -> PredictSettings:
     chosen = members or folder.manifest.get("default_members", config.ensemble.members)
     t = float(threshold if threshold is not None else folder.manifest.get("threshold", config.ensemble.threshold))
     p = config.prediction
@@ -136,6 +137,8 @@ def _settings(folder: EnsembleFolder, output: str, config: WeakConfig, threshold
                   "use_gaussian": p.use_gaussian, "use_mirroring": p.use_mirroring}
     if case_id_tag:  # it renames the cases: a resume with another tag would mix two namings
         parameters["case_id_tag"] = case_id_tag
+    if gt_segment:  # another segment is another truth
+        parameters["gt_segment"] = gt_segment
     masks = MaskOutput(tuple(config.output.mask_format), config.output.segment.segment(),
                        "medclipsam weak ensemble")
     return PredictSettings(output, t, chosen, save_maps, p.nsd_tolerance, json.dumps(parameters, sort_keys=True),
@@ -146,7 +149,8 @@ def run_weak_predict(model: str, input_uri: str, output: str, config: WeakConfig
                      threshold: float | None = None, members: str | None = None, save_maps: bool = False,
                      runner: str = "ray", tracking_uri: str = "",
                      progress: Callable[[int, int, CaseRecord], None] | None = None,
-                     connect: Callable[[], None] | None = None, case_id_tag: str | None = None) -> WeakPredictResult:
+                     connect: Callable[[], None] | None = None, case_id_tag: str | None = None,
+                     gt_segment: str | None = None) -> WeakPredictResult:
     """Predict every case not done yet; write the manifest of the whole output.
 
     ``model``: a ``models:/`` URI (pinned to its version once, at the start, in MLflow's current
@@ -159,14 +163,14 @@ def run_weak_predict(model: str, input_uri: str, output: str, config: WeakConfig
     # absolute, since the actors resolve it again from their own working directory
     pin = pin_registered("ensemble", model) or ModelPin("ensemble", model, storage.absolute(model))
     with reading(input_uri, "cohort"):
-        cases = read_cohort(input_uri, gt, case_id_tag)
+        cases = read_cohort(input_uri, gt, case_id_tag, gt_segment)
     if not cases:
         raise InputError(f"{input_uri}: no cases")
     check_dicom_sources(MaskOutput(tuple(config.output.mask_format)), [c.uri for c in cases], probabilities=True)
     check_output_folder(output)  # before the ensemble is fetched and loaded
     folder = resolve_ensemble(pin.uri)
     pin = replace(pin, sha256=folder.sha256)
-    settings = _settings(folder, output, config, threshold, members, save_maps, case_id_tag)
+    settings = _settings(folder, output, config, threshold, members, save_maps, case_id_tag, gt_segment)
     outcome = run_cases(CaseRun(output, settings.parameters, (pin,)), cases,
                         lambda todo: _run(todo, pin.uri, folder, config, settings, runner, tracking_uri),
                         progress=progress, connect=connect if runner == "ray" else None)
