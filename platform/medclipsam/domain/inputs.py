@@ -224,10 +224,10 @@ def _walk(listing: _Listing, folder: str, depth: int, above: frozenset[str]) -> 
     dicom = [f for f in files if _may_be_dicom(f)]
     others = [f for f in files if not _may_be_dicom(f)]
     if depth == 0:
-        for f in others:  # a .rtstruct.dcm or .prob.seg.dcm beside the masks is no case
+        for f in others:  # a .rtstruct.dcm or .prob.seg.dcm beside a run's masks: no case, and no surprise
             if is_seg_file(f) or (is_supported(f) and not f.lower().endswith(DICOM_EXTENSIONS)):
                 listing.found.append((case_id_from_uri(f), f))
-            else:
+            elif not f.lower().endswith(MASK_OBJECT_SUFFIXES):
                 listing.skipped.append(f)
     series = _series_of(listing, dicom)
     if len(series) == 1 and not subfolders and not others:
