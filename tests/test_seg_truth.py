@@ -67,7 +67,7 @@ def test_a_seg_of_another_tool_gives_its_voxels_and_scores_dsc_1(brain, tmp_path
     rows, _ = evaluate(str(pred), str(base / "truth"))
     assert rows[0].status == "error" and rows[0].error == (
         f"{seg}: the SEG holds 2 segments (1 'tumour', 2 'square'); choose one by number or label "
-        "(evaluate --gt-segment)")
+        "with --gt-segment")
     run = CliRunner().invoke(main, ["evaluate", "--pred", str(pred), "--gt", str(base / "truth"),
                                     "--gt-segment", "Tumour"])
     assert run.exit_code == 0, run.output

@@ -34,7 +34,7 @@ def choose_segment(seg: hd.seg.Segmentation, uri: str, segment: int | str | None
         if len(described) == 1:
             return next(iter(described))
         raise InputError(f"{uri}: the SEG holds {len(described)} segments ({listing}); choose one by number or "
-                         "label (evaluate --gt-segment)")
+                         "label with --gt-segment")
     if str(segment).isdigit() and int(segment) in described:
         return int(segment)
     matches = [number for number, label in described.items() if label.lower() == str(segment).lower()]
