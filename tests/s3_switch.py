@@ -42,6 +42,7 @@ class SwitchableS3:
         self.lock = threading.Lock()
         self.connections: set[socket.socket] = set()
         self.unavailable_until = 0.0
+        self.pending_window: float | None = None  # seconds of 503s that start with the next request
         self.answered_503 = 0
         self.requests: list[str] = []  # "METHOD path?query" of every request answered
         self.refused_while_down = False
@@ -54,6 +55,8 @@ class SwitchableS3:
         query = f"?{environ['QUERY_STRING']}" if environ.get("QUERY_STRING") else ""
         with self.lock:
             self.requests.append(f"{environ['REQUEST_METHOD']} {environ.get('PATH_INFO', '')}{query}")
+            if self.pending_window is not None:
+                self.unavailable_until, self.pending_window = time.monotonic() + self.pending_window, None
         if time.monotonic() < self.unavailable_until:
             with self.lock:
                 self.answered_503 += 1
@@ -93,5 +96,10 @@ class SwitchableS3:
             return True
         return False
 
-    def unavailable(self, seconds: float) -> None:
-        self.unavailable_until = time.monotonic() + seconds
+    def unavailable(self, seconds: float, from_next_request: bool = False) -> None:
+        """Answer 503 for ``seconds``: from now, or from the next request that arrives (a loaded
+        machine may take longer than the window to send it)."""
+        if from_next_request:
+            self.pending_window = seconds
+        else:
+            self.unavailable_until = time.monotonic() + seconds

@@ -32,7 +32,7 @@ def store(s3_switch, s3_bucket, monkeypatch):
     monkeypatch.setenv(retry.RETRY_SECONDS_ENV, "20")
     s3fs.S3FileSystem.clear_instance_cache()
     yield s3_switch, s3_bucket
-    s3_switch.unavailable_until = 0.0
+    s3_switch.unavailable_until, s3_switch.pending_window = 0.0, None
     if s3_switch.is_refusing():
         s3_switch.start()
     s3fs.S3FileSystem.clear_instance_cache()
@@ -50,7 +50,7 @@ def test_reads_and_writes_ride_out_503s(store, caplog):
     server, bucket = store
     storage.write_bytes_atomic(f"{bucket}/a.bin", b"before")
     served = server.answered_503
-    server.unavailable(2.5)
+    server.unavailable(2.5, from_next_request=True)
     begin = time.monotonic()
     storage.write_bytes_atomic(f"{bucket}/b.bin", b"during")
     assert storage.read_bytes(f"{bucket}/a.bin") == b"before"
