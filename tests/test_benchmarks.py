@@ -48,6 +48,8 @@ SMOKE: dict[str, Smoke] = {
                           "--memory-slices", "100", "200"],
                          {"speedup", "rss_100_mb", "rss_200_mb"},
                          doc_keys={"speedup", "rss_200_mb", "rss_2000_mb"}),  # the default --memory-slices
+    "sam_cpu.py": Smoke(["--images", "1", "--threads", "1", "--batches", "1", "2"],
+                        {"torch_s", "fast_s", "speedup", "max_abs_diff", "mask_agreement"}),
     "s3_writes.py": Smoke(["--files", "5", "--rounds", "2"],
                           {"requests_rename", "requests_put", "ms_rename", "ms_put", "speedup"}),
     # 40 cases: each tenth must span more than one batch of records, or its rate is a division by ~0

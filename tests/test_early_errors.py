@@ -30,7 +30,7 @@ def no_models(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("work started before the error was found")
 
-    for module, name in ((local, "build_segmenter"), (local, "load_clip"), (pseudolabel, "start_ray")):
+    for module, name in ((local, "segmenter_for"), (local, "load_clip"), (pseudolabel, "start_ray")):
         monkeypatch.setattr(module, name, forbidden)
 
 

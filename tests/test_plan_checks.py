@@ -34,7 +34,7 @@ def no_model(monkeypatch):
     def refuse(*_args, **_kwargs):
         raise AssertionError("a model was loaded before the prompts were checked")
 
-    monkeypatch.setattr("medclipsam.pipeline.local.build_segmenter", refuse)
+    monkeypatch.setattr("medclipsam.pipeline.local.segmenter_for", refuse)
 
 
 def _segment(inputs, tmp_path, csv_text: str, kind: str = "--boxes", image: str | None = None):

@@ -88,7 +88,7 @@ def task_config(config_path: str | None, default: TaskConfig | None = None, **ov
     config = load_config(config_path) if config_path else (default or TaskConfig(task="cli"))
     sections = {k: v for k, v in overrides.items() if isinstance(v, dict)}
     sam = {k: overrides.get(k) for k in ("backend", "checkpoint", "device", "multimask", "merge", "threshold",
-                                         "keep_components", "batch_size")}
+                                         "keep_components", "batch_size", "runtime", "precision")}
     window: dict = {"preset": overrides.get("window_preset")}
     if overrides.get("percentiles") is not None:
         window["lower_percentile"], window["upper_percentile"] = overrides["percentiles"]
@@ -120,7 +120,14 @@ def sam_options(func):
         click.option("--threshold", type=float, default=None, help="Probability threshold [default: 0.5]."),
         click.option("--keep-components", type=int, default=None,
                      help="Keep the K largest connected components per slice; 0 keeps all [default: 0]."),
-        click.option("--batch-size", type=int, default=None, help="Images per encoder batch [default: 4]."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                     help="Images per encoder call [default: 1 on the CPU, 8 on CUDA]."),
+        click.option("--runtime", type=click.Choice(["auto", "torch", "openvino", "onnxruntime"]), default=None,
+                     help="What runs SAM's image encoder: auto is OpenVINO (else ONNX Runtime) on the CPU and "
+                          "torch on CUDA [default: auto]."),
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+                     help="SAM's arithmetic: bf16/fp16 autocast on CUDA, the runtime's precision hint on the "
+                          "CPU [default: fp32]."),
     ]
     for option in reversed(options):
         func = option(func)

@@ -10,16 +10,18 @@ preprocessing from it, and this module is the one place that knows checkpoints a
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..config import SAM_BACKENDS, SamBackend
+from ..config import SAM_BACKENDS, SamBackend, SamConfig
 from ..errors import ModelError, first_line
 from ..ops.transforms import LongestSidePad, Stretch
 from .checkpoints import load_into, resolve_checkpoint, sha256_of
+from .encoder_runtime import PRECISIONS, fast_encoder
 
 # SAM's published pixel statistics (0..255 RGB).
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -53,7 +55,10 @@ class PromptableSegmenter:
         checkpoint: str,
         checkpoint_sha256: str,
         device: str = "cpu",
+        precision: str = "fp32",
     ) -> None:
+        if precision not in PRECISIONS:
+            raise ModelError(f"unknown SAM precision '{precision}'; choose from {', '.join(PRECISIONS)}")
         self.name = name
         self.image_encoder = image_encoder.to(device).eval()
         self.prompt_encoder = prompt_encoder.to(device).eval()
@@ -62,6 +67,25 @@ class PromptableSegmenter:
         self.checkpoint = checkpoint
         self.checkpoint_sha256 = checkpoint_sha256
         self.device = torch.device(device)
+        self.precision = precision
+        # What runs the image encoder: torch's module, or its export on a CPU runtime (use_runtime).
+        self.encode: Callable[[torch.Tensor], torch.Tensor] = self.image_encoder
+        self.runtime = "torch"
+
+    def use_runtime(self, runtime: str, threads: int | None = None) -> str:
+        """Run the image encoder on ``runtime`` (``auto``: the fastest for this device); returns the
+        runtime that does (torch, after one warning line, where the asked one cannot)."""
+        target = self.preprocessing.geometry.target
+        self.encode, self.runtime = fast_encoder(self.image_encoder, runtime, f"{self.name} {self.checkpoint_sha256}",
+                                                 target, str(self.device), threads, self.precision)
+        return self.runtime
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """Reduced precision for torch's own kernels (a CPU runtime applies it inside the encoder)."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
 
     # -- images -----------------------------------------------------------------------------
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
@@ -85,13 +109,16 @@ class PromptableSegmenter:
         return out
 
     @torch.inference_mode()
-    def embed(self, images: Sequence[np.ndarray], batch_size: int = 4) -> list[ImageEmbedding]:
+    def embed(self, images: Sequence[np.ndarray], batch_size: int = 1) -> list[ImageEmbedding]:
         """Encode ``H x W x 3`` uint8 images, ``batch_size`` at a time."""
         out: list[ImageEmbedding] = []
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
             batch = torch.cat([self.preprocess(img) for img in chunk])
-            features = self.image_encoder(batch)
+            with self._autocast() if self.runtime == "torch" else contextlib.nullcontext():
+                features = self.encode(batch).to(self.device)
+            if features.dtype != torch.float32:
+                features = features.float()
             out.extend(
                 ImageEmbedding(features[i : i + 1], (img.shape[0], img.shape[1])) for i, img in enumerate(chunk)
             )
@@ -129,14 +156,15 @@ class PromptableSegmenter:
             coords = torch.as_tensor(geometry.apply_coords(points, size), dtype=torch.float32, device=self.device)
             labels = torch.as_tensor(point_labels, dtype=torch.int64, device=self.device)
             pts = (coords, labels)
-        sparse, dense = self.prompt_encoder(points=pts, boxes=box_t, masks=None)
-        low_res, iou = self.mask_decoder(
-            image_embeddings=embedding.features,
-            image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask,
-        )
+        with self._autocast():
+            sparse, dense = self.prompt_encoder(points=pts, boxes=box_t, masks=None)
+            low_res, iou = self.mask_decoder(
+                image_embeddings=embedding.features,
+                image_pe=self.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask,
+            )
         logits = geometry.invert_masks(low_res.float(), size)
         return torch.sigmoid(logits).cpu().numpy(), iou.float().cpu().numpy()
 
@@ -213,8 +241,10 @@ def checkpoint_sha256(backend: str, checkpoint: str | None = None) -> str:
     return sha256_of(resolve_checkpoint(_checkpoint_of(backend, checkpoint)))
 
 
-def build_segmenter(backend: str, checkpoint: str | None = None, device: str = "cpu") -> PromptableSegmenter:
-    """Build a backend by name and load its weights from a path or URI."""
+def build_segmenter(backend: str, checkpoint: str | None = None, device: str = "cpu", runtime: str = "torch",
+                    precision: str = "fp32", threads: int | None = None) -> PromptableSegmenter:
+    """Build a backend by name and load its weights from a path or URI; its image encoder runs on
+    ``runtime`` (``auto``: OpenVINO or ONNX Runtime on the CPU, torch on CUDA) with ``threads``."""
     checkpoint = _checkpoint_of(backend, checkpoint)
     spec = BACKENDS[backend]
     try:
@@ -224,7 +254,7 @@ def build_segmenter(backend: str, checkpoint: str | None = None, device: str = "
     path = resolve_checkpoint(checkpoint)
     net = spec.build()
     load_into(net, path)
-    return PromptableSegmenter(
+    segmenter = PromptableSegmenter(
         name=backend,
         image_encoder=net.image_encoder,
         prompt_encoder=net.prompt_encoder,
@@ -233,5 +263,15 @@ def build_segmenter(backend: str, checkpoint: str | None = None, device: str = "
         checkpoint=checkpoint,
         checkpoint_sha256=sha256_of(path),
         device=device,
+        precision=precision,
     )
+    if runtime != "torch":
+        segmenter.use_runtime(runtime, threads)
+    return segmenter
 
+
+
+def segmenter_for(settings: SamConfig, device: str | None = None) -> PromptableSegmenter:
+    """The segmenter a ``sam:`` config section describes, on ``device`` (its own when not given)."""
+    return build_segmenter(settings.backend, settings.checkpoint, device or settings.device, settings.runtime,
+                           settings.precision)

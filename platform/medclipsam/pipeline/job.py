@@ -65,7 +65,7 @@ class Job:
         """What determines the masks: recorded per case, logged to MLflow, checked on resume."""
         c = self.config
         settings: dict = {"source": self.source, "image": c.image.model_dump(),
-                          "sam": c.sam.model_dump(exclude={"device", "batch_size"})}
+                          "sam": c.sam.model_dump(exclude={"device", "batch_size", "runtime"})}
         if self.source == SOURCE_TEXT:
             settings["text"] = {"prompts": list(self.text_prompts), "clip_model": self.clip,
                                 "saliency": c.saliency.model_dump(exclude={"batch_size"}),

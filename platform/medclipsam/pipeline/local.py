@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 from ..domain.records import CaseRecord
 from ..models.biomedclip import load_clip
-from ..models.sam_backends import build_segmenter
+from ..models.sam_backends import segmenter_for
 from .assembly import finish_case
 from .job import Job
 from .slices import SOURCE_TEXT, CaseTask, case_slices
@@ -23,7 +23,7 @@ def run_local(tasks: list[CaseTask], job: Job) -> Iterator[CaseRecord]:
         return
     c = job.config
     clip = load_clip(job.clip, c.sam.device) if job.source == SOURCE_TEXT else None
-    segmenter = build_segmenter(c.sam.backend, c.sam.checkpoint, c.sam.device)
+    segmenter = segmenter_for(c.sam)
     assembly = job.assembly()
     for task in tasks:
         rows = case_slices(task, c.image, job.source, c.oracle.box_margin, oracle=job.attribution)

@@ -84,9 +84,9 @@ class SaliencyStage:
 
 class SamStage:
     def __init__(self, settings: SamConfig, device: str, attribution: bool = False) -> None:
-        from ..models.sam_backends import build_segmenter
+        from ..models.sam_backends import segmenter_for
 
-        self.segmenter = build_segmenter(settings.backend, settings.checkpoint, device)
+        self.segmenter = segmenter_for(settings, device)
         self.settings, self.attribution = settings, attribution
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -126,7 +126,8 @@ def build_dataset(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = S
             num_gpus=pipeline.saliency.num_gpus, num_cpus=pipeline.saliency.num_cpus)
     ds = ds.map_batches(sam_stage, fn_constructor_kwargs={
         "settings": c.sam, "device": pool_device(pipeline.sam.num_gpus, c.sam.device), "attribution": job.attribution},
-        compute=ActorPoolStrategy(size=sizes["sam"]), batch_size=c.sam.batch_size,
+        compute=ActorPoolStrategy(size=sizes["sam"]),
+        batch_size=c.sam.images_per_call(pool_device(pipeline.sam.num_gpus, c.sam.device)),
         num_gpus=pipeline.sam.num_gpus, num_cpus=pipeline.sam.num_cpus)
     memory = {"memory": pipeline.write_memory_mb * 2**20} if pipeline.write_memory_mb else {}
     return ds.flat_map(Contained(write, "write"), fn_kwargs={"settings": job.assembly()},

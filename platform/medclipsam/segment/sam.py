@@ -53,7 +53,8 @@ def segment_prompt_sets(
     start = time.perf_counter()
     prompted = [i for i in range(len(images))  # only these need the encoder
                 if any(not prompts[i].is_empty() for prompts in prompt_sets)]
-    embeddings = dict(zip(prompted, segmenter.embed([images[i] for i in prompted], params.batch_size), strict=True))
+    per_call = params.images_per_call(str(segmenter.device))
+    embeddings = dict(zip(prompted, segmenter.embed([images[i] for i in prompted], per_call), strict=True))
     embedded = time.perf_counter()
     masks: list[list[np.ndarray]] = []
     for prompts in prompt_sets:

@@ -95,11 +95,11 @@ class SamService:
     """SAM with every image embedded once; decodes the prompts each trial sends."""
 
     def __init__(self, rows: list[SliceRow], settings: dict, device: str) -> None:
-        from ..models.sam_backends import build_segmenter
+        from ..models.sam_backends import segmenter_for
 
         params = SamConfig.model_validate(settings)
         self.rows = {row_key(row): row for row in rows}
-        self.segmenter = CachedEmbeddings(build_segmenter(params.backend, params.checkpoint, device), self.rows)
+        self.segmenter = CachedEmbeddings(segmenter_for(params, device), self.rows)
 
     def masks_for(self, prompts: dict[Key, SlicePrompts | None], settings: dict,
                   cache: bool = True) -> dict[Key, np.ndarray]:

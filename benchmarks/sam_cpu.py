@@ -1,0 +1,130 @@
+"""SAM on the CPU: LiteMedSAM with its image encoder in torch against the runtime ``sam.runtime:
+auto`` keeps (OpenVINO, or ONNX Runtime without it), on the same slices in one run.
+
+Slices: the labelled slices of the bundled sample volumes with the largest truth area (brain MRI,
+breast, lung CT; ``--images`` of them, taken round the volumes), windowed as the pipeline does,
+each prompted with its truth's box. Each model segments every slice (encoder, mask decoder,
+threshold: what a slice costs in the pipeline) with ``--threads`` threads, after one warm-up
+slice; the export into the model cache happens before the timing. ``max_abs_diff`` is the largest
+difference of the image embeddings, ``mask_agreement`` the fraction of identical mask pixels.
+
+The line above the last has the rest: ONNX Runtime and OpenVINO in bf16 against torch (time and
+mask agreement), and the seconds per image of the encoder alone at each ``--batches`` size for
+torch and the kept runtime (one call per batch), which is how the CPU default of ``sam.batch_size``
+was chosen.
+
+Last line: ``torch_s=<v> fast_s=<v> speedup=<v> max_abs_diff=<v> mask_agreement=<v>``
+(seconds per slice, end to end).
+
+    python benchmarks/sam_cpu.py [--images 10] [--threads <cores>] [--batches 1 4 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+
+def sample_slices(samples: Path, n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``n`` RGB slices with their truth's box, the largest labelled slices first, round the volumes."""
+    from medclipsam.config import WindowConfig
+    from medclipsam.ops.slicing import to_rgb, window_to_uint8
+
+    per_volume = []
+    for path in sorted((samples / "images").glob("*.nrrd")):
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(samples / "labels" / path.name))) > 0
+        if image.ndim == 2:
+            image, truth = image[None], truth[None]
+        order = np.argsort([-t.sum() for t in truth])
+        per_volume.append([(image[i], truth[i]) for i in order if truth[i].any()])
+    images, boxes = [], []
+    for rank in range(max(len(v) for v in per_volume)):
+        for volume in per_volume:
+            if rank < len(volume) and len(images) < n:
+                pixels, truth = volume[rank]
+                ys, xs = np.nonzero(truth)
+                images.append(to_rgb(window_to_uint8(pixels.astype(np.float32), WindowConfig())))
+                boxes.append(np.array([[xs.min() - 2, ys.min() - 2, xs.max() + 2, ys.max() + 2]], float))
+    return images, boxes
+
+
+def timed_masks(segmenter, images, boxes) -> tuple[float, list[np.ndarray], list[torch.Tensor]]:
+    """Seconds per slice end to end, the masks and the embeddings."""
+    from medclipsam.config import SamConfig
+    from medclipsam.prompts.types import SlicePrompts
+    from medclipsam.segment.sam import segment_images
+
+    params = SamConfig(batch_size=1)
+    segment_images(segmenter, images[:1], [SlicePrompts(boxes=boxes[0])], params)  # warm-up
+    start = time.perf_counter()
+    masks, _ = segment_images(segmenter, images, [SlicePrompts(boxes=b) for b in boxes], params)
+    seconds = (time.perf_counter() - start) / len(images)
+    embeddings = [e.features for e in segmenter.embed(images)]
+    return seconds, masks, embeddings
+
+
+def encoder_seconds(segmenter, images, batch: int) -> float:
+    """Seconds per image of the encoder alone, ``batch`` images per call (images repeated as needed)."""
+    chunk = [images[i % len(images)] for i in range(batch)]
+    segmenter.embed(chunk[:1], 1)
+    start = time.perf_counter()
+    segmenter.embed(chunk, batch)
+    return (time.perf_counter() - start) / batch
+
+
+def agreement(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return float(np.mean(np.concatenate([(x == y).ravel() for x, y in zip(a, b, strict=True)])))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from medclipsam.models import encoder_runtime
+    from medclipsam.models.sam_backends import build_segmenter
+    from medclipsam.storage.samples import fetch_samples
+
+    images, boxes = sample_slices(fetch_samples(), args.images)
+    kept = encoder_runtime.resolve_runtime("auto", "cpu")
+    with tempfile.TemporaryDirectory() as cache:
+        encoder_runtime.CACHE_DIR = Path(cache)  # a cold cache: the export is part of what runs here
+        reference = build_segmenter("litemedsam")
+        start = time.perf_counter()
+        fast = build_segmenter("litemedsam", runtime=kept, threads=args.threads)
+        export_s = time.perf_counter() - start
+        others = {"onnxruntime": build_segmenter("litemedsam", runtime="onnxruntime", threads=args.threads),
+                  "openvino_bf16": build_segmenter("litemedsam", runtime="openvino", precision="bf16",
+                                                   threads=args.threads)}
+        torch_s, torch_masks, torch_emb = timed_masks(reference, images, boxes)
+        fast_s, fast_masks, fast_emb = timed_masks(fast, images, boxes)
+        rest: dict[str, float | str] = {"kept": fast.runtime, "slices": len(images), "threads": args.threads,
+                                        "export_and_load_s": round(export_s, 2)}
+        for name, model in others.items():
+            seconds, masks, emb = timed_masks(model, images, boxes)
+            rest[f"{name}_s"] = round(seconds, 4)
+            rest[f"{name}_agreement"] = round(agreement(torch_masks, masks), 6)
+            rest[f"{name}_max_abs_diff"] = float(max((a - b).abs().max() for a, b in zip(torch_emb, emb, strict=True)))
+        for batch in args.batches:
+            rest[f"torch_encoder_b{batch}_s"] = round(encoder_seconds(reference, images, batch), 4)
+            rest[f"{fast.runtime}_encoder_b{batch}_s"] = round(encoder_seconds(fast, images, batch), 4)
+    diff = float(max((a - b).abs().max() for a, b in zip(torch_emb, fast_emb, strict=True)))
+    print(json.dumps(rest))
+    print(f"torch_s={torch_s:.4f} fast_s={fast_s:.4f} speedup={torch_s / fast_s:.3f} max_abs_diff={diff:.3g} "
+          f"mask_agreement={agreement(torch_masks, fast_masks):.6f}")
+
+
+if __name__ == "__main__":
+    main()
