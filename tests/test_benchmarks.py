@@ -39,6 +39,12 @@ SMOKE: dict[str, Smoke] = {
     "finetune.py": Smoke(["--pairs", "4", "--epochs", "1", "--batch-size", "2", "--text-layers", "1",
                           "--text-hidden", "64", "--single"],  # one Ray Train fit, not three
                          {"samples_per_s_1"}, doc_keys={"samples_per_s_1", "samples_per_s_2"}),
+    "gpu.py": Smoke(["--device", "cpu", "--slices", "2", "--size", "96", "--backends", "litemedsam", "--precisions",
+                     "fp32", "--clip-images", "1", "--steps", "1", "--copies", "1", "--vision", "vit_tiny_patch16_224",
+                     "--text-layers", "1", "--text-hidden", "64", "--embed-dim", "32", "--layer", "1", "--cpus", "2"],
+                    {"litemedsam_fp32_slices_per_s", "m2ib_images_per_s"},
+                    doc_keys={"litemedsam_fp32_slices_per_s", "litemedsam_bf16_slices_per_s", "vit_b_fp32_slices_per_s",
+                              "vit_b_bf16_slices_per_s", "m2ib_images_per_s"}),
     "labels_run.py": Smoke(["--cases", "2", "--write-cases", "1", "--volume-slices", "4"],
                            {"labels_speedup", "writer_rss_mb"}),
     "m2ib.py": Smoke(["--vision", "vit_tiny_patch16_224", "--text-layers", "1", "--text-hidden", "64",
