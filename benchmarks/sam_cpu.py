@@ -93,14 +93,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from medclipsam.models import encoder_runtime
+    from medclipsam.models import cpu_runtime
     from medclipsam.models.sam_backends import build_segmenter
     from medclipsam.storage.samples import fetch_samples
 
     images, boxes = sample_slices(fetch_samples(), args.images)
-    kept = encoder_runtime.resolve_runtime("auto", "cpu")
+    kept = cpu_runtime.resolve_runtime("auto", "cpu")
     with tempfile.TemporaryDirectory() as cache:
-        encoder_runtime.CACHE_DIR = Path(cache)  # a cold cache: the export is part of what runs here
+        cpu_runtime.CACHE_DIR = Path(cache)  # a cold cache: the export is part of what runs here
         reference = build_segmenter("litemedsam")
         start = time.perf_counter()
         fast = build_segmenter("litemedsam", runtime=kept, threads=args.threads)

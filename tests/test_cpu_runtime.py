@@ -1,4 +1,4 @@
-"""SAM's image encoder on OpenVINO and ONNX Runtime: the same embeddings and masks as torch for the
+"""SAM on OpenVINO and ONNX Runtime: the same embeddings, decoder outputs and masks as torch for the
 real LiteMedSAM and a seeded random ViT-B in segment_anything's layout, one export per weights
 (reused from the cache, redone when the weights change or the cached file does not match its
 record), and torch with one warning line whenever a runtime is missing or an export fails.
@@ -6,14 +6,16 @@ record), and torch with one warning line whenever a runtime is missing or an exp
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from medclipsam.config import SamConfig
-from medclipsam.models import encoder_runtime
+from medclipsam.models import cpu_runtime
 from medclipsam.models.sam_backends import build_segmenter, segmenter_for
 from medclipsam.prompts.types import SlicePrompts
 from medclipsam.segment.sam import segment_images
@@ -26,7 +28,7 @@ def export_cache(tmp_path_factory):
     """Exports made by this module go to a folder of its own (the user's cache is left alone)."""
     with pytest.MonkeyPatch.context() as patch:
         folder = tmp_path_factory.mktemp("cache")
-        patch.setattr(encoder_runtime, "CACHE_DIR", folder)
+        patch.setattr(cpu_runtime, "CACHE_DIR", folder)
         yield folder
 
 
@@ -57,17 +59,26 @@ def _same_masks(reference, other, images, box=BOX, min_clear: float = 0.99) -> N
         np.testing.assert_array_equal((p_ref > 0.5)[clear], (p_other > 0.5)[clear])
 
 
+def records(folder: Path) -> list[dict]:
+    """The records of the exports in a cache folder."""
+    return [json.loads(p.read_text()) for p in sorted((folder / "encoders").glob("*.json"))]
+
+
+def _kinds(folder: Path) -> list[tuple[str, str]]:
+    return sorted((r["key"].split("|")[-1], r["variant"]) for r in records(folder))
+
+
 @pytest.fixture(scope="module")
 def lite_runtimes(export_cache):
     torch_model = build_segmenter("litemedsam")
-    before = encoder_runtime.stats["exports"]
     fast = {name: build_segmenter("litemedsam", runtime=name) for name in RUNTIMES}
-    return torch_model, fast, encoder_runtime.stats["exports"] - before
+    return torch_model, fast, _kinds(export_cache)
 
 
-def test_litemedsam_embeddings_and_masks_equal_torch(lite_runtimes):
-    reference, fast, exports = lite_runtimes
-    assert exports == 1  # one export, shared by both runtimes
+def test_litemedsam_embeddings_and_masks_equal_torch(lite_runtimes, export_cache):
+    reference, fast, kinds = lite_runtimes
+    # one export of the encoder, shared by both runtimes; TinyViT takes its batch as a Python int
+    assert kinds == [("encoder 256", "one image")]
     images = scenes(3)
     expected = [e.features for e in reference.embed(images)]
     for name, segmenter in fast.items():
@@ -77,6 +88,31 @@ def test_litemedsam_embeddings_and_masks_equal_torch(lite_runtimes):
             assert b.shape == a.shape == (1, 256, 64, 64) and b.dtype == torch.float32
             torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
         _same_masks(reference, segmenter, images)
+    assert ("decoder multimask=False", "prompt axes") in _kinds(export_cache)  # made on the first decode
+
+
+def test_the_decoder_on_onnxruntime_equals_torch_for_every_prompt_shape(lite_runtimes):
+    reference, fast, _ = lite_runtimes
+    segmenter = fast["openvino"]
+    (image,) = scenes(1)
+    (a,) = reference.embed([image])
+    (b,) = segmenter.embed([image])
+    b = type(b)(a.features, b.original_size)  # the same embedding in both: the decoder alone is compared
+    boxes = np.array([[45.0, 25.0, 140.0, 100.0], [20.0, 20.0, 90.0, 120.0], [100.0, 40.0, 180.0, 140.0]])
+    points = np.array([[[90.0, 60.0], [30.0, 130.0]]] * 3)
+    labels = np.array([[1, 0]] * 3)
+    shapes = [dict(boxes=boxes[:1]), dict(boxes=boxes, points=points, point_labels=labels),
+              dict(points=points[:1], point_labels=labels[:1]), dict(boxes=boxes[:2], multimask=True)]
+    for kwargs in shapes:
+        p_ref, iou_ref = reference.decode(a, **kwargs)
+        p_got, iou_got = segmenter.decode(b, **kwargs)
+        assert p_got.shape == p_ref.shape and iou_got.shape == iou_ref.shape
+        np.testing.assert_allclose(iou_got, iou_ref, atol=1e-4)
+        logit = np.log(p_ref) - np.log1p(-p_ref)
+        clear = np.abs(logit) > 1e-3
+        np.testing.assert_array_equal((p_ref > 0.5)[clear], (p_got > 0.5)[clear])
+        np.testing.assert_allclose(p_got, p_ref, atol=1e-4)
+    assert set(segmenter._decoders) == {False, True} and all(segmenter._decoders.values())
 
 
 def test_batched_and_unbatched_embeddings_agree(lite_runtimes):
@@ -91,9 +127,11 @@ def test_batched_and_unbatched_embeddings_agree(lite_runtimes):
 
 def test_the_export_is_reused_and_redone_when_the_weights_change(lite_runtimes, export_cache, tmp_path):
     reference, _, _ = lite_runtimes
-    before = encoder_runtime.stats["exports"]
+    before = cpu_runtime.stats["exports"]
     again = build_segmenter("litemedsam", runtime="onnxruntime")
-    assert encoder_runtime.stats["exports"] == before and again.runtime == "onnxruntime"  # from the cache
+    again.decode(again.embed(scenes(1))[0], BOX)
+    assert cpu_runtime.stats["exports"] == before and again.runtime == "onnxruntime"  # from the cache
+    encoders = [r for r in records(export_cache) if r["key"].endswith("encoder 256")]
     # other weights: one tensor of the encoder changed, saved in the real layout
     state = {f"{part}.{key}": value.clone() for part in ("image_encoder", "prompt_encoder", "mask_decoder")
              for key, value in getattr(reference, part).state_dict().items()}
@@ -102,13 +140,15 @@ def test_the_export_is_reused_and_redone_when_the_weights_change(lite_runtimes, 
     path = tmp_path / "lite_changed.pth"
     torch.save(state, path)
     changed = build_segmenter("litemedsam", checkpoint=str(path), runtime="onnxruntime")
-    assert encoder_runtime.stats["exports"] == before + 1 and changed.runtime == "onnxruntime"
+    assert changed.runtime == "onnxruntime"
+    assert cpu_runtime.stats["exports"] == before + 2  # the batch-axis try, then the one-image export
     torch_changed = build_segmenter("litemedsam", checkpoint=str(path))
     images = scenes(1)
     want, got = torch_changed.embed(images)[0].features, changed.embed(images)[0].features
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     assert float((got - reference.embed(images)[0].features).abs().max()) > 1e-2  # the new weights are in it
-    assert len(list(export_cache.glob("encoders/*.onnx"))) == 2
+    now = [r for r in records(export_cache) if r["key"].endswith("encoder 256")]
+    assert len(now) == len(encoders) + 1 and {r["sha256"] for r in now} > {r["sha256"] for r in encoders}
 
 
 class Tiny(torch.nn.Module):
@@ -125,18 +165,19 @@ class Tiny(torch.nn.Module):
 
 def test_a_cached_export_that_does_not_match_its_record_is_redone(export_cache, caplog):
     encoder = Tiny().eval()
-    before = encoder_runtime.stats["exports"]
-    first, used = encoder_runtime.fast_encoder(encoder, "onnxruntime", "tiny a", 32)
-    assert used == "onnxruntime" and encoder_runtime.stats["exports"] == before + 1
-    exported = encoder_runtime.cached_export(encoder, "tiny a", 32)
-    assert exported.dynamic_batch  # a plain conv net keeps its batch axis
+    before = cpu_runtime.stats["exports"]
+    first, used = cpu_runtime.fast_encoder(encoder, "onnxruntime", "tiny a", 32)
+    assert used == "onnxruntime" and cpu_runtime.stats["exports"] == before + 1
+    (record,) = [r for r in records(export_cache) if r["key"].startswith("tiny a")]
+    assert record["variant"] == "batch axis" and first.batch_axis  # a plain conv net keeps its batch axis
+    path = next(p for p in (export_cache / "encoders").glob("*.onnx") if cpu_runtime.sha256_of(p) == record["sha256"])
     x = torch.randn(3, 3, 32, 32)
     with torch.inference_mode():
         torch.testing.assert_close(first(x), encoder(x), atol=1e-5, rtol=0)
-    exported.path.write_bytes(exported.path.read_bytes() + b"\0")  # tampered or damaged in the cache
+    path.write_bytes(path.read_bytes() + b"\0")  # tampered or damaged in the cache
     with caplog.at_level(logging.WARNING):
-        again, used = encoder_runtime.fast_encoder(encoder, "onnxruntime", "tiny a", 32)
-    assert used == "onnxruntime" and encoder_runtime.stats["exports"] == before + 2
+        again, used = cpu_runtime.fast_encoder(encoder, "onnxruntime", "tiny a", 32)
+    assert used == "onnxruntime" and cpu_runtime.stats["exports"] == before + 2
     assert "does not match its record; exporting again" in caplog.text
     with torch.inference_mode():
         torch.testing.assert_close(again(x), encoder(x), atol=1e-5, rtol=0)
@@ -147,18 +188,18 @@ def _warnings(caplog) -> list[str]:
 
 
 def test_a_missing_runtime_is_one_warning_and_torch(export_cache, monkeypatch, caplog):
-    monkeypatch.setattr(encoder_runtime, "_importable", lambda name: name != "openvino")
-    assert encoder_runtime.resolve_runtime("auto", "cpu") == "onnxruntime"  # auto takes the next one
-    assert encoder_runtime.resolve_runtime("auto", "cuda:0") == "torch"
+    monkeypatch.setattr(cpu_runtime, "_importable", lambda name: name != "openvino")
+    assert cpu_runtime.resolve_runtime("auto", "cpu") == "onnxruntime"  # auto takes the next one
+    assert cpu_runtime.resolve_runtime("auto", "cuda:0") == "torch"
     encoder = Tiny().eval()
     with caplog.at_level(logging.WARNING):
-        used_encoder, used = encoder_runtime.fast_encoder(encoder, "openvino", "tiny b", 32)
+        used_encoder, used = cpu_runtime.fast_encoder(encoder, "openvino", "tiny b", 32)
     assert used == "torch" and used_encoder is encoder
     assert _warnings(caplog) == ["SAM encoder: openvino is not installed; using torch"]
 
 
 def test_a_failed_export_is_one_warning_and_torch_masks(export_cache, monkeypatch, caplog, tmp_path):
-    monkeypatch.setattr(encoder_runtime, "CACHE_DIR", tmp_path)  # nothing exported yet
+    monkeypatch.setattr(cpu_runtime, "CACHE_DIR", tmp_path)  # nothing exported yet
 
     def broken(*args, **kwargs):
         raise RuntimeError("Exporting the operator 'aten::nothing' to ONNX opset version 17 is not supported.\nmore")
@@ -193,11 +234,11 @@ def random_vit_b_file(tmp_path_factory):
 
 def test_vit_b_on_both_runtimes_equals_torch(random_vit_b_file, export_cache):
     reference = build_segmenter("vit_b", random_vit_b_file)
-    before = encoder_runtime.stats["exports"]
+    before = cpu_runtime.stats["exports"]
     fast = {name: build_segmenter("vit_b", random_vit_b_file, runtime=name) for name in RUNTIMES}
-    assert encoder_runtime.stats["exports"] == before + 1
-    assert encoder_runtime.cached_export(reference.image_encoder, f"vit_b {reference.checkpoint_sha256}",
-                                         1024).dynamic_batch  # segment_anything's ViT keeps the batch symbolic
+    assert cpu_runtime.stats["exports"] == before + 1
+    (record,) = [r for r in records(export_cache) if r["key"].startswith(f"vit_b {reference.checkpoint_sha256}")]
+    assert record["variant"] == "batch axis"  # segment_anything's ViT keeps the batch symbolic
     image = scenes(1)[0]
     (expected,) = reference.embed([image])
     p_ref, _ = reference.decode(expected, BOX)
