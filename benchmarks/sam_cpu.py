@@ -5,7 +5,10 @@ Slices: the labelled slices of the bundled sample volumes with the largest truth
 breast, lung CT; ``--images`` of them, taken round the volumes), windowed as the pipeline does,
 each prompted with its truth's box. Each model segments every slice (encoder, mask decoder,
 threshold: what a slice costs in the pipeline) with ``--threads`` threads, after one warm-up
-slice; the export into the model cache happens before the timing. ``max_abs_diff`` is the largest
+slice, the models taking turns slice by slice so that a change in the machine's load falls on all
+of them; the exports into the model cache happen before the timing. Seconds are wall-clock per
+slice; ``*_cpu_s`` above the last line are this process's CPU seconds per slice, steadier on a busy
+machine. ``max_abs_diff`` is the largest
 difference of the image embeddings, ``mask_agreement`` the fraction of identical mask pixels.
 
 The line above the last has the rest: ONNX Runtime and OpenVINO in bf16 against torch (time and
@@ -57,19 +60,27 @@ def sample_slices(samples: Path, n: int) -> tuple[list[np.ndarray], list[np.ndar
     return images, boxes
 
 
-def timed_masks(segmenter, images, boxes) -> tuple[float, list[np.ndarray], list[torch.Tensor]]:
-    """Seconds per slice end to end, the masks and the embeddings."""
+def interleaved(models: dict, images, boxes) -> dict[str, dict]:
+    """Each slice segmented by every model in turn (so a change in the machine's load falls on all of
+    them alike): seconds per slice of wall-clock and of this process's CPU, the masks, the embeddings."""
     from medclipsam.config import SamConfig
     from medclipsam.prompts.types import SlicePrompts
     from medclipsam.segment.sam import segment_images
 
     params = SamConfig(batch_size=1)
-    segment_images(segmenter, images[:1], [SlicePrompts(boxes=boxes[0])], params)  # warm-up
-    start = time.perf_counter()
-    masks, _ = segment_images(segmenter, images, [SlicePrompts(boxes=b) for b in boxes], params)
-    seconds = (time.perf_counter() - start) / len(images)
-    embeddings = [e.features for e in segmenter.embed(images)]
-    return seconds, masks, embeddings
+    out = {name: {"wall": 0.0, "cpu": 0.0, "masks": [], "embeddings": []} for name in models}
+    for model in models.values():  # warm-up (and the decoder's export, for the runtimes)
+        segment_images(model, images[:1], [SlicePrompts(boxes=boxes[0])], params)
+    for image, box in zip(images, boxes, strict=True):
+        for name, model in models.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            (mask,), _ = segment_images(model, [image], [SlicePrompts(boxes=box)], params)
+            out[name]["wall"] += (time.perf_counter() - wall) / len(images)
+            out[name]["cpu"] += (time.process_time() - cpu) / len(images)
+            out[name]["masks"].append(mask)
+    for name, model in models.items():
+        out[name]["embeddings"] = [e.features for e in model.embed(images)]
+    return out
 
 
 def encoder_seconds(segmenter, images, batch: int) -> float:
@@ -79,6 +90,10 @@ def encoder_seconds(segmenter, images, batch: int) -> float:
     start = time.perf_counter()
     segmenter.embed(chunk, batch)
     return (time.perf_counter() - start) / batch
+
+
+def largest_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return float(max((x - y).abs().max() for x, y in zip(a, b, strict=True)))
 
 
 def agreement(a: list[np.ndarray], b: list[np.ndarray]) -> float:
@@ -108,19 +123,22 @@ def main(argv: list[str] | None = None) -> None:
         others = {"onnxruntime": build_segmenter("litemedsam", runtime="onnxruntime", threads=args.threads),
                   "openvino_bf16": build_segmenter("litemedsam", runtime="openvino", precision="bf16",
                                                    threads=args.threads)}
-        torch_s, torch_masks, torch_emb = timed_masks(reference, images, boxes)
-        fast_s, fast_masks, fast_emb = timed_masks(fast, images, boxes)
+        runs = interleaved({"torch": reference, "fast": fast, **others}, images, boxes)
         rest: dict[str, float | str] = {"kept": fast.runtime, "slices": len(images), "threads": args.threads,
                                         "export_and_load_s": round(export_s, 2)}
-        for name, model in others.items():
-            seconds, masks, emb = timed_masks(model, images, boxes)
-            rest[f"{name}_s"] = round(seconds, 4)
-            rest[f"{name}_agreement"] = round(agreement(torch_masks, masks), 6)
-            rest[f"{name}_max_abs_diff"] = float(max((a - b).abs().max() for a, b in zip(torch_emb, emb, strict=True)))
+        base = runs["torch"]
+        for name, run in runs.items():
+            rest[f"{name}_cpu_s"] = round(run["cpu"], 4)
+            if name in others:
+                rest[f"{name}_s"] = round(run["wall"], 4)
+                rest[f"{name}_agreement"] = round(agreement(base["masks"], run["masks"]), 6)
+                rest[f"{name}_max_abs_diff"] = largest_difference(base["embeddings"], run["embeddings"])
         for batch in args.batches:
             rest[f"torch_encoder_b{batch}_s"] = round(encoder_seconds(reference, images, batch), 4)
             rest[f"{fast.runtime}_encoder_b{batch}_s"] = round(encoder_seconds(fast, images, batch), 4)
-    diff = float(max((a - b).abs().max() for a, b in zip(torch_emb, fast_emb, strict=True)))
+    torch_s, fast_s = base["wall"], runs["fast"]["wall"]
+    diff = largest_difference(base["embeddings"], runs["fast"]["embeddings"])
+    torch_masks, fast_masks = base["masks"], runs["fast"]["masks"]
     print(json.dumps(rest))
     print(f"torch_s={torch_s:.4f} fast_s={fast_s:.4f} speedup={torch_s / fast_s:.3f} max_abs_diff={diff:.3g} "
           f"mask_agreement={agreement(torch_masks, fast_masks):.6f}")
