@@ -1,4 +1,5 @@
-"""How many actors each model pool gets when the config says ``actors: auto``.
+"""How many actors each model pool gets when the config says ``actors: auto``, and how many blocks
+the cases are read in.
 
 The pools share what Ray reports: a pool that asks for GPUs gets as many actors as its share of
 the GPUs holds; a CPU pool as many as its share of the CPUs left after one read/write task. Every
@@ -32,3 +33,18 @@ def pool_sizes(pipeline: PipelineConfig, text_mode: bool, cpus: float, gpus: flo
     for name in automatic:
         sizes[name] = _auto_size(pools[name], max(budget, 0.0), max(gpus, 0.0), len(automatic))
     return sizes
+
+
+CASES_PER_BLOCK = 8  # cases read into one Ray Data block, where the cluster is busy enough
+MAX_BLOCKS = 1000
+
+
+def read_blocks(n_cases: int, cpus: float) -> int:
+    """Blocks the planned cases are read in: a few cases each, at least two blocks per CPU.
+
+    Every block is a read task, an actor call and a write task, each costing Ray Data some 10 ms of
+    the driver's CPU and more in the workers, whatever it carries: one 2D case per block made that
+    the run's largest cost (``benchmarks/overhead.py``). Eight cases keep a block's wait behind
+    SAM short, and two blocks per CPU keep every CPU of a large cluster reading."""
+    wanted = max(math.ceil(n_cases / CASES_PER_BLOCK), 2 * math.ceil(cpus))
+    return max(1, min(n_cases, MAX_BLOCKS, wanted))

@@ -20,10 +20,9 @@ import numpy as np
 from ..config import CoarseMaskConfig, SaliencyConfig, SamConfig, VisualPromptConfig
 from ..domain.records import CaseRecord, record_from_dict
 from ..runs.ray_session import ensure_ray, pool_device
-from ..runs.tracking import resolve_tracking_uri
 from .cpu_tasks import Contained, read_case, write_slice
 from .job import Job
-from .pools import pool_sizes
+from .pools import pool_sizes, read_blocks
 from .slices import SOURCE_TEXT, CaseTask, SliceRow
 from .stages import add_masks, add_saliency, add_text_prompts
 
@@ -109,15 +108,20 @@ def build_dataset(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = S
     ``sam_stage`` may be a subclass, ``read`` and ``write`` wrappers of the CPU tasks: the seams
     through which tests inject faults (production code reads no test flags)."""
     import ray
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     c = job.config
     pipeline = c.pipeline
     sizes = cluster_pool_sizes(job)
     log.info("actor pools: %s", sizes)
-    ds = ray.data.from_items([asdict(t) for t in tasks], override_num_blocks=max(1, min(len(tasks), 1000)))
-    ds = ds.flat_map(Contained(read, "read"), fn_kwargs={"job": job}, num_cpus=pipeline.task_cpus)
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    tasks_at_once = TaskPoolStrategy(size=max(1, int(cpus)))
+    ds = ray.data.from_items([asdict(t) for t in tasks], override_num_blocks=read_blocks(len(tasks), cpus))
+    ds = ds.flat_map(Contained(read, "read"), fn_kwargs={"job": job}, num_cpus=pipeline.task_cpus,
+                     compute=tasks_at_once)
     if job.source == SOURCE_TEXT:
+        from ..runs.tracking import resolve_tracking_uri  # here: MLflow's import costs each SAM actor a second
+
         ds = ds.map_batches(SaliencyStage, fn_constructor_kwargs={
             "clip_uri": job.clip, "device": pool_device(pipeline.saliency.num_gpus, c.sam.device),
             "saliency": c.saliency, "coarse": c.coarse, "visual": c.visual_prompts, "keep_saliency": job.keep_saliency,
@@ -131,7 +135,7 @@ def build_dataset(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = S
         num_gpus=pipeline.sam.num_gpus, num_cpus=pipeline.sam.num_cpus)
     memory = {"memory": pipeline.write_memory_mb * 2**20} if pipeline.write_memory_mb else {}
     return ds.flat_map(Contained(write, "write"), fn_kwargs={"settings": job.assembly()},
-                       num_cpus=pipeline.task_cpus, **memory)
+                       num_cpus=pipeline.task_cpus, compute=tasks_at_once, **memory)
 
 
 def run_ray(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = SamStage, read=read_case,
