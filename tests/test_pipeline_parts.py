@@ -267,3 +267,17 @@ def test_reruns_are_attempts_that_keep_earlier_figures(tmp_path, tracking_uri):
     assert latest["cases_per_s"] == pytest.approx(4 / seconds)
     run_file = json.loads((tmp_path / "out" / "run.json").read_text())
     assert [a["n_processed"] for a in run_file["attempts"]] == [3, 0, 1]
+
+
+def test_cases_are_read_a_few_to_a_block():
+    import math
+
+    from medclipsam.pipeline.pools import CASES_PER_BLOCK, MAX_BLOCKS, read_blocks
+
+    for cases in (1, 2, 7, 8, 9, 40, 400, 10_000, 1_000_000):
+        for cpus in (1.0, 2.0, 16.0, 500.0):
+            blocks = read_blocks(cases, cpus)
+            assert 1 <= blocks <= min(cases, MAX_BLOCKS)
+            if blocks < min(cases, MAX_BLOCKS):  # not capped: a few cases each, and every CPU kept reading
+                assert blocks >= math.ceil(cases / CASES_PER_BLOCK) and blocks >= 2 * math.ceil(cpus)
+    assert read_blocks(400, 2.0) == 50 and read_blocks(10, 16.0) == 10 and read_blocks(3, 2.0) == 3
