@@ -96,6 +96,13 @@ def task_config(config_path: str | None, default: TaskConfig | None = None, **ov
     return parse_config(_merged(config.model_dump(), changes), "command-line options")
 
 
+def _with_options(func, options: list):
+    """``func`` with click ``options`` applied, the first listed shown first in ``--help``."""
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def sam_options(func):
     """The options that override the config's ``sam`` and ``image`` sections."""
     options = [
@@ -129,9 +136,7 @@ def sam_options(func):
                      help="SAM's arithmetic: bf16/fp16 autocast on CUDA, the runtime's precision hint on the "
                           "CPU [default: fp32]."),
     ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+    return _with_options(func, options)
 
 
 def cohort_options(func):
@@ -155,9 +160,7 @@ def cohort_options(func):
             help="For DICOM SEG ground truths (<case_id>.seg.dcm) holding several segments: the one to score "
                  "against, by number or label [default: a SEG's only segment]."),
     ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+    return _with_options(func, options)
 
 
 def text_options(func):
