@@ -73,7 +73,7 @@ class CachedEmbeddings:
     def __init__(self, segmenter, rows: dict[Key, SliceRow]) -> None:
         self.segmenter = segmenter
         self.name, self.checkpoint = segmenter.name, segmenter.checkpoint
-        self.checkpoint_sha256 = segmenter.checkpoint_sha256
+        self.checkpoint_sha256, self.device = segmenter.checkpoint_sha256, segmenter.device
         self.keys = {id(row.image): key for key, row in rows.items()}  # the rows live as long as the service
         self.embeddings: dict[Key, object] = {}
         self.cache = True
