@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -139,6 +139,13 @@ class OracleConfig(StrictModel):
     box_margin: float = Field(2.0, ge=0.0)
 
 
+# What may run SAM's networks and in which arithmetic: the config, the CLI and models.cpu_runtime read these.
+SamRuntime = Literal["auto", "torch", "openvino", "onnxruntime"]
+SamPrecision = Literal["fp32", "bf16", "fp16"]
+SAM_RUNTIMES: tuple[str, ...] = get_args(SamRuntime)
+SAM_PRECISIONS: tuple[str, ...] = get_args(SamPrecision)
+
+
 class SamConfig(StrictModel):
     """The SAM backend and how its output becomes a binary mask."""
 
@@ -152,8 +159,8 @@ class SamConfig(StrictModel):
     # images per encoder call; none: 1 on the CPU (measured: batching gains nothing per image there), 8 on CUDA
     batch_size: int | None = Field(None, ge=1)
     # what runs the image encoder: auto = OpenVINO (else ONNX Runtime) on the CPU, torch on CUDA
-    runtime: Literal["auto", "torch", "openvino", "onnxruntime"] = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast on CUDA, the runtime's hint on the CPU
+    runtime: SamRuntime = "auto"
+    precision: SamPrecision = "fp32"  # bf16/fp16: autocast on CUDA, the runtime's hint on the CPU
 
     def images_per_call(self, device: str | None = None) -> int:
         """``batch_size``, or the default for ``device`` (the configured one when not given)."""

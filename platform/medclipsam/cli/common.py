@@ -17,7 +17,16 @@ from typing import NoReturn
 
 import click
 
-from ..config import CT_WINDOWS, MERGE_METHODS, SAM_BACKENDS, TaskConfig, load_config, parse_config
+from ..config import (
+    CT_WINDOWS,
+    MERGE_METHODS,
+    SAM_BACKENDS,
+    SAM_PRECISIONS,
+    SAM_RUNTIMES,
+    TaskConfig,
+    load_config,
+    parse_config,
+)
 from ..domain.records import STATUS_ERROR, CaseRecord
 from ..storage import redact_text
 
@@ -129,10 +138,10 @@ def sam_options(func):
                      help="Keep the K largest connected components per slice; 0 keeps all [default: 0]."),
         click.option("--batch-size", type=click.IntRange(min=1), default=None,
                      help="Images per encoder call [default: 1 on the CPU, 8 on CUDA]."),
-        click.option("--runtime", type=click.Choice(["auto", "torch", "openvino", "onnxruntime"]), default=None,
+        click.option("--runtime", type=click.Choice(SAM_RUNTIMES), default=None,
                      help="What runs SAM's image encoder: auto is OpenVINO (else ONNX Runtime) on the CPU and "
                           "torch on CUDA [default: auto]."),
-        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+        click.option("--precision", type=click.Choice(SAM_PRECISIONS), default=None,
                      help="SAM's arithmetic: bf16/fp16 autocast on CUDA, the runtime's precision hint on the "
                           "CPU [default: fp32]."),
     ]

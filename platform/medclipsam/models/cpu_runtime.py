@@ -31,13 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import SAM_PRECISIONS, SAM_RUNTIMES
 from ..errors import first_line
 from ..storage.fetch import CACHE_DIR, sha256_of
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
-PRECISIONS = ("fp32", "bf16", "fp16")
+RUNTIMES, PRECISIONS = SAM_RUNTIMES, SAM_PRECISIONS
 OPSET = 17
 EXPORT_TOLERANCE = 1e-4  # largest |runtime - torch| on the check inputs, relative to max |torch| (at least 1)
 _OPENVINO_HINT = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
