@@ -110,7 +110,7 @@ def test_future_warnings_only_with_v(tmp_path):
                    str(tmp_path / "boxes.csv"), "--output", str(tmp_path / f"out{len(flags)}")]
         env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
         done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=False)
-        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-1000:]}\n{done.stderr[-3000:]}"
         outputs[bool(flags)] = done.stderr
     assert "FutureWarning" not in outputs[False]
     assert "FutureWarning" in outputs[True]

@@ -5,6 +5,8 @@ imports what it needs when it runs.
 
 from __future__ import annotations
 
+import faulthandler
+import io
 import logging
 import os
 import warnings
@@ -40,6 +42,15 @@ class _Commands(click.Group):
             unexpected(exc, bool(ctx.params.get("verbose")))
 
 
+def _report_native_crashes() -> None:
+    """A native crash (a runtime's plugin, a driver) says where, not just an exit code; only where
+    stderr is a real file (not under a test runner's captured stream)."""
+    try:
+        faulthandler.enable()
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        pass
+
+
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="medclipsam", message="medclipsam %(version)s")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages, and show Ray's own progress and logs.")
@@ -50,6 +61,7 @@ class _Commands(click.Group):
 def main(context: click.Context, verbose: bool, allow_insecure_download: bool) -> None:
     """Text-driven and prompted medical image segmentation (MedCLIP-SAMv2)."""
     context.obj = {"verbose": verbose}
+    _report_native_crashes()
     if allow_insecure_download:  # an environment variable, so Ray workers started from here see it too
         os.environ[INSECURE_ENV] = "1"
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

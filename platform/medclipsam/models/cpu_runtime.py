@@ -18,12 +18,15 @@ fails costs one warning line and falls back to torch: never a wrong mask.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
 import json
 import logging
 import os
 import tempfile
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -321,17 +324,8 @@ def _session(runtime: str, path: Path, threads: int, precision: str) -> Run:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision '{precision}'; choose from {', '.join(PRECISIONS)}")
     if runtime == "openvino":
-        import openvino
-
-        compiled = openvino.Core().compile_model(str(path), "CPU", {
-            "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": _OPENVINO_HINT[precision]})
-        outputs = range(len(compiled.outputs))
-
-        def run(inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-            result = compiled(list(inputs))
-            return [np.asarray(result[i]) for i in outputs]
-
-        return run
+        return _OpenVinoModel(_openvino_core().compile_model(str(path), "CPU", {
+            "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": _OPENVINO_HINT[precision]}))
     import onnxruntime
 
     if precision != "fp32":
@@ -341,3 +335,38 @@ def _session(runtime: str, path: Path, threads: int, precision: str) -> Run:
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     return lambda inputs: list(session.run(None, dict(zip(names, inputs, strict=True))))
+
+
+# OpenVINO's compiled models must go before its Core and its CPU plugin: left to the interpreter's
+# teardown, the order is arbitrary and a process can end with a crash after its work is done. One
+# Core per process, and every compiled model released at exit, before the modules go.
+_compiled: weakref.WeakSet[_OpenVinoModel] = weakref.WeakSet()
+
+
+@functools.cache
+def _openvino_core():  # openvino is imported only where it runs
+    import openvino
+
+    atexit.register(_release_openvino)
+    return openvino.Core()
+
+
+def _release_openvino() -> None:
+    for model in list(_compiled):
+        model.compiled = None
+    _compiled.clear()
+    _openvino_core.cache_clear()
+
+
+class _OpenVinoModel:
+    """A compiled OpenVINO model called like the other runtimes' sessions."""
+
+    def __init__(self, compiled) -> None:
+        self.compiled, self.outputs = compiled, range(len(compiled.outputs))
+        _compiled.add(self)
+
+    def __call__(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        if self.compiled is None:
+            raise RuntimeError("SAM encoder: the OpenVINO model was released at exit")
+        result = self.compiled(list(inputs))
+        return [np.asarray(result[i]) for i in self.outputs]
