@@ -137,6 +137,35 @@ class OracleConfig(StrictModel):
     """Box prompts derived from ground-truth labels (an upper bound on prompt quality)."""
 
     box_margin: float = Field(2.0, ge=0.0)
+    # slices of a volume that get the truth's box: 0 = every labelled slice; N = the N with the largest
+    # truth area (with ``propagation``, the key slices the chains start from)
+    key_slices: int = Field(0, ge=0)
+
+
+class PropagationConfig(StrictModel):
+    """Prompts on a few key slices of a volume carried slice by slice through it (``--propagate``).
+
+    Each next slice is prompted with the previous slice's mask: a box per component, widened; a chain
+    ends at the first slice whose mask fails the stop rule (too small, a low SAM IoU estimate, little
+    overlap with the previous mask, a sudden growth, or a contrast with its surroundings far below
+    the key slice's). Defaults: chosen with benchmarks/propagation.py (docs/propagation.md).
+    """
+
+    enabled: bool = False
+    box_margin: float = Field(0.1, ge=0.0, le=1.0)  # each side of a carried box moves out by this share of its side
+    points: bool = False  # also a positive point at each component's innermost pixel
+    mask_prompt: bool = False  # the previous slice's low-resolution logits as SAM's dense prompt
+    min_component: int = Field(4, ge=1)  # pixels: smaller components of a mask carry no prompt
+    min_area: int = Field(4, ge=1)  # pixels: a smaller mask ends the chain
+    min_score: float = Field(0.5, ge=0.0, le=1.0)  # SAM's IoU estimate below this ends the chain
+    min_overlap: float = Field(0.5, ge=0.0, le=1.0)  # |mask & previous| / the smaller of the two, below: ends it
+    max_growth: float = Field(2.0, gt=1.0)  # a mask this many times the previous one's area ends it (a leak)
+    # the mask's contrast with its surroundings (mean grey level inside less that of a ring of
+    # contrast_ring pixels around it), as a share of the key slice's, below this: ends the chain
+    min_contrast: float = Field(0.25, ge=0.0)
+    contrast_ring: int = Field(3, ge=1)
+    keep_components: int = Field(1, ge=0)  # 3D clean-up: the K largest 3D components (0: all)
+    fill_holes: bool = True  # 3D clean-up: holes enclosed in 3D filled
 
 
 # What may run SAM's networks and in which arithmetic: the config, the CLI and models.cpu_runtime read these.
@@ -257,6 +286,7 @@ class TaskConfig(StrictModel):
     coarse: CoarseMaskConfig = CoarseMaskConfig()
     visual_prompts: VisualPromptConfig = VisualPromptConfig()
     oracle: OracleConfig = OracleConfig()
+    propagation: PropagationConfig = PropagationConfig()
     sam: SamConfig = SamConfig()
     pipeline: PipelineConfig = PipelineConfig()
     output: OutputConfig = OutputConfig()

@@ -54,6 +54,7 @@ class CaseRecord:
     dsc_oracle: float = math.nan  # stage attribution: SAM prompted with the truth's boxes
     uncertainty: float = math.nan  # weak predict: the ensemble's per-case uncertainty score
     seconds_predict: float = 0.0  # weak predict: the ensemble's inference time
+    n_sam_slices: int = 0  # slices SAM's image encoder ran on (propagation visits only the target's)
 
 
 SCHEMA = pa.schema(
@@ -90,6 +91,7 @@ SCHEMA = pa.schema(
         ("dsc_oracle", pa.float64()),
         ("uncertainty", pa.float64()),
         ("seconds_predict", pa.float64()),
+        ("n_sam_slices", pa.int64()),
     ]
 )
 

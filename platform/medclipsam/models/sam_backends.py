@@ -144,7 +144,6 @@ class PromptableSegmenter:
         return out
 
     # -- prompts ----------------------------------------------------------------------------
-    @torch.inference_mode()
     def decode(
         self,
         embedding: ImageEmbedding,
@@ -160,6 +159,22 @@ class PromptableSegmenter:
         box i together with points i. Returns probabilities ``N x K x H x W`` and the model's IoU
         estimates ``N x K`` (K = 3 with multimask, else 1).
         """
+        probs, iou, _ = self.decode_with_logits(embedding, boxes, points, point_labels, multimask)
+        return probs, iou
+
+    @torch.inference_mode()
+    def decode_with_logits(
+        self,
+        embedding: ImageEmbedding,
+        boxes: np.ndarray | None = None,
+        points: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        multimask: bool = False,
+        mask_input: torch.Tensor | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+        """``decode``, also taking SAM's dense prompt: ``mask_input``, low-resolution logits ``N x 1 x
+        m x m`` (m = ``mask_input_size``; e.g. a neighbouring slice's), and also returning the
+        low-resolution logits it produced (``N x K x m x m``), which the next slice may take."""
         geometry = self.preprocessing.geometry
         size = embedding.original_size
         n = len(boxes) if boxes is not None else (len(points) if points is not None else 0)
@@ -175,9 +190,10 @@ class PromptableSegmenter:
             coords = torch.as_tensor(geometry.apply_coords(points, size), dtype=torch.float32, device=self.device)
             labels = torch.as_tensor(point_labels, dtype=torch.int64, device=self.device)
             pts = (coords, labels)
+        masks = None if mask_input is None else mask_input.to(self.device, torch.float32)
         decoder = self._decoder(multimask)
         with self._autocast():
-            sparse, dense = self.prompt_encoder(points=pts, boxes=box_t, masks=None)
+            sparse, dense = self.prompt_encoder(points=pts, boxes=box_t, masks=masks)
             if decoder is not None:
                 low_res, iou = decoder(embedding.features, sparse, dense)
             else:
@@ -188,8 +204,14 @@ class PromptableSegmenter:
                     dense_prompt_embeddings=dense,
                     multimask_output=multimask,
                 )
-        logits = geometry.invert_masks(low_res.float(), size)
-        return torch.sigmoid(logits).cpu().numpy(), iou.float().cpu().numpy()
+        low_res = low_res.float()
+        logits = geometry.invert_masks(low_res, size)
+        return torch.sigmoid(logits).cpu().numpy(), iou.float().cpu().numpy(), low_res
+
+    @property
+    def mask_input_size(self) -> tuple[int, int]:
+        """The size of the dense (mask) prompt the prompt encoder takes."""
+        return tuple(int(v) for v in self.prompt_encoder.mask_input_size)
 
 
 def _content_size(geometry: LongestSidePad | Stretch, size: tuple[int, int]) -> tuple[int, int]:

@@ -25,6 +25,7 @@ from ..errors import StorageUnavailable
 from ..eval.evaluation import score_mask
 from ..eval.metrics import dice
 from ..eval.overlays import overlay_png, overlay_slice, strip_slices
+from ..ops.postprocess import clean_volume
 from ..ops.slicing import assemble_mask, take_slice
 from ..prompts.types import SlicePrompts
 from ..storage.outputs import COARSE, OVERLAYS, PROMPTS, SALIENCY, STAGING, STRIPS, case_file
@@ -42,6 +43,7 @@ class AssemblySettings:
     min_box_fill: float = 0.05  # a mask filling less of its prompt box is warned of (pipeline.flags)
     strip_slices: int = 8  # slices of a drawn volume in its strip
     masks: MaskOutput = field(default_factory=MaskOutput)  # the formats each mask is written in
+    clean_3d: tuple[int, bool] | None = None  # a volume's mask: 3D components kept, holes filled (propagation)
 
 
 def prompt_record(prompts: dict[int | None, SlicePrompts]) -> str:
@@ -123,6 +125,7 @@ def _new_record(rows: list[SliceRow], settings: AssemblySettings) -> CaseRecord:
         clip_model=first.clip_model, clip_sha256=first.clip_sha256,
         seconds_read=sum(r.seconds_read for r in rows), seconds_saliency=sum(r.seconds_saliency for r in rows),
         seconds_embed=sum(r.seconds_embed for r in rows), seconds_decode=sum(r.seconds_decode for r in rows),
+        n_sam_slices=sum(r.sam_ran for r in rows),
     )
 
 
@@ -153,8 +156,11 @@ def _write_outputs(rows: list[SliceRow], record: CaseRecord, settings: AssemblyS
     record.n_prompted_slices = len(prompted)
     record.n_target_slices = len(prompted) if settings.source == SOURCE_TEXT else 0
     masks = {r.key: r.mask for r in rows}
-    warnings = flags.case_warnings(prompted, masks, record.backend, settings.min_box_fill)
     mask = assemble_mask(image, masks, axis)
+    if settings.clean_3d is not None and image.is_volume:
+        mask = clean_volume(mask > 0, *settings.clean_3d).astype(mask.dtype)
+        masks = {k: take_slice(mask, k, axis) > 0 for k in masks}
+    warnings = flags.case_warnings(prompted, masks, record.backend, settings.min_box_fill)
     written = write_case_masks(mask, image, record.source_uri, settings.output, record.case_id, settings.masks)
     record.mask_uri, record.mask_formats = written.mask_uri, ",".join(written.formats)
     record.warnings = flags.SEPARATOR.join([*warnings, *written.warnings])
@@ -209,7 +215,8 @@ def _write_intermediates(rows: list[SliceRow], record: CaseRecord, image: Medica
 
 def _write_overlay(record: CaseRecord, masks: dict, prompts: dict, pictures: dict, truth, axis: int,
                    settings: AssemblySettings) -> None:
-    """The overlay of the case's fullest slice; for a volume, also the strip of its prompted slices."""
+    """The overlay of the case's fullest slice; for a volume, also the strip of its prompted slices (of
+    its segmented ones when propagated)."""
     if None in masks:  # a 2D image
         truth_slices = {None: truth.array} if truth is not None else None
         key = None
@@ -224,7 +231,10 @@ def _write_overlay(record: CaseRecord, masks: dict, prompts: dict, pictures: dic
         storage.write_bytes_atomic(case_file(settings.output, OVERLAYS, record.case_id, ".png"), picture(key))
     if key is None:
         return
-    for k in strip_slices([k for k in prompts if k in pictures], key, settings.strip_slices):
+    shown = set(prompts)
+    if settings.clean_3d is not None:  # propagated: the strip follows the chain, not only its key slices
+        shown |= {k for k in masks if masks[k].any()}
+    for k in strip_slices([k for k in shown if k in pictures], key, settings.strip_slices):
         if k in pictures:
             storage.write_bytes_atomic(case_file(settings.output, STRIPS, record.case_id, f".slice{k:04d}.png"),
                                        picture(k))

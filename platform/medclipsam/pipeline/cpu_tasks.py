@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def read_case(row: dict, job: Job) -> list[dict]:
     """The case's slice rows as columns (one error row if it cannot be read)."""
     rows = case_slices(CaseTask(**row), job.config.image, job.source, job.config.oracle.box_margin,
-                       oracle=job.attribution)
+                       oracle=job.attribution, key_slices=job.config.oracle.key_slices)
     return [r.to_columns() for r in rows]
 
 

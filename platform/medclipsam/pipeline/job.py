@@ -48,6 +48,15 @@ class Job:
             raise InputError("stage attribution compares the text-driven stages: it needs --prompt-source text")
         if self.source == SOURCE_FILES and not (self.boxes_csv or self.points_csv):
             raise InputError("prompts from files need a boxes or a points CSV")
+        if self.propagate and self.source == SOURCE_TEXT:
+            raise InputError("--propagate carries box or point prompts through a volume: give --boxes/--points "
+                             "(segment) or --prompt-source labels (pseudolabel); text-driven propagation is not "
+                             "available yet")
+
+    @property
+    def propagate(self) -> bool:
+        """Volumes segmented along chains from their prompted slices (``propagation.enabled``)."""
+        return self.config.propagation.enabled
 
     @property
     def text_prompts(self) -> tuple[str, ...]:
@@ -71,9 +80,11 @@ class Job:
                                 "saliency": c.saliency.model_dump(exclude={"batch_size"}),
                                 "coarse": c.coarse.model_dump(), "visual_prompts": c.visual_prompts.model_dump()}
         elif self.source == SOURCE_LABELS:
-            settings["labels"] = c.oracle.model_dump()
+            settings["labels"] = c.oracle.model_dump(exclude=set() if c.oracle.key_slices else {"key_slices"})
         else:
             settings["files"] = {"boxes": self.boxes_csv or "", "points": self.points_csv or ""}
+        if self.propagate:
+            settings["propagation"] = c.propagation.model_dump()
         if self.case_id_tag:  # it renames the cases: a resume with another tag would mix two namings
             settings["case_id_tag"] = self.case_id_tag
         if self.gt_segment:  # another segment is another truth
@@ -97,7 +108,14 @@ class Job:
     def assembly(self) -> AssemblySettings:
         return AssemblySettings(self.output, self.source, self.parameters(), self.config.pipeline.nsd_tolerance,
                                 save_prompts=self.save_intermediates, min_box_fill=self.config.pipeline.min_box_fill,
-                                strip_slices=self.config.pipeline.strip_slices, masks=self.mask_output())
+                                strip_slices=self.config.pipeline.strip_slices, masks=self.mask_output(),
+                                clean_3d=self.clean_3d)
+
+    @property
+    def clean_3d(self) -> tuple[int, bool] | None:
+        """The 3D clean-up of a propagated volume's mask: components kept, holes filled (None: none)."""
+        p = self.config.propagation
+        return (p.keep_components, p.fill_holes) if p.enabled else None
 
     def mask_output(self) -> MaskOutput:
         """The mask formats, and what a SEG calls its segment and series (the task and the prompt source)."""

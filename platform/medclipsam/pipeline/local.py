@@ -14,7 +14,7 @@ from ..models.sam_backends import segmenter_for
 from .assembly import finish_case
 from .job import Job
 from .slices import SOURCE_TEXT, CaseTask, case_slices
-from .stages import add_masks, add_saliency, add_text_prompts
+from .stages import add_masks, add_propagated_masks, add_saliency, add_text_prompts
 
 
 def run_local(tasks: list[CaseTask], job: Job) -> Iterator[CaseRecord]:
@@ -26,7 +26,11 @@ def run_local(tasks: list[CaseTask], job: Job) -> Iterator[CaseRecord]:
     segmenter = segmenter_for(c.sam)
     assembly = job.assembly()
     for task in tasks:
-        rows = case_slices(task, c.image, job.source, c.oracle.box_margin, oracle=job.attribution)
+        rows = case_slices(task, c.image, job.source, c.oracle.box_margin, oracle=job.attribution,
+                           key_slices=c.oracle.key_slices)
+        if job.propagate:
+            yield finish_case(add_propagated_masks(segmenter, rows, c.sam, c.propagation), assembly)
+            continue
         if clip is not None:
             rows = add_text_prompts(add_saliency(clip, rows, c.saliency), c.coarse, c.visual_prompts,
                                     keep_saliency=job.keep_saliency, keep_coarse=job.keep_coarse)

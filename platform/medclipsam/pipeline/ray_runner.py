@@ -24,7 +24,7 @@ from .cpu_tasks import Contained, read_case, write_slice
 from .job import Job
 from .pools import pool_sizes, read_blocks
 from .slices import SOURCE_TEXT, CaseTask, SliceRow
-from .stages import add_masks, add_saliency, add_text_prompts
+from .stages import add_masks, add_propagated_masks, add_saliency, add_text_prompts
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,29 @@ class SamStage:
         return rows_to_batch(add_masks(self.segmenter, batch_to_rows(batch), self.settings, self.attribution))
 
 
+class PropagationStage(SamStage):
+    """SAM along a volume (``--propagate``): the volume is the unit of work, since each slice waits for
+    the previous one's mask. The actor reads each case itself (its slices never cross the object
+    store) and returns all its slice rows, masks in, for the write stage."""
+
+    def __init__(self, settings: SamConfig, device: str, job: Job, read=read_case) -> None:
+        super().__init__(settings, device)
+        self.job, self.read = job, Contained(read, "read")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = list(batch)
+        out: list[SliceRow] = []
+        for i in range(len(batch[names[0]]) if names else 0):
+            task = {name: _plain(batch[name][i]) for name in names}
+            rows = [SliceRow.from_columns(columns) for columns in self.read(task, job=self.job)]
+            out.extend(add_propagated_masks(self.segmenter, rows, self.settings, self.job.config.propagation))
+        return rows_to_batch(out)
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def cluster_pool_sizes(job: Job) -> dict[str, int]:
     """Actors per pool for the Ray this process is connected to (``actors: auto`` sized to it)."""
     import ray
@@ -102,11 +125,11 @@ def cluster_pool_sizes(job: Job) -> dict[str, int]:
 
 
 def build_dataset(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = SamStage, read=read_case,
-                  write=write_slice):
+                  write=write_slice, propagation_stage: type[PropagationStage] = PropagationStage):
     """The Ray Data chain for ``tasks``; lazy until iterated.
 
-    ``sam_stage`` may be a subclass, ``read`` and ``write`` wrappers of the CPU tasks: the seams
-    through which tests inject faults (production code reads no test flags)."""
+    ``sam_stage`` and ``propagation_stage`` may be subclasses, ``read`` and ``write`` wrappers of the
+    CPU tasks: the seams through which tests inject faults (production code reads no test flags)."""
     import ray
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
@@ -117,6 +140,15 @@ def build_dataset(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = S
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     tasks_at_once = TaskPoolStrategy(size=max(1, int(cpus)))
     ds = ray.data.from_items([asdict(t) for t in tasks], override_num_blocks=read_blocks(len(tasks), cpus))
+    memory = {"memory": pipeline.write_memory_mb * 2**20} if pipeline.write_memory_mb else {}
+    device = pool_device(pipeline.sam.num_gpus, c.sam.device)
+    if job.propagate:  # one case per actor call: it reads the volume and carries the prompts through it
+        ds = ds.map_batches(propagation_stage, fn_constructor_kwargs={
+            "settings": c.sam, "device": device, "job": job, "read": read},
+            compute=ActorPoolStrategy(size=sizes["sam"]), batch_size=1, num_gpus=pipeline.sam.num_gpus,
+            num_cpus=pipeline.sam.num_cpus)
+        return ds.flat_map(Contained(write, "write"), fn_kwargs={"settings": job.assembly()},
+                           num_cpus=pipeline.task_cpus, compute=tasks_at_once, **memory)
     ds = ds.flat_map(Contained(read, "read"), fn_kwargs={"job": job}, num_cpus=pipeline.task_cpus,
                      compute=tasks_at_once)
     if job.source == SOURCE_TEXT:
@@ -129,23 +161,21 @@ def build_dataset(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = S
             compute=ActorPoolStrategy(size=sizes["saliency"]), batch_size=c.saliency.batch_size,
             num_gpus=pipeline.saliency.num_gpus, num_cpus=pipeline.saliency.num_cpus)
     ds = ds.map_batches(sam_stage, fn_constructor_kwargs={
-        "settings": c.sam, "device": pool_device(pipeline.sam.num_gpus, c.sam.device), "attribution": job.attribution},
-        compute=ActorPoolStrategy(size=sizes["sam"]),
-        batch_size=c.sam.images_per_call(pool_device(pipeline.sam.num_gpus, c.sam.device)),
+        "settings": c.sam, "device": device, "attribution": job.attribution},
+        compute=ActorPoolStrategy(size=sizes["sam"]), batch_size=c.sam.images_per_call(device),
         num_gpus=pipeline.sam.num_gpus, num_cpus=pipeline.sam.num_cpus)
-    memory = {"memory": pipeline.write_memory_mb * 2**20} if pipeline.write_memory_mb else {}
     return ds.flat_map(Contained(write, "write"), fn_kwargs={"settings": job.assembly()},
                        num_cpus=pipeline.task_cpus, compute=tasks_at_once, **memory)
 
 
 def run_ray(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = SamStage, read=read_case,
-            write=write_slice) -> Iterator[CaseRecord]:
+            write=write_slice, propagation_stage: type[PropagationStage] = PropagationStage) -> Iterator[CaseRecord]:
     """Yield each case's record as its last slice is written (on the Ray this process is connected to)."""
     if not tasks:
         return
     ensure_ray()
     seen: set[str] = set()
-    for row in build_dataset(tasks, job, sam_stage, read, write).iter_rows():
+    for row in build_dataset(tasks, job, sam_stage, read, write, propagation_stage).iter_rows():
         record = record_from_dict(row)
         if record.case_id not in seen:  # two writers raced to the last slice: same files, one record
             seen.add(record.case_id)

@@ -129,6 +129,7 @@ class SliceRow:
     oracle_mask: np.ndarray = field(default_factory=lambda: NO_MASK)
     seconds_embed: float = 0.0
     seconds_decode: float = 0.0
+    sam_ran: bool = False  # SAM's image encoder ran on this slice
     backend: str = ""  # the SAM backend, its checkpoint and the checkpoint's SHA-256
     checkpoint: str = ""
     checkpoint_sha256: str = ""
@@ -183,7 +184,7 @@ _DECODE: dict[str, Any] = {
     **dict.fromkeys(("slice", "n_slices"), int),
     **dict.fromkeys(("seconds_read", "seconds_saliency", "seconds_embed", "seconds_decode"), float),
     **dict.fromkeys(ARRAY_FIELDS, lambda v: v),
-    "overlay": bool,
+    **dict.fromkeys(("overlay", "sam_ran"), bool),
     "sentences": lambda text: tuple(json.loads(text)) if text else (),
     "geometry": lambda text: Geometry.from_json(text) if text else None,
     "prompts": _prompts_of,
@@ -220,7 +221,7 @@ def failed_read(task: CaseTask, error: str, seconds: float = 0.0) -> SliceRow:
 
 
 def _given_prompts(task: CaseTask, image: MedicalImage, source: str, settings: ImageConfig,
-                   box_margin: float) -> dict[int | None, SlicePrompts]:
+                   box_margin: float, key_slices: int = 0) -> dict[int | None, SlicePrompts]:
     """The prompts a case brings with it: boxes from its labels, or rows of the prompt files."""
     if source == SOURCE_FILES:
         return _prompts_from_rows(task.prompt_rows, image, settings.axis)
@@ -232,7 +233,7 @@ def _given_prompts(task: CaseTask, image: MedicalImage, source: str, settings: I
     expected = image.array.shape if image.is_volume else image.array.shape[:2]
     if label.array.shape != expected:
         raise ValueError(f"ground truth {task.gt_uri} has shape {label.array.shape}, image {expected}")
-    return label_boxes(label, settings.axis, box_margin)
+    return label_boxes(label, settings.axis, box_margin, key_slices)
 
 
 def _truth_boxes(task: CaseTask, image: MedicalImage, settings: ImageConfig,
@@ -248,17 +249,18 @@ def _truth_boxes(task: CaseTask, image: MedicalImage, settings: ImageConfig,
 
 
 def case_slices(task: CaseTask, settings: ImageConfig, source: str, box_margin: float = 2.0,
-                oracle: bool = False) -> list[SliceRow]:
+                oracle: bool = False, key_slices: int = 0) -> list[SliceRow]:
     """Read a case and cut it into windowed ``H x W x 3`` slices; one error row if it cannot be read.
 
     With ``source`` labels or files, the slices' SAM prompts are attached here. With ``oracle``
     (stage attribution), the boxes of the case's labels travel beside them as ``oracle_prompts``.
+    ``key_slices`` N > 0 gives the labels' boxes on the N slices of largest truth area only.
     """
     start = time.perf_counter()
     try:
         image = read_image(task.uri)
         keys = slice_keys(image, settings.axis)
-        prompts = _given_prompts(task, image, source, settings, box_margin)
+        prompts = _given_prompts(task, image, source, settings, box_margin, key_slices)
         truth_boxes = _truth_boxes(task, image, settings, box_margin) if oracle and task.gt_uri else {}
         inputs = model_inputs(image, keys, settings)
         geometry = Geometry.of(image, settings.axis)

@@ -12,12 +12,13 @@ from collections import defaultdict
 
 import numpy as np
 
-from ..config import CoarseMaskConfig, SaliencyConfig, SamConfig, VisualPromptConfig
+from ..config import CoarseMaskConfig, PropagationConfig, SaliencyConfig, SamConfig, VisualPromptConfig
 from ..models.biomedclip import ClipModel
 from ..models.sam_backends import PromptableSegmenter
 from ..prompts.from_saliency import prompts_from_saliency
 from ..prompts.types import SlicePrompts
 from ..saliency.maps import saliency_maps
+from ..segment.propagate import propagate
 from ..segment.sam import segment_prompt_sets
 from .slices import NO_IMAGE, NO_MAP, NO_MASK, SliceRow, row_prompts
 
@@ -92,8 +93,37 @@ def add_masks(segmenter: PromptableSegmenter, rows: list[SliceRow], settings: Sa
         row.oracle_mask = oracle.get(index, empty) if attribution else NO_MASK
         row.seconds_embed = seconds["embed"] / len(todo) if index in found else 0.0
         row.seconds_decode = seconds["decode"] / len(todo) if index in found else 0.0
-        row.backend, row.checkpoint = segmenter.name, segmenter.checkpoint
-        row.checkpoint_sha256 = segmenter.checkpoint_sha256
-        if not row.overlay:
-            row.image = NO_IMAGE
+        row.sam_ran = index in found
+        _finished(row, segmenter)
     return rows
+
+
+def _finished(row: SliceRow, segmenter: PromptableSegmenter) -> None:
+    row.backend, row.checkpoint = segmenter.name, segmenter.checkpoint
+    row.checkpoint_sha256 = segmenter.checkpoint_sha256
+    if not row.overlay:
+        row.image = NO_IMAGE
+
+
+def add_propagated_masks(segmenter: PromptableSegmenter, rows: list[SliceRow], sam: SamConfig,
+                         settings: PropagationConfig) -> list[SliceRow]:
+    """SAM masks for every row of one case: a volume's along the chains from its prompted slices
+    (``segment.propagate``), a 2D image's as ``add_masks`` does. A failure fails every row."""
+    if len(rows) == 1 or any(row.error for row in rows):
+        return add_masks(segmenter, rows, sam)
+    ordered = sorted(rows, key=lambda row: row.slice)
+    keys = {position: row.prompts for position, row in enumerate(ordered) if row.prompts is not None}
+    try:
+        result = propagate(segmenter, [row.image for row in ordered], keys, sam, settings)
+    except Exception as exc:
+        for row in ordered:
+            row.error = f"SAM (propagation): {exc}"
+        return ordered
+    visited = set(result.visited)
+    share = {k: v / max(len(visited), 1) for k, v in result.seconds.items()}
+    for position, row in enumerate(ordered):
+        row.mask = result.masks.get(position, np.zeros(row.image.shape[:2], dtype=bool))
+        row.sam_ran = position in visited
+        row.seconds_embed, row.seconds_decode = (share["embed"], share["decode"]) if row.sam_ran else (0.0, 0.0)
+        _finished(row, segmenter)
+    return ordered

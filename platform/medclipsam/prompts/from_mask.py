@@ -40,10 +40,18 @@ def box_prompts_from_mask(mask: np.ndarray, margin: float = 0.0) -> SlicePrompts
     return SlicePrompts(boxes=box[None])
 
 
-def label_boxes(label: MedicalImage, axis: int = 0, margin: float = 0.0) -> dict[int | None, SlicePrompts]:
-    """One box per labelled slice of a volume (or of a labelled 2D image, key None): oracle prompts."""
+def label_boxes(label: MedicalImage, axis: int = 0, margin: float = 0.0,
+                key_slices: int = 0) -> dict[int | None, SlicePrompts]:
+    """One box per labelled slice of a volume (or of a labelled 2D image, key None): oracle prompts.
+
+    ``key_slices`` N > 0 keeps the N slices of largest truth area (ties to the lower slice): the key
+    slices a propagation starts from."""
     planes = {None: label.array} if not label.is_volume else {
         index: take_slice(label.array, index, axis) for index in range(label.array.shape[axis])}
+    if key_slices and label.is_volume:
+        areas = {k: int(np.count_nonzero(p)) for k, p in planes.items()}
+        chosen = sorted((k for k in areas if areas[k]), key=lambda k: (-areas[k], k))[:key_slices]
+        planes = {k: planes[k] for k in sorted(chosen)}
     out: dict[int | None, SlicePrompts] = {}
     for key, plane in planes.items():
         box = bounding_box(plane, margin, min_size=1.0)
