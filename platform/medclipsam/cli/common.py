@@ -172,6 +172,15 @@ def cohort_options(func):
     return _with_options(func, options)
 
 
+def propagate_option(func):
+    """--propagate: a volume's prompts carried slice by slice through it (the ``propagation`` section)."""
+    return click.option(
+        "--propagate/--slice-wise", "propagate", default=None,
+        help="Volumes: carry the prompts of each prompted slice to the next slices in both directions, until the "
+             "stop rule ends each chain (docs: Propagation); --slice-wise segments only the prompted slices "
+             "[default: the config's propagation.enabled, off].")(func)
+
+
 def text_options(func):
     """--prompt and --clip-model: what to segment and with which CLIP model (text-driven runs)."""
     func = click.option("--clip-model", default=None,

@@ -10,6 +10,7 @@ from .common import (
     cohort_options,
     exit_for_errors,
     fail,
+    propagate_option,
     sam_options,
     start_ray,
     strict_option,
@@ -32,6 +33,11 @@ from .common import (
 @click.option("--prompt-source", type=click.Choice(["text", "labels"]), default="text", show_default=True,
               help="text: M2IB saliency of the text prompts gives SAM its prompts (zero-shot); labels: box "
                    "prompts from the ground truth (--gt or the manifest's gt_uri), an oracle upper bound.")
+@click.option("--key-slices", type=click.IntRange(min=0), default=None,
+              help="--prompt-source labels, volumes: the truth's box on the N slices of largest truth area only "
+                   "(with --propagate, where the chains start); 0 = every labelled slice [default: the config's "
+                   "oracle.key_slices, 0].")
+@propagate_option
 @click.option("--save-saliency", is_flag=True, default=None, help="Also write saliency/<case_id>.npy (text mode).")
 @click.option("--attribution", is_flag=True,
               help="Stage attribution (text mode, with ground truth): also the DSC of each case's coarse mask "
@@ -51,6 +57,7 @@ from .common import (
 @strict_option
 @sam_options
 def pseudolabel(input_uri: str, output: str, gt_uri, text_prompts, clip_model, prompt_source: str,
+                key_slices: int | None, propagate: bool | None,
                 save_saliency: bool | None, attribution: bool, pipeline_uri, address, tracking_uri, experiment,
                 mask_format: str | None, strict: bool, case_id_tag: str | None, gt_segment: str | None, config_path,
                 **overrides) -> None:
@@ -63,10 +70,13 @@ def pseudolabel(input_uri: str, output: str, gt_uri, text_prompts, clip_model, p
 
     if pipeline_uri:
         _only_pipeline(overrides, config_path, clip_model, text_prompts, prompt_source)
+    if key_slices is not None and prompt_source != "labels":
+        fail("--key-slices chooses the slices the truth's boxes go on: it needs --prompt-source labels")
     progress = CaseProgress()
     try:
         sections = {"pipeline": {"save_saliency": save_saliency or None},
-                    "tracking": {"uri": tracking_uri, "experiment": experiment}, "output": {"mask_format": mask_format}}
+                    "tracking": {"uri": tracking_uri, "experiment": experiment}, "output": {"mask_format": mask_format},
+                    "propagation": {"enabled": propagate}, "oracle": {"key_slices": key_slices}}
         if pipeline_uri:
             registered, pins = _registered_pipeline(pipeline_uri, tracking_uri)
             config = task_config(None, registered, **sections)

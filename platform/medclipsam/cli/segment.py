@@ -10,6 +10,7 @@ from .common import (
     cohort_options,
     exit_for_errors,
     fail,
+    propagate_option,
     sam_options,
     strict_option,
     summarise_run,
@@ -32,11 +33,13 @@ from .common import (
 @click.option("--save-intermediates", is_flag=True,
               help="Text-driven mode: also write saliency maps (saliency/<case_id>.npy), coarse masks (coarse/) "
                    "and prompts (prompts/<case_id>.json).")
+@propagate_option
 @cohort_options
 @strict_option
 @sam_options
 def segment(input_uri: str, output: str, gt_uri: str | None, boxes: str | None, points: str | None,
-            text_prompts: tuple[str, ...], clip_model: str | None, save_intermediates: bool, mask_format: str | None,
+            text_prompts: tuple[str, ...], clip_model: str | None, save_intermediates: bool, propagate: bool | None,
+            mask_format: str | None,
             strict: bool, case_id_tag: str | None, gt_segment: str | None, config_path: str | None,
             **overrides) -> None:
     """Segment every image or volume given by --input.
@@ -52,7 +55,8 @@ def segment(input_uri: str, output: str, gt_uri: str | None, boxes: str | None, 
 
     progress = CaseProgress(every_case=True)
     try:
-        config = task_config(config_path, output={"mask_format": mask_format}, **overrides)
+        config = task_config(config_path, output={"mask_format": mask_format},
+                             propagation={"enabled": propagate}, **overrides)
         prompted = bool(boxes or points)
         if prompted and (text_prompts or clip_model or save_intermediates):
             fail("--prompt, --clip-model and --save-intermediates belong to the text-driven mode; "
