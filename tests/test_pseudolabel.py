@@ -66,6 +66,25 @@ def _crash_once(marker):
     return CrashOnce
 
 
+def _first_embed_fails(stage: type[SamStage], counter, message: str) -> type[SamStage]:
+    """``stage`` whose SAM image encoder raises ``message`` on its 1st call, counted over all actors."""
+    from ray_faults import tick
+
+    class FirstEmbedFails(stage):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            embed = self.segmenter.embed
+
+            def failing_embed(*a, **k):
+                if tick(str(counter)) == 1:
+                    raise RuntimeError(message)
+                return embed(*a, **k)
+
+            self.segmenter.embed = failing_embed
+
+    return FirstEmbedFails
+
+
 def _fail_after(n: int):
     """A progress callback that stops the driver after ``n`` cases, as a crash would."""
 
@@ -385,23 +404,11 @@ def test_read_sam_and_write_faults_lose_nothing(cohort, tmp_path, ray_session, t
     process; the write's case may already have failed in SAM). The run goes on and records those
     cases as errors with their cause; one resume completes them, with the fault-free run's masks;
     no case is missing from the manifest or twice."""
-    from ray_faults import FailNth, tick
+    from ray_faults import FailNth
 
     from medclipsam.pipeline.cpu_tasks import read_case, write_slice
 
-    sam_calls = str(tmp_path / "sam-calls")
-
-    class FlakySam(SamStage):  # SAM's image encoder raises on its 1st call over all actors
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            embed = self.segmenter.embed
-
-            def failing_embed(*a, **k):
-                if tick(sam_calls) == 1:
-                    raise RuntimeError("injected SAM failure")
-                return embed(*a, **k)
-
-            self.segmenter.embed = failing_embed
+    FlakySam = _first_embed_fails(SamStage, tmp_path / "sam-calls", "injected SAM failure")
 
     config = _config(tracking_uri)
     output = tmp_path / "run"
@@ -421,3 +428,32 @@ def test_read_sam_and_write_faults_lose_nothing(cohort, tmp_path, ray_session, t
     for row in rows:
         name = row["mask_uri"].rsplit("/", 1)[-1]
         _same_mask(_mask(row["mask_uri"]), _mask(str(oracle_reference / "masks" / name)), row["case_id"])
+
+
+def test_propagated_volumes_on_ray_match_the_single_process_runner(cohort, tmp_path, ray_session, tracking_uri):
+    """``--propagate`` from one key slice per volume (the truth's largest): Ray's one-volume-per-call SAM
+    stage gives the single-process runner's masks exactly. Its first call fails: that case is an error
+    row naming the cause, the others finish, and a resume completes it with the same mask."""
+    from medclipsam.pipeline.ray_runner import PropagationStage
+
+    FailsFirst = _first_embed_fails(PropagationStage, tmp_path / "propagation-calls", "injected propagation failure")
+
+    config = _config(tracking_uri)
+    config = config.model_copy(update={
+        "propagation": config.propagation.model_copy(update={"enabled": True}),
+        "oracle": config.oracle.model_copy(update={"key_slices": 1})})
+    local = {r.case_id: r for r in run_job(Job(config, str(cohort / "images"), str(tmp_path / "local"), "labels",
+                                               str(cohort / "labels")), "local", track=False).records}
+    job = Job(config, str(cohort / "images"), str(tmp_path / "ray"), "labels", str(cohort / "labels"))
+    first = {r.case_id: r for r in run_job(job, "ray", propagation_stage=FailsFirst).records}
+    failed = [case for case, r in first.items() if r.status == "error"]
+    assert len(failed) == 1 and "injected propagation failure" in first[failed[0]].error
+    assert sorted(first) == sorted(CASES) and all(r.status == "ok" for c, r in first.items() if c not in failed)
+    resumed = run_job(job, "ray", propagation_stage=FailsFirst)
+    assert resumed.n_processed == 1 and all(r.status == "ok" for r in resumed.records)
+    for record in resumed.records:
+        expected = _mask(local[record.case_id].mask_uri)
+        assert np.array_equal(_mask(record.mask_uri), expected), record.case_id
+        assert record.n_sam_slices == local[record.case_id].n_sam_slices
+    volume = next(r for r in resumed.records if r.case_id == "brain1")
+    assert volume.n_prompted_slices == 1 and 1 < volume.n_sam_slices <= 8
