@@ -66,8 +66,8 @@ def run(volumes: list[tuple[str, str, str]], overrides: dict) -> dict:
     sam = SamConfig()
     segmenter = segmenter_for(sam)
     settings = PropagationConfig(enabled=True, **overrides)
-    naive = PropagationConfig(enabled=True, box_margin=0.0, min_score=0.0, min_overlap=0.0, max_growth=1e9, min_contrast=0.0,
-                              keep_components=0, fill_holes=False)
+    naive = PropagationConfig(enabled=True, box_margin=0.0, min_score=0.0, min_overlap=0.0, max_growth=1e9,
+                              min_contrast=0.0, keep_components=0, fill_holes=False)
     totals = {"propagated": [], "slicewise": [], "naive": [], "calls_propagated": 0, "calls_slicewise": 0}
     for name, image, label in volumes:
         task = CaseTask(name, image, label)

@@ -152,7 +152,7 @@ def test_carried_prompts_widen_each_component_and_point_inside_it():
 @pytest.mark.parametrize(("mask_area", "score", "shift", "contrast", "expected"), [
     (100, 0.9, 0, 1.0, ""),
     (3, 0.9, 0, 1.0, "empty"),  # under min_area (4)
-    (100, 0.4, 0, 1.0, "score"),  # under min_score (0.5)
+    (100, 0.2, 0, 1.0, "score"),  # under min_score (0.3)
     (100, 0.9, 8, 1.0, "overlap"),  # 20 of 100 pixels shared: under min_overlap (0.5)
     (400, 0.9, 0, 1.0, "growth"),  # four times the previous area: over max_growth (2)
     (100, 0.9, 0, 0.2, "contrast"),  # a fifth of the key slice's contrast: under min_contrast (0.25)

@@ -157,7 +157,7 @@ class PropagationConfig(StrictModel):
     mask_prompt: bool = False  # the previous slice's low-resolution logits as SAM's dense prompt
     min_component: int = Field(4, ge=1)  # pixels: smaller components of a mask carry no prompt
     min_area: int = Field(4, ge=1)  # pixels: a smaller mask ends the chain
-    min_score: float = Field(0.5, ge=0.0, le=1.0)  # SAM's IoU estimate below this ends the chain
+    min_score: float = Field(0.3, ge=0.0, le=1.0)  # SAM's IoU estimate below this ends the chain
     min_overlap: float = Field(0.5, ge=0.0, le=1.0)  # |mask & previous| / the smaller of the two, below: ends it
     max_growth: float = Field(2.0, gt=1.0)  # a mask this many times the previous one's area ends it (a leak)
     # the mask's contrast with its surroundings (mean grey level inside less that of a ring of
