@@ -5,12 +5,12 @@ from __future__ import annotations
 import click
 
 from ..errors import MedClipSamError
+from . import common
 from .common import (
     CaseProgress,
     cohort_options,
     exit_for_errors,
     fail,
-    propagate_option,
     sam_options,
     start_ray,
     strict_option,
@@ -37,7 +37,7 @@ from .common import (
               help="--prompt-source labels, volumes: the truth's box on the N slices of largest truth area only "
                    "(with --propagate, where the chains start); 0 = every labelled slice [default: the config's "
                    "oracle.key_slices, 0].")
-@propagate_option
+@common.propagate_option
 @click.option("--save-saliency", is_flag=True, default=None, help="Also write saliency/<case_id>.npy (text mode).")
 @click.option("--attribution", is_flag=True,
               help="Stage attribution (text mode, with ground truth): also the DSC of each case's coarse mask "

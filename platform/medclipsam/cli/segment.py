@@ -5,12 +5,12 @@ from __future__ import annotations
 import click
 
 from ..errors import MedClipSamError
+from . import common
 from .common import (
     CaseProgress,
     cohort_options,
     exit_for_errors,
     fail,
-    propagate_option,
     sam_options,
     strict_option,
     summarise_run,
@@ -33,7 +33,7 @@ from .common import (
 @click.option("--save-intermediates", is_flag=True,
               help="Text-driven mode: also write saliency maps (saliency/<case_id>.npy), coarse masks (coarse/) "
                    "and prompts (prompts/<case_id>.json).")
-@propagate_option
+@common.propagate_option
 @cohort_options
 @strict_option
 @sam_options

@@ -144,14 +144,8 @@ class PromptableSegmenter:
         return out
 
     # -- prompts ----------------------------------------------------------------------------
-    def decode(
-        self,
-        embedding: ImageEmbedding,
-        boxes: np.ndarray | None = None,
-        points: np.ndarray | None = None,
-        point_labels: np.ndarray | None = None,
-        multimask: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def decode(self, embedding: ImageEmbedding, boxes: np.ndarray | None = None, points: np.ndarray | None = None,
+               point_labels: np.ndarray | None = None, multimask: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Decode prompts for one image.
 
         boxes: ``N x 4`` (x0, y0, x1, y1) or None; points: ``N x P x 2`` (x, y) with
