@@ -24,10 +24,10 @@ from scipy import ndimage
 
 from ..config import PropagationConfig, SamConfig
 from ..models.sam_backends import ImageEmbedding, PromptableSegmenter
-from ..ops.merge import merge_candidates
 from ..ops.postprocess import binarise
 from ..prompts.from_mask import bounding_box
 from ..prompts.types import SlicePrompts
+from .sam import merged_probability, prompt_arrays
 
 
 @dataclass
@@ -121,22 +121,15 @@ def _decode(segmenter: PromptableSegmenter, embedding: ImageEmbedding, boxes: np
     n = len(boxes) if boxes is not None else len(points)
     dense = None if mask_input is None else mask_input.expand(n, -1, -1, -1)
     probs, scores, logits = segmenter.decode_with_logits(embedding, boxes, points, labels, sam.multimask, dense)
-    merged = [merge_candidates(p, s, sam.merge, sam.threshold) for p, s in zip(probs, scores, strict=True)]
-    mask = binarise(np.max(np.stack(merged), axis=0), sam.threshold, sam.keep_components)
+    mask = binarise(merged_probability(probs, scores, sam), sam.threshold, sam.keep_components)
     best = logits[torch.arange(n), torch.as_tensor(scores.argmax(axis=1))]  # each prompt's likeliest candidate
     return Decoded(mask, float(scores.max(axis=1).mean()), best.max(dim=0, keepdim=True).values[:, None])
 
 
 def decode_given(segmenter: PromptableSegmenter, embedding: ImageEmbedding, prompts: SlicePrompts,
                  sam: SamConfig) -> Decoded:
-    """A key slice under its given prompts: each box with all points, as ``segment.sam`` decodes them."""
-    points = labels = None
-    if len(prompts.points):
-        points, labels = prompts.points[None], prompts.labels[None]
-    boxes = prompts.boxes if len(prompts.boxes) else None
-    if boxes is not None and points is not None:
-        points, labels = np.repeat(points, len(boxes), axis=0), np.repeat(labels, len(boxes), axis=0)
-    return _decode(segmenter, embedding, boxes, points, labels, sam)
+    """A key slice under its given prompts, decoded as ``segment.sam`` decodes them."""
+    return _decode(segmenter, embedding, *prompt_arrays(prompts), sam)
 
 
 def propagate(segmenter: PromptableSegmenter, images: Sequence[np.ndarray], keys: dict[int, SlicePrompts],

@@ -17,22 +17,32 @@ from ..ops.postprocess import binarise
 from ..prompts.types import SlicePrompts
 
 
+def prompt_arrays(prompts: SlicePrompts) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """The decoder's boxes ``N x 4``, points ``N x P x 2`` and labels ``N x P`` for a slice's prompts:
+    each box with all points (the points repeated per box); with no box, the points as one prompt."""
+    points = labels = None
+    if len(prompts.points):
+        points, labels = prompts.points[None], prompts.labels[None]
+    if not len(prompts.boxes):
+        return None, points, labels
+    n = len(prompts.boxes)
+    if points is not None:
+        points, labels = np.repeat(points, n, axis=0), np.repeat(labels, n, axis=0)
+    return prompts.boxes, points, labels
+
+
+def merged_probability(probs: np.ndarray, scores: np.ndarray, params: SamConfig) -> np.ndarray:
+    """``H x W``: each prompt's candidates merged, the prompts' union by max."""
+    merged = [merge_candidates(p, s, params.merge, params.threshold) for p, s in zip(probs, scores, strict=True)]
+    return np.max(np.stack(merged), axis=0)
+
+
 def probability_for_prompts(
     segmenter: PromptableSegmenter, embedding, prompts: SlicePrompts, params: SamConfig
 ) -> np.ndarray:
     """``H x W`` foreground probability: each box (with all points) decoded, candidates merged, union by max."""
-    points = labels = None
-    if len(prompts.points):
-        points, labels = prompts.points[None], prompts.labels[None]
-    if len(prompts.boxes):
-        n = len(prompts.boxes)
-        if points is not None:
-            points, labels = np.repeat(points, n, axis=0), np.repeat(labels, n, axis=0)
-        probs, scores = segmenter.decode(embedding, prompts.boxes, points, labels, params.multimask)
-    else:
-        probs, scores = segmenter.decode(embedding, None, points, labels, params.multimask)
-    merged = [merge_candidates(p, s, params.merge, params.threshold) for p, s in zip(probs, scores, strict=True)]
-    return np.max(np.stack(merged), axis=0)
+    probs, scores = segmenter.decode(embedding, *prompt_arrays(prompts), params.multimask)
+    return merged_probability(probs, scores, params)
 
 
 def segment_prompt_sets(
