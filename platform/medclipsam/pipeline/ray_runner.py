@@ -38,9 +38,18 @@ def rows_to_batch(rows: list[SliceRow]) -> dict[str, np.ndarray]:
 
 def batch_to_rows(batch: dict[str, np.ndarray]) -> list[SliceRow]:
     """A Ray Data numpy batch as slice rows (the inverse of ``rows_to_batch``)."""
+    return [SliceRow.from_columns(item) for item in _batch_items(batch)]
+
+
+def _batch_items(batch: dict[str, np.ndarray]) -> list[dict]:
+    """A Ray Data numpy batch as one dict per row, numpy scalars as Python values."""
     names = list(batch)
     n = len(batch[names[0]]) if names else 0
-    return [SliceRow.from_columns({name: batch[name][i] for name in names}) for i in range(n)]
+    return [{name: _plain(batch[name][i]) for name in names} for i in range(n)]
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
@@ -102,17 +111,11 @@ class PropagationStage(SamStage):
         self.job, self.read = job, Contained(read, "read")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names = list(batch)
         out: list[SliceRow] = []
-        for i in range(len(batch[names[0]]) if names else 0):
-            task = {name: _plain(batch[name][i]) for name in names}
+        for task in _batch_items(batch):
             rows = [SliceRow.from_columns(columns) for columns in self.read(task, job=self.job)]
             out.extend(add_propagated_masks(self.segmenter, rows, self.settings, self.job.config.propagation))
         return rows_to_batch(out)
-
-
-def _plain(value):
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def cluster_pool_sizes(job: Job) -> dict[str, int]:
