@@ -167,7 +167,7 @@ class PromptableSegmenter:
         mask_input: torch.Tensor | None = None,
     ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
         """``decode``, also taking SAM's dense prompt: ``mask_input``, low-resolution logits ``N x 1 x
-        m x m`` (m = ``mask_input_size``; e.g. a neighbouring slice's), and also returning the
+        m x m`` (m = the prompt encoder's ``mask_input_size``; e.g. a neighbouring slice's), and also returning the
         low-resolution logits it produced (``N x K x m x m``), which the next slice may take."""
         geometry = self.preprocessing.geometry
         size = embedding.original_size
@@ -201,11 +201,6 @@ class PromptableSegmenter:
         low_res = low_res.float()
         logits = geometry.invert_masks(low_res, size)
         return torch.sigmoid(logits).cpu().numpy(), iou.float().cpu().numpy(), low_res
-
-    @property
-    def mask_input_size(self) -> tuple[int, int]:
-        """The size of the dense (mask) prompt the prompt encoder takes."""
-        return tuple(int(v) for v in self.prompt_encoder.mask_input_size)
 
 
 def _content_size(geometry: LongestSidePad | Stretch, size: tuple[int, int]) -> tuple[int, int]:
