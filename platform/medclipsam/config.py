@@ -166,6 +166,14 @@ class PropagationConfig(StrictModel):
     contrast_ring: int = Field(3, ge=1)
     keep_components: int = Field(1, ge=0)  # 3D clean-up: the K largest 3D components (0: all)
     fill_holes: bool = True  # 3D clean-up: holes enclosed in 3D filled
+    # text mode: M2IB runs on one slice in text_every only (evenly spaced, centred in the volume); the
+    # text_keys sampled slices where the target is most clearly present seed the chains
+    text_every: int = Field(5, ge=1)
+    text_keys: int = Field(1, ge=1)
+    # text mode: a sampled slice shows the target when the coarse mask gives prompts and the saliency
+    # inside it exceeds that outside by at least min_presence (maps are in [0, 1])
+    min_presence: float = Field(0.0, ge=0.0, le=1.0)
+    stop_at_absent: bool = True  # text mode: a chain ends at a sampled slice without the target
 
 
 # What may run SAM's networks and in which arithmetic: the config, the CLI and models.cpu_runtime read these.

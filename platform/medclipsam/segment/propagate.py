@@ -3,9 +3,10 @@
 From each prompted (key) slice a chain runs in both directions along the slicing axis. The next
 slice is prompted with the previous slice's mask (``carried_prompts``: a widened box per component,
 optionally a point inside it and the previous low-resolution logits as SAM's dense prompt); the
-chain ends at the first slice whose mask fails the stop rule (``stop_reason``). With several key
-slices, each slice belongs to the nearest one's chain (a tie to the lower slice), so a prompt on
-another slice corrects the chain from there on. Only visited slices are embedded: SAM's cost grows
+chain ends at the first slice whose mask fails the stop rule (``stop_reason``), or before a slice
+where text mode's saliency saw no target (``absent``). With several key slices, each slice belongs
+to the nearest one's chain (a tie to the lower slice), so a prompt on another slice corrects the
+chain from there on. Only visited slices are embedded: SAM's cost grows
 with the target's extent, not the volume's.
 
 Pure: images and prompts in, masks out; no files, Ray or MLflow.
@@ -133,10 +134,12 @@ def decode_given(segmenter: PromptableSegmenter, embedding: ImageEmbedding, prom
 
 
 def propagate(segmenter: PromptableSegmenter, images: Sequence[np.ndarray], keys: dict[int, SlicePrompts],
-              sam: SamConfig, settings: PropagationConfig) -> Propagated:
+              sam: SamConfig, settings: PropagationConfig, absent: frozenset[int] = frozenset()) -> Propagated:
     """Masks for the slices the chains from ``keys`` (slice index -> prompts) reach; ``images`` are a
-    volume's ``H x W x 3`` slices in order."""
+    volume's ``H x W x 3`` slices in order. With ``settings.stop_at_absent``, a chain ends before a
+    slice of ``absent`` (where text mode's saliency found no target) without embedding it."""
     out = Propagated()
+    stops = absent if settings.stop_at_absent else frozenset()
     keys = {k: p for k, p in keys.items() if not p.is_empty()}
     if not keys:
         return out
@@ -165,21 +168,24 @@ def propagate(segmenter: PromptableSegmenter, images: Sequence[np.ndarray], keys
         reference = contrast(images[key], seed.mask, settings.contrast_ring)
         for direction in (-1, 1):
             out.ends[(key, direction)] = _chain(segmenter, images, key, direction, seed, reference, owner, embed,
-                                                timed, sam, settings, out.masks)
+                                                timed, sam, settings, out.masks, stops)
     return out
 
 
 def _chain(segmenter: PromptableSegmenter, images: Sequence[np.ndarray], key: int, direction: int, seed: Decoded,
            reference: float, owner: np.ndarray, embed: Callable[[int], ImageEmbedding],
            timed: Callable[[Callable[[], Decoded]], Decoded], sam: SamConfig, settings: PropagationConfig,
-           masks: dict[int, np.ndarray]) -> str:
-    """One direction of a key slice's chain; returns why it ended ("edge", "territory" or a stop reason)."""
+           masks: dict[int, np.ndarray], absent: frozenset[int]) -> str:
+    """One direction of a key slice's chain; returns why it ended ("edge", "territory", "absent" or a
+    stop reason)."""
     previous, index = seed, key + direction
     while True:
         if not 0 <= index < len(images):
             return "edge"
         if owner[index] != key:
             return "territory"
+        if index in absent:
+            return "absent"
         carried = carried_prompts(previous.mask, settings)
         if carried is None:
             return "empty"
