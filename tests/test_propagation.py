@@ -290,6 +290,6 @@ def test_propagate_options_refused_where_they_cannot_apply(tmp_path):
                                   str(tmp_path / "o"), "--key-slices", "1"])
     assert result.exit_code == 2 and "--key-slices" in result.output and "--prompt-source labels" in result.output
     result = runner.invoke(main, ["pseudolabel", "--input", str(tmp_path / "images"), "--output",
-                                  str(tmp_path / "o"), "--propagate", "--prompt", "a tumour"])
-    assert result.exit_code == 2 and "--propagate" in result.output
+                                  str(tmp_path / "o"), "--propagate", "--prompt", "a tumour", "--attribution"])
+    assert result.exit_code == 2 and "--propagate" in result.output and "attribution" in result.output
     assert not (tmp_path / "o").exists()

@@ -177,7 +177,9 @@ def propagate_option(func):
     return click.option(
         "--propagate/--slice-wise", "propagate", default=None,
         help="Volumes: carry the prompts of each prompted slice to the next slices in both directions, until the "
-             "stop rule ends each chain (docs: Propagation); --slice-wise segments only the prompted slices "
+             "stop rule ends each chain (docs: Propagation); in text mode M2IB runs on one slice in "
+             "propagation.text_every and the strongest seeds the chains; --slice-wise segments only the prompted "
+             "slices "
              "[default: the config's propagation.enabled, off].")(func)
 
 

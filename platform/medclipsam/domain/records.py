@@ -55,6 +55,7 @@ class CaseRecord:
     uncertainty: float = math.nan  # weak predict: the ensemble's per-case uncertainty score
     seconds_predict: float = 0.0  # weak predict: the ensemble's inference time
     n_sam_slices: int = 0  # slices SAM's image encoder ran on (propagation visits only the target's)
+    n_m2ib_slices: int = 0  # slices M2IB ran on (text mode; propagated, the sampled ones only)
 
 
 SCHEMA = pa.schema(
@@ -92,6 +93,7 @@ SCHEMA = pa.schema(
         ("uncertainty", pa.float64()),
         ("seconds_predict", pa.float64()),
         ("n_sam_slices", pa.int64()),
+        ("n_m2ib_slices", pa.int64()),
     ]
 )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -125,7 +126,7 @@ def _new_record(rows: list[SliceRow], settings: AssemblySettings) -> CaseRecord:
         clip_model=first.clip_model, clip_sha256=first.clip_sha256,
         seconds_read=sum(r.seconds_read for r in rows), seconds_saliency=sum(r.seconds_saliency for r in rows),
         seconds_embed=sum(r.seconds_embed for r in rows), seconds_decode=sum(r.seconds_decode for r in rows),
-        n_sam_slices=sum(r.sam_ran for r in rows),
+        n_sam_slices=sum(r.sam_ran for r in rows), n_m2ib_slices=sum(r.m2ib_ran for r in rows),
     )
 
 
@@ -154,7 +155,9 @@ def _write_outputs(rows: list[SliceRow], record: CaseRecord, settings: AssemblyS
     prompted = {r.key: r.prompts for r in rows if r.prompts is not None}
     record.prompts = prompt_record(prompted)
     record.n_prompted_slices = len(prompted)
-    record.n_target_slices = len(prompted) if settings.source == SOURCE_TEXT else 0
+    # text mode: the slices whose map gave prompts (propagated: the sampled ones; only the keys keep them)
+    seen = sum(not math.isnan(r.presence) for r in rows) or len(prompted)
+    record.n_target_slices = seen if settings.source == SOURCE_TEXT else 0
     masks = {r.key: r.mask for r in rows}
     mask = assemble_mask(image, masks, axis)
     if settings.clean_3d is not None and image.is_volume:

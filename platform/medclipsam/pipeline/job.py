@@ -48,10 +48,9 @@ class Job:
             raise InputError("stage attribution compares the text-driven stages: it needs --prompt-source text")
         if self.source == SOURCE_FILES and not (self.boxes_csv or self.points_csv):
             raise InputError("prompts from files need a boxes or a points CSV")
-        if self.propagate and self.source == SOURCE_TEXT:
-            raise InputError("--propagate carries box or point prompts through a volume: give --boxes/--points "
-                             "(segment) or --prompt-source labels (pseudolabel); text-driven propagation is not "
-                             "available yet")
+        if self.propagate and self.attribution:
+            raise InputError("stage attribution scores every slice's coarse mask and truth-prompted SAM mask; "
+                             "--propagate segments only the slices its chains reach: use one or the other")
 
     @property
     def propagate(self) -> bool:

@@ -14,7 +14,7 @@ from ..models.sam_backends import segmenter_for
 from .assembly import finish_case
 from .job import Job
 from .slices import SOURCE_TEXT, CaseTask, case_slices
-from .stages import add_masks, add_propagated_masks, add_saliency, add_text_prompts
+from .stages import add_key_slice_prompts, add_masks, add_propagated_masks, add_saliency, add_text_prompts
 
 
 def run_local(tasks: list[CaseTask], job: Job) -> Iterator[CaseRecord]:
@@ -29,6 +29,9 @@ def run_local(tasks: list[CaseTask], job: Job) -> Iterator[CaseRecord]:
         rows = case_slices(task, c.image, job.source, c.oracle.box_margin, oracle=job.attribution,
                            key_slices=c.oracle.key_slices)
         if job.propagate:
+            if clip is not None:
+                rows = add_key_slice_prompts(clip, rows, c.saliency, c.coarse, c.visual_prompts, c.propagation,
+                                             keep_saliency=job.keep_saliency, keep_coarse=job.keep_coarse)
             yield finish_case(add_propagated_masks(segmenter, rows, c.sam, c.propagation), assembly)
             continue
         if clip is not None:

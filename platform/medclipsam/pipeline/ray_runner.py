@@ -3,6 +3,9 @@
     cases --read (CPU tasks)--> slice rows --saliency + prompts (actor pool)-->
           --SAM (actor pool)--> --assemble + write (CPU tasks)--> one record per case
 
+With ``--propagate`` a volume is one unit of work: one SAM actor call reads it, in text mode runs
+M2IB on its sampled slices, carries the prompts through it, and hands its rows to the write tasks.
+
 Each stage calls a function of ``slices`` / ``stages`` / ``assembly``, exactly as the
 single-process runner does; this module only converts Ray batches to slice rows and back
 (``rows_to_batch`` / ``batch_to_rows``) and holds the models in actors (each loads its model once).
@@ -24,7 +27,7 @@ from .cpu_tasks import Contained, read_case, write_slice
 from .job import Job
 from .pools import pool_sizes, read_blocks
 from .slices import SOURCE_TEXT, CaseTask, SliceRow
-from .stages import add_masks, add_propagated_masks, add_saliency, add_text_prompts
+from .stages import add_key_slice_prompts, add_masks, add_propagated_masks, add_saliency, add_text_prompts
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +72,23 @@ def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
 
 
 # -- the model stages: actors that load their model once ------------------------------------------
+def _load_clip(clip_uri: str, device: str, tracking_uri: str):
+    from ..models.biomedclip import load_clip
+
+    if tracking_uri:  # a models:/ URI resolves against the driver's registry, not the worker's environment
+        from ..runs.tracking import use_store
+
+        use_store(tracking_uri)
+    return load_clip(clip_uri, device)
+
+
 class SaliencyStage:
     """M2IB saliency, then the coarse mask and SAM prompts (cheap, and the maps need not travel)."""
 
     def __init__(self, clip_uri: str, device: str, saliency: SaliencyConfig, coarse: CoarseMaskConfig,
                  visual: VisualPromptConfig, keep_saliency: bool = False, keep_coarse: bool = False,
                  tracking_uri: str = "") -> None:
-        from ..models.biomedclip import load_clip
-
-        if tracking_uri:  # a models:/ URI resolves against the driver's registry, not the worker's environment
-            from ..runs.tracking import use_store
-
-            use_store(tracking_uri)
-        self.clip = load_clip(clip_uri, device)
+        self.clip = _load_clip(clip_uri, device, tracking_uri)
         self.saliency, self.coarse, self.visual = saliency, coarse, visual
         self.keep_saliency, self.keep_coarse = keep_saliency, keep_coarse
 
@@ -104,17 +111,23 @@ class SamStage:
 class PropagationStage(SamStage):
     """SAM along a volume (``--propagate``): the volume is the unit of work, since each slice waits for
     the previous one's mask. The actor reads each case itself (its slices never cross the object
-    store) and returns all its slice rows, masks in, for the write stage."""
+    store) and returns all its slice rows, masks in, for the write stage. In text mode it holds the
+    CLIP model too: M2IB on the sampled slices decides where the chains start, in the same call."""
 
-    def __init__(self, settings: SamConfig, device: str, job: Job, read=read_case) -> None:
+    def __init__(self, settings: SamConfig, device: str, job: Job, read=read_case, tracking_uri: str = "") -> None:
         super().__init__(settings, device)
         self.job, self.read = job, Contained(read, "read")
+        self.clip = _load_clip(job.clip, device, tracking_uri) if job.source == SOURCE_TEXT else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: list[SliceRow] = []
+        c = self.job.config
         for task in _batch_items(batch):
             rows = [SliceRow.from_columns(columns) for columns in self.read(task, job=self.job)]
-            out.extend(add_propagated_masks(self.segmenter, rows, self.settings, self.job.config.propagation))
+            if self.clip is not None:
+                rows = add_key_slice_prompts(self.clip, rows, c.saliency, c.coarse, c.visual_prompts, c.propagation,
+                                             self.job.keep_saliency, self.job.keep_coarse)
+            out.extend(add_propagated_masks(self.segmenter, rows, self.settings, c.propagation))
         return rows_to_batch(out)
 
 
@@ -123,8 +136,18 @@ def cluster_pool_sizes(job: Job) -> dict[str, int]:
     import ray
 
     resources = ray.cluster_resources()
-    return pool_sizes(job.config.pipeline, job.source == SOURCE_TEXT, float(resources.get("CPU", 1.0)),
+    text_pool = job.source == SOURCE_TEXT and not job.propagate  # propagated: M2IB runs in the SAM actors
+    return pool_sizes(job.config.pipeline, text_pool, float(resources.get("CPU", 1.0)),
                       float(resources.get("GPU", 0.0)))
+
+
+def _tracking_uri(job: Job) -> str:
+    """The driver's MLflow store for actors that load a CLIP model (a models:/ URI), "" for none."""
+    if job.source != SOURCE_TEXT:
+        return ""
+    from ..runs.tracking import resolve_tracking_uri  # here: MLflow's import costs each SAM actor a second
+
+    return resolve_tracking_uri(job.config.tracking.uri)
 
 
 def build_dataset(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = SamStage, read=read_case,
@@ -147,7 +170,7 @@ def build_dataset(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = S
     device = pool_device(pipeline.sam.num_gpus, c.sam.device)
     if job.propagate:  # one case per actor call: it reads the volume and carries the prompts through it
         ds = ds.map_batches(propagation_stage, fn_constructor_kwargs={
-            "settings": c.sam, "device": device, "job": job, "read": read},
+            "settings": c.sam, "device": device, "job": job, "read": read, "tracking_uri": _tracking_uri(job)},
             compute=ActorPoolStrategy(size=sizes["sam"]), batch_size=1, num_gpus=pipeline.sam.num_gpus,
             num_cpus=pipeline.sam.num_cpus)
         return ds.flat_map(Contained(write, "write"), fn_kwargs={"settings": job.assembly()},
@@ -155,12 +178,10 @@ def build_dataset(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = S
     ds = ds.flat_map(Contained(read, "read"), fn_kwargs={"job": job}, num_cpus=pipeline.task_cpus,
                      compute=tasks_at_once)
     if job.source == SOURCE_TEXT:
-        from ..runs.tracking import resolve_tracking_uri  # here: MLflow's import costs each SAM actor a second
-
         ds = ds.map_batches(SaliencyStage, fn_constructor_kwargs={
             "clip_uri": job.clip, "device": pool_device(pipeline.saliency.num_gpus, c.sam.device),
             "saliency": c.saliency, "coarse": c.coarse, "visual": c.visual_prompts, "keep_saliency": job.keep_saliency,
-            "keep_coarse": job.keep_coarse, "tracking_uri": resolve_tracking_uri(c.tracking.uri)},
+            "keep_coarse": job.keep_coarse, "tracking_uri": _tracking_uri(job)},
             compute=ActorPoolStrategy(size=sizes["saliency"]), batch_size=c.saliency.batch_size,
             num_gpus=pipeline.saliency.num_gpus, num_cpus=pipeline.saliency.num_cpus)
     ds = ds.map_batches(sam_stage, fn_constructor_kwargs={

@@ -13,6 +13,7 @@ them, and a task's memory is taken from the model actors.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import defaultdict
 from collections.abc import Mapping
@@ -120,6 +121,10 @@ class SliceRow:
     saliency: np.ndarray = field(default_factory=lambda: NO_MAP)
     coarse: np.ndarray = field(default_factory=lambda: NO_MASK)  # the coarse mask (bool), when kept
     seconds_saliency: float = 0.0
+    m2ib_ran: bool = False  # M2IB ran on this slice (text mode; propagated: the sampled slices only)
+    # propagated text mode, a sampled slice: how clearly the target stands out in its map
+    # (``prompts.key_slices.presence``); NaN where its coarse mask gave no prompts, or not sampled
+    presence: float = math.nan
     clip_model: str = ""  # the CLIP model's URI and weights' SHA-256
     clip_sha256: str = ""
     # -- SAM (stages.add_masks)
@@ -182,9 +187,9 @@ _DECODE: dict[str, Any] = {
     **dict.fromkeys(("case_id", "uri", "gt_uri", "error", "clip_model", "clip_sha256", "backend", "checkpoint",
                      "checkpoint_sha256"), str),
     **dict.fromkeys(("slice", "n_slices"), int),
-    **dict.fromkeys(("seconds_read", "seconds_saliency", "seconds_embed", "seconds_decode"), float),
+    **dict.fromkeys(("seconds_read", "seconds_saliency", "seconds_embed", "seconds_decode", "presence"), float),
     **dict.fromkeys(ARRAY_FIELDS, lambda v: v),
-    **dict.fromkeys(("overlay", "sam_ran"), bool),
+    **dict.fromkeys(("overlay", "sam_ran", "m2ib_ran"), bool),
     "sentences": lambda text: tuple(json.loads(text)) if text else (),
     "geometry": lambda text: Geometry.from_json(text) if text else None,
     "prompts": _prompts_of,

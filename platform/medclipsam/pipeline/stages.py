@@ -16,6 +16,7 @@ from ..config import CoarseMaskConfig, PropagationConfig, SaliencyConfig, SamCon
 from ..models.biomedclip import ClipModel
 from ..models.sam_backends import PromptableSegmenter
 from ..prompts.from_saliency import prompts_from_saliency
+from ..prompts.key_slices import presence, sampled_slices, strongest
 from ..prompts.types import SlicePrompts
 from ..saliency.maps import saliency_maps
 from ..segment.propagate import propagate
@@ -30,6 +31,7 @@ def add_saliency(clip: ClipModel, rows: list[SliceRow], settings: SaliencyConfig
         row.saliency, row.seconds_saliency, row.clip_model, row.clip_sha256 = NO_MAP, 0.0, clip.uri, clip.sha256
         if not row.error:
             groups[row.sentences].append(index)
+            row.m2ib_ran = True
     for sentences, members in groups.items():
         start = time.perf_counter()
         try:
@@ -62,6 +64,39 @@ def add_text_prompts(rows: list[SliceRow], coarse: CoarseMaskConfig, visual: Vis
         if not keep_saliency:
             row.saliency = NO_MAP
     return rows
+
+
+def add_key_slice_prompts(clip: ClipModel, rows: list[SliceRow], saliency: SaliencyConfig, coarse: CoarseMaskConfig,
+                          visual: VisualPromptConfig, settings: PropagationConfig, keep_saliency: bool = False,
+                          keep_coarse: bool = False) -> list[SliceRow]:
+    """Text mode for a volume to propagate: M2IB on the sampled slices only, each one's presence, and
+    prompts on the ``text_keys`` where the target stands out most (``prompts.key_slices``); a 2D
+    image or a failed case goes through the slice-wise text stages. Rows come back in slice order."""
+    if len(rows) == 1 or any(row.error for row in rows):
+        return add_text_prompts(add_saliency(clip, rows, saliency), coarse, visual, keep_saliency, keep_coarse)
+    ordered = sorted(rows, key=lambda row: row.slice)
+    for row in ordered:
+        row.clip_model, row.clip_sha256 = clip.uri, clip.sha256
+    positions = sampled_slices(len(ordered), settings.text_every)
+    sampled = add_text_prompts(add_saliency(clip, [ordered[p] for p in positions], saliency), coarse, visual,
+                               keep_saliency=True, keep_coarse=True)
+    scores = {}
+    for position, row in zip(positions, sampled, strict=True):
+        if row.prompts is not None:
+            row.presence = scores[position] = presence(row.saliency if row.saliency.size else None, row.coarse)
+    keys = set(strongest(scores, settings.text_keys, settings.min_presence))
+    for position, row in zip(positions, sampled, strict=True):
+        row.prompts = row.prompts if position in keys else None
+        row.saliency = row.saliency if keep_saliency else NO_MAP
+        row.coarse = row.coarse if keep_coarse else NO_MASK
+    return ordered
+
+
+def absent_slices(rows: list[SliceRow], settings: PropagationConfig) -> frozenset[int]:
+    """Positions of the sampled rows where the target was not seen: no prompts from their map, or a
+    presence under ``min_presence`` (NaN compares false: not seen)."""
+    return frozenset(position for position, row in enumerate(rows)
+                     if row.m2ib_ran and not row.presence >= settings.min_presence)
 
 
 def add_masks(segmenter: PromptableSegmenter, rows: list[SliceRow], settings: SamConfig,
@@ -114,7 +149,8 @@ def add_propagated_masks(segmenter: PromptableSegmenter, rows: list[SliceRow], s
     ordered = sorted(rows, key=lambda row: row.slice)
     keys = {position: row.prompts for position, row in enumerate(ordered) if row.prompts is not None}
     try:
-        result = propagate(segmenter, [row.image for row in ordered], keys, sam, settings)
+        result = propagate(segmenter, [row.image for row in ordered], keys, sam, settings,
+                           absent_slices(ordered, settings))
     except Exception as exc:
         for row in ordered:
             row.error = f"SAM (propagation): {exc}"
