@@ -4,6 +4,7 @@ slice staging and case assembly, overlays."""
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import numpy as np
@@ -109,7 +110,7 @@ def test_staged_slice_round_trip():
     oracle = ~coarse
     row = _slice_row("c", 3, 10, mask, PLANE, image=np.full((7, 9, 3), 9, np.uint8),
                      saliency=np.linspace(0, 1, 63, dtype=np.float32).reshape(7, 9), coarse=coarse,
-                     oracle_mask=oracle)
+                     oracle_mask=oracle, m2ib_ran=True, presence=0.42)
     back = _unstage(_stage_bytes(row))
     assert np.array_equal(back.mask, mask) and np.array_equal(back.image, row.image)
     assert np.array_equal(back.coarse, coarse) and back.coarse.dtype == bool
@@ -122,6 +123,7 @@ def test_staged_slice_round_trip():
     assert fields(back) == fields(row)
     plain = _unstage(_stage_bytes(_slice_row("c", 3, 10, mask, PLANE)))  # no picture, map or coarse mask
     assert plain.image.size == plain.saliency.size == plain.coarse.size == plain.oracle_mask.size == 0
+    assert math.isnan(plain.presence) and not plain.m2ib_ran  # an unsampled slice stays unseen
 
 
 def test_volume_is_assembled_once_whatever_the_slice_order(tmp_path):
