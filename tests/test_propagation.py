@@ -155,7 +155,7 @@ def test_carried_prompts_widen_each_component_and_point_inside_it():
     (100, 0.2, 0, 1.0, "score"),  # under min_score (0.3)
     (100, 0.9, 8, 1.0, "overlap"),  # 20 of 100 pixels shared: under min_overlap (0.5)
     (400, 0.9, 0, 1.0, "growth"),  # four times the previous area: over max_growth (2)
-    (100, 0.9, 0, 0.2, "contrast"),  # a fifth of the key slice's contrast: under min_contrast (0.25)
+    (100, 0.9, 0, 0.2, "contrast"),  # a fifth of the key slice's contrast: under min_contrast (0.35)
 ])
 def test_stop_reason(mask_area, score, shift, contrast, expected):
     previous = np.zeros((40, 40), bool)

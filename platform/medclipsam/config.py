@@ -162,7 +162,7 @@ class PropagationConfig(StrictModel):
     max_growth: float = Field(2.0, gt=1.0)  # a mask this many times the previous one's area ends it (a leak)
     # the mask's contrast with its surroundings (mean grey level inside less that of a ring of
     # contrast_ring pixels around it), as a share of the key slice's, below this: ends the chain
-    min_contrast: float = Field(0.25, ge=0.0)
+    min_contrast: float = Field(0.35, ge=0.0)
     contrast_ring: int = Field(3, ge=1)
     keep_components: int = Field(1, ge=0)  # 3D clean-up: the K largest 3D components (0: all)
     fill_holes: bool = True  # 3D clean-up: holes enclosed in 3D filled
