@@ -59,7 +59,8 @@ SMOKE: dict[str, Smoke] = {
     "sam_cpu.py": Smoke(["--images", "1", "--threads", "1", "--batches", "1", "2"],
                         {"torch_s", "fast_s", "speedup", "max_abs_diff", "mask_agreement"}),
     "propagation.py": Smoke(["--volumes", "lung1"],  # a few slices of one real CT
-                            {"dsc_propagated", "dsc_oracle_slicewise", "dsc_naive", "ratio", "sam_calls_ratio"}),
+                            {"dsc_propagated", "dsc_oracle_slicewise", "dsc_naive", "ratio", "sam_calls_ratio",
+                             "m2ib_calls_ratio"}),
     "s3_writes.py": Smoke(["--files", "5", "--rounds", "2"],
                           {"requests_rename", "requests_put", "ms_rename", "ms_put", "speedup"}),
     # 40 cases: each tenth must span more than one batch of records, or its rate is a division by ~0
