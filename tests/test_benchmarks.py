@@ -50,6 +50,8 @@ SMOKE: dict[str, Smoke] = {
     "m2ib.py": Smoke(["--vision", "vit_tiny_patch16_224", "--text-layers", "1", "--text-hidden", "64",
                       "--embed-dim", "32", "--images", "1", "--steps", "2", "--copies", "2", "--layer", "1"],
                      {"speedup", "max_abs_diff"}),
+    "node_loss.py": Smoke(["--volumes", "lung1", "brain2", "--kill-after", "1"],  # two real volumes, two nodes
+                          {"nodes", "cases", "killed_at", "lost", "duplicated", "masks_equal", "slowdown"}),
     "overhead.py": Smoke(["--slices", "8", "--size", "96"],
                          {"slices", "slices_per_s", "driver_cpu_ms", "worker_cpu_ms"}),
     "pipeline.py": Smoke(["--cases", "2", "--steps", "1", "--copies", "1", "--sam-actors", "1",
