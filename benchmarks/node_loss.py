@@ -43,28 +43,28 @@ def cohort(root: Path, volumes: list[str]) -> Path:
     return root
 
 
-def pseudolabel(address: str, data: Path, output: Path, tracking: str) -> subprocess.Popen:
-    """The user's command, joining the cluster at ``address``."""
+def pseudolabel(address: str, data: Path, output: Path, tracking: str, log) -> subprocess.Popen:
+    """The user's command, joining the cluster at ``address``; its output goes to ``log``."""
     command = [str(Path(sys.executable).parent / "medclipsam"), "pseudolabel", "--prompt-source", "labels",
                "--input", str(data / "images"), "--gt", str(data / "labels"), "--output", str(output),
                "--address", address, "--tracking-uri", tracking]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    log = open(output.with_suffix(".log"), "w")  # the child writes it until it exits
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def timed_run(cluster, worker, data: Path, output: Path, tracking: str, kill_after: int | None) -> tuple[float, int]:
     """Seconds the command took, and how many records were written when the worker was killed (-1: not)."""
-    start = time.perf_counter()
-    process = pseudolabel(cluster.address, data, output, tracking)
     killed_at = -1
-    while process.poll() is None:
-        time.sleep(0.2)
-        written = len(list((output / "records").glob("*.json"))) if (output / "records").is_dir() else 0
-        if kill_after is not None and killed_at < 0 and written >= kill_after:
-            cluster.remove_node(worker, allow_graceful=False)
-            killed_at = written
-    seconds = time.perf_counter() - start
+    with open(output.with_suffix(".log"), "w") as log:
+        start = time.perf_counter()
+        process = pseudolabel(cluster.address, data, output, tracking, log)
+        while process.poll() is None:
+            time.sleep(0.2)
+            written = len(list((output / "records").glob("*.json"))) if (output / "records").is_dir() else 0
+            if kill_after is not None and killed_at < 0 and written >= kill_after:
+                cluster.remove_node(worker, allow_graceful=False)
+                killed_at = written
+        seconds = time.perf_counter() - start
     if process.returncode != 0:
         raise SystemExit(f"pseudolabel failed ({process.returncode}): see {output.with_suffix('.log')}")
     return seconds, killed_at
@@ -72,16 +72,15 @@ def timed_run(cluster, worker, data: Path, output: Path, tracking: str, kill_aft
 
 def compare(planned: list[str], base: Path, fault: Path) -> dict:
     """Cases lost or repeated in the fault run's manifest, and whether its masks equal the baseline's."""
-    import pyarrow.parquet as pq
-
     from medclipsam.domain.images import read_mask
+    from medclipsam.domain.records import read_manifest
 
     def rows(run: Path) -> list[dict]:
-        return pq.read_table(run / "manifest.parquet", columns=["case_id", "mask_uri"]).to_pylist()
+        return read_manifest(str(run / "manifest.parquet")).select(["case_id", "mask_uri"]).to_pylist()
 
-    ids = [r["case_id"] for r in rows(fault)]
-    fault_masks = {r["case_id"]: r["mask_uri"] for r in rows(fault)}
-    base_rows = rows(base)
+    fault_rows, base_rows = rows(fault), rows(base)
+    ids = [r["case_id"] for r in fault_rows]
+    fault_masks = {r["case_id"]: r["mask_uri"] for r in fault_rows}
     equal = len(base_rows) == len(planned) and all(
         r["case_id"] in fault_masks
         and np.array_equal(read_mask(r["mask_uri"]).array, read_mask(fault_masks[r["case_id"]]).array)
