@@ -6,6 +6,7 @@ a RayJob whose entry point the CLI accepts, and the Dockerfile passes hadolint.
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shlex
 import shutil
@@ -300,6 +301,25 @@ def test_cluster_heads_take_no_work():
         cluster = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"].get("rayClusterSpec")
         if cluster:
             assert cluster["headGroupSpec"]["rayStartParams"].get("num-cpus") == "0", name
+
+
+def test_the_cluster_has_a_cpu_group_and_a_gpu_group():
+    """Ray Data's CPU tasks go anywhere, a GPU pool only where GPUs are; ``sam_node`` marks the GPU
+    group for a config's ``pipeline.sam.resources`` (KubeRay passes the value to ``ray start
+    --resources`` through a shell, hence JSON inside quotes)."""
+    _, cluster = _objects("RayCluster")[0]
+    groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
+    assert set(groups) == {"cpu", "gpu"}
+
+    def limits(group: dict) -> dict:
+        return group["template"]["spec"]["containers"][0]["resources"]["limits"]
+
+    assert groups["cpu"]["rayStartParams"]["num-gpus"] == "0" and "nvidia.com/gpu" not in limits(groups["cpu"])
+    assert limits(groups["gpu"])["nvidia.com/gpu"] == "1"
+    assert json.loads(json.loads(groups["gpu"]["rayStartParams"]["resources"])) == {"sam_node": 1}
+    from medclipsam.config import ActorPoolConfig
+
+    ActorPoolConfig.model_validate({"resources": json.loads(json.loads(groups["gpu"]["rayStartParams"]["resources"]))})
 
 
 # -- what a security review asks of them --------------------------------------------------------------

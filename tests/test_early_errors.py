@@ -25,12 +25,12 @@ def no_models(monkeypatch):
 
     import medclipsam.pipeline.local as local
 
-    pseudolabel = sys.modules["medclipsam.cli.pseudolabel"]  # the package exports the command under that name
+    common = sys.modules["medclipsam.cli.common"]  # pseudolabel's connect (common.joining) starts Ray through it
 
     def forbidden(*args, **kwargs):
         raise AssertionError("work started before the error was found")
 
-    for module, name in ((local, "segmenter_for"), (local, "load_clip"), (pseudolabel, "start_ray")):
+    for module, name in ((local, "segmenter_for"), (local, "load_clip"), (common, "start_ray")):
         monkeypatch.setattr(module, name, forbidden)
 
 

@@ -215,12 +215,40 @@ def test_contour_and_overlay_slice():
     ({"sam": {"actors": 3}}, True, 4, 0, {"saliency": 2, "sam": 3}),  # explicit wins; auto gets the rest
     ({"sam": {"actors": 3}}, True, 2, 0, {"saliency": 1, "sam": 3}),  # never fewer than one actor
     ({}, False, 0.5, 0, {"sam": 1}),
+    # custom resources: two nodes offer sam_node 1 each, so 16 CPUs hold 21 actors but only 2 fit
+    ({"sam": {"resources": {"sam_node": 1}}}, False, 16, 0, {"sam": 2}),
+    ({"sam": {"resources": {"sam_node": 0.5}}}, False, 16, 0, {"sam": 4}),
+    ({"sam": {"resources": {"sam_node": 1}}}, False, 1.0, 0, {"sam": 1}),  # CPUs bind first here
+    ({"sam": {"resources": {"absent": 1}}}, False, 16, 0, {"sam": 1}),  # none offered: one, which Ray waits for
 ])
 def test_auto_pool_sizes(pools, text, cpus, gpus, expected):
     from medclipsam.config import PipelineConfig
     from medclipsam.pipeline.pools import pool_sizes
 
-    assert pool_sizes(PipelineConfig.model_validate(pools), text, cpus, gpus) == expected
+    totals = {"CPU": cpus, "GPU": gpus, "sam_node": 2.0}
+    assert pool_sizes(PipelineConfig.model_validate(pools), text, cpus, gpus, totals) == expected
+
+
+def test_pool_resources_name_custom_resources_only():
+    from pydantic import ValidationError
+
+    from medclipsam.config import ActorPoolConfig
+
+    assert ActorPoolConfig.model_validate({"resources": {"sam_node": 1}}).resources == {"sam_node": 1.0}
+    with pytest.raises(ValidationError, match="GPU: set num_cpus / num_gpus instead"):
+        ActorPoolConfig.model_validate({"resources": {"GPU": 1}})
+    with pytest.raises(ValidationError, match="greater than 0"):
+        ActorPoolConfig.model_validate({"resources": {"sam_node": 0}})
+
+
+def test_pools_ask_ray_for_their_placement():
+    """What ``map_batches`` is given per actor: CPUs, GPUs, and the custom resources only when set."""
+    from medclipsam.config import ActorPoolConfig
+    from medclipsam.pipeline.ray_runner import _placement
+
+    assert _placement(ActorPoolConfig()) == {"num_cpus": 0.75, "num_gpus": 0.0}
+    gpu = ActorPoolConfig.model_validate({"num_gpus": 1, "num_cpus": 2, "resources": {"sam_node": 1}})
+    assert _placement(gpu) == {"num_cpus": 2.0, "num_gpus": 1.0, "resources": {"sam_node": 1.0}}
 
 
 # -- attempts in tracking ---------------------------------------------------------------------------

@@ -254,6 +254,9 @@ def test_resume_after_a_failure_skips_completed_cases(cohort, tmp_path, ray_sess
                                         str(cohort / "labels")), sam_stage=_crash_once(str(marker)))
     assert marker.exists()  # the actor process did die once
     assert [r.status for r in uninterrupted.records] == ["ok"] * len(CASES)
+    import ray  # one node: every record names it, the node this driver is on
+
+    assert {r.node for r in uninterrupted.records} == {ray.get_runtime_context().get_node_id()}
     assert _comparable(pq.read_table(output / "manifest.parquet")) == _comparable(
         pq.read_table(tmp_path / "whole" / "manifest.parquet"))
     for record in uninterrupted.records:

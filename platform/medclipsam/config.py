@@ -220,6 +220,17 @@ class ActorPoolConfig(StrictModel):
     actors: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"  # pool size; auto: fit the cluster
     num_gpus: float = Field(0.0, ge=0.0)  # per actor; > 0 runs the model on cuda
     num_cpus: float = Field(0.75, gt=0.0)  # per actor; leaves room for the CPU read/write tasks on small machines
+    # Custom Ray node resources per actor ({"sam_node": 1}): the pool goes only to nodes that offer
+    # them (``ray start --resources``, a KubeRay group's rayStartParams); auto size counts them too.
+    resources: dict[str, Annotated[float, Field(gt=0.0)]] = {}
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_only(cls, value: dict[str, float]) -> dict[str, float]:
+        builtin = sorted(set(value) & {"CPU", "GPU", "memory", "object_store_memory"})
+        if builtin:
+            raise ValueError(f"{', '.join(builtin)}: set num_cpus / num_gpus instead; resources names custom ones")
+        return value
 
 
 class PipelineConfig(StrictModel):
@@ -237,6 +248,9 @@ class PipelineConfig(StrictModel):
     save_saliency: bool = False  # also write saliency/<case_id>.npy (text mode)
     nsd_tolerance: float = Field(2.0, gt=0.0)  # pixels for 2D images, millimetres for volumes
     min_box_fill: float = Field(0.05, ge=0.0, lt=1.0)  # a mask filling less of its prompt box is warned of (0: never)
+    # Local paths are on a file system every Ray node mounts at the same place (NFS, a cluster file
+    # system): without it, a local input or output on a cluster of several nodes is refused.
+    shared_filesystem: bool = False
 
 
 class CodeConfig(StrictModel):

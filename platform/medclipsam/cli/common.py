@@ -12,7 +12,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NoReturn
 
 import click
@@ -28,7 +28,7 @@ from ..config import (
     parse_config,
 )
 from ..domain.records import STATUS_ERROR, CaseRecord
-from ..storage import redact_text
+from ..storage import is_remote, redact_text
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -218,6 +218,35 @@ def start_ray(address: str | None) -> None:
         _stop_local_ray_on_every_exit()
     else:
         ray.init(address=address, **options)
+
+
+def joining(address: str | None, paths: dict[str, str | None], shared: bool = False) -> Callable[[], None]:
+    """The ``connect`` of a Ray job whose workers read and write ``paths`` (option -> URI).
+
+    Workers on another node never see this machine's disk: on a cluster of several nodes, a local
+    path is a usage error (exit 2) before any case runs, unless the config says every node mounts
+    it (``shared``). A local Ray, started here, is one node."""
+    local = {option: path for option, path in paths.items() if path and not is_remote(path)}
+
+    def connect() -> None:
+        start_ray(address)
+        if not local or shared or not _joined(address):
+            return
+        from ..runs.ray_session import alive_nodes
+
+        nodes = alive_nodes()
+        if nodes > 1:
+            option, path = next(iter(local.items()))
+            fail(f"{option} {path} is a local path, but the Ray cluster has {nodes} nodes and workers on the "
+                 "others cannot read or write this machine's disk: give object storage (s3://...), or set "
+                 "pipeline.shared_filesystem: true in the config if every node mounts it at the same path")
+
+    return connect
+
+
+def _joined(address: str | None) -> bool:
+    """Whether this command joined a running cluster rather than starting a local Ray."""
+    return address is not None or "RAY_ADDRESS" in os.environ
 
 
 def _stop_local_ray_on_every_exit() -> None:

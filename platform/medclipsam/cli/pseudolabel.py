@@ -11,8 +11,8 @@ from .common import (
     cohort_options,
     exit_for_errors,
     fail,
+    joining,
     sam_options,
-    start_ray,
     strict_option,
     summarise_run,
     task_config,
@@ -84,7 +84,9 @@ def pseudolabel(input_uri: str, output: str, gt_uri, text_prompts, clip_model, p
             config, pins = task_config(config_path, **sections, **overrides), ()
         job = Job(config, input_uri, output, prompt_source, gt_uri, tuple(text_prompts), clip_model,
                   attribution=attribution, pins=pins, case_id_tag=case_id_tag, gt_segment=gt_segment)
-        result = run_job(job, "ray", progress, connect=lambda: start_ray(address))
+        paths = {"--input": input_uri, "--output": output, "--gt": gt_uri}
+        connect = joining(address, paths, config.pipeline.shared_filesystem)
+        result = run_job(job, "ray", progress, connect=connect)
     except MedClipSamError as exc:
         fail(str(exc), exc.exit_code)
     finally:

@@ -56,6 +56,7 @@ class CaseRecord:
     seconds_predict: float = 0.0  # weak predict: the ensemble's inference time
     n_sam_slices: int = 0  # slices SAM's image encoder ran on (propagation visits only the target's)
     n_m2ib_slices: int = 0  # slices M2IB ran on (text mode; propagated, the sampled ones only)
+    node: str = ""  # the Ray node(s) whose SAM actors ran on the case, comma-separated ("" in-process)
 
 
 SCHEMA = pa.schema(
@@ -94,6 +95,7 @@ SCHEMA = pa.schema(
         ("seconds_predict", pa.float64()),
         ("n_sam_slices", pa.int64()),
         ("n_m2ib_slices", pa.int64()),
+        ("node", pa.string()),
     ]
 )
 

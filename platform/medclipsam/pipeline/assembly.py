@@ -127,6 +127,7 @@ def _new_record(rows: list[SliceRow], settings: AssemblySettings) -> CaseRecord:
         seconds_read=sum(r.seconds_read for r in rows), seconds_saliency=sum(r.seconds_saliency for r in rows),
         seconds_embed=sum(r.seconds_embed for r in rows), seconds_decode=sum(r.seconds_decode for r in rows),
         n_sam_slices=sum(r.sam_ran for r in rows), n_m2ib_slices=sum(r.m2ib_ran for r in rows),
+        node=",".join(sorted({r.node for r in rows if r.node})),
     )
 
 

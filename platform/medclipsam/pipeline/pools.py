@@ -2,8 +2,9 @@
 the cases are read in.
 
 The pools share what Ray reports: a pool that asks for GPUs gets as many actors as its share of
-the GPUs holds; a CPU pool as many as its share of the CPUs left after one read/write task. Every
-pool gets at least one actor; an explicit number in the config always wins.
+the GPUs holds; a CPU pool as many as its share of the CPUs left after one read/write task; a pool
+that asks for custom resources no more than the cluster's total of them holds. Every pool gets at
+least one actor; an explicit number in the config always wins.
 """
 
 from __future__ import annotations
@@ -13,15 +14,19 @@ import math
 from ..config import ActorPoolConfig, PipelineConfig
 
 
-def _auto_size(pool: ActorPoolConfig, cpus: float, gpus: float, n_pools: int) -> int:
+def _auto_size(pool: ActorPoolConfig, cpus: float, gpus: float, n_pools: int, totals: dict[str, float]) -> int:
     fits = math.floor(cpus / n_pools / pool.num_cpus + 1e-9)
     if pool.num_gpus > 0:
         fits = min(fits, math.floor(gpus / n_pools / pool.num_gpus + 1e-9))
+    for name, amount in pool.resources.items():  # no more actors than the nodes offering them hold
+        fits = min(fits, math.floor(totals.get(name, 0.0) / amount + 1e-9))
     return max(1, fits)
 
 
-def pool_sizes(pipeline: PipelineConfig, text_mode: bool, cpus: float, gpus: float = 0.0) -> dict[str, int]:
-    """Actors per pool (``saliency`` only in text mode, ``sam`` always) for a cluster of ``cpus`` and ``gpus``."""
+def pool_sizes(pipeline: PipelineConfig, text_mode: bool, cpus: float, gpus: float = 0.0,
+               totals: dict[str, float] | None = None) -> dict[str, int]:
+    """Actors per pool (``saliency`` only in text mode, ``sam`` always) for a cluster of ``cpus`` and
+    ``gpus``, and ``totals`` of its custom resources."""
     pools = {"saliency": pipeline.saliency, "sam": pipeline.sam} if text_mode else {"sam": pipeline.sam}
     automatic = [name for name, pool in pools.items() if pool.actors == "auto"]
     budget = max(cpus - pipeline.task_cpus, 0.0)
@@ -31,7 +36,7 @@ def pool_sizes(pipeline: PipelineConfig, text_mode: bool, cpus: float, gpus: flo
             gpus -= pool.actors * pool.num_gpus
     sizes = {name: pool.actors for name, pool in pools.items() if pool.actors != "auto"}
     for name in automatic:
-        sizes[name] = _auto_size(pools[name], max(budget, 0.0), max(gpus, 0.0), len(automatic))
+        sizes[name] = _auto_size(pools[name], max(budget, 0.0), max(gpus, 0.0), len(automatic), totals or {})
     return sizes
 
 

@@ -20,7 +20,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from ..config import CoarseMaskConfig, SaliencyConfig, SamConfig, VisualPromptConfig
+from ..config import ActorPoolConfig, CoarseMaskConfig, SaliencyConfig, SamConfig, VisualPromptConfig
 from ..domain.records import CaseRecord, record_from_dict
 from ..runs.ray_session import ensure_ray, pool_device
 from .cpu_tasks import Contained, read_case, write_slice
@@ -97,15 +97,32 @@ class SaliencyStage:
         return rows_to_batch(add_text_prompts(rows, self.coarse, self.visual, self.keep_saliency, self.keep_coarse))
 
 
+def _this_node() -> str:
+    """The Ray node this actor lives on (its ID, as ``ray list nodes`` shows it)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def _on_node(rows: list[SliceRow], node: str) -> list[SliceRow]:
+    for row in rows:
+        row.node = node
+    return rows
+
+
 class SamStage:
+    """SAM on the slice rows; each row names the node that ran it (the case's record names them all)."""
+
     def __init__(self, settings: SamConfig, device: str, attribution: bool = False) -> None:
         from ..models.sam_backends import segmenter_for
 
         self.segmenter = segmenter_for(settings, device)
         self.settings, self.attribution = settings, attribution
+        self.node = _this_node()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return rows_to_batch(add_masks(self.segmenter, batch_to_rows(batch), self.settings, self.attribution))
+        rows = add_masks(self.segmenter, batch_to_rows(batch), self.settings, self.attribution)
+        return rows_to_batch(_on_node(rows, self.node))
 
 
 class PropagationStage(SamStage):
@@ -128,7 +145,7 @@ class PropagationStage(SamStage):
                 rows = add_key_slice_prompts(self.clip, rows, c.saliency, c.coarse, c.visual_prompts, c.propagation,
                                              self.job.keep_saliency, self.job.keep_coarse)
             out.extend(add_propagated_masks(self.segmenter, rows, self.settings, c.propagation))
-        return rows_to_batch(out)
+        return rows_to_batch(_on_node(out, self.node))
 
 
 def cluster_pool_sizes(job: Job) -> dict[str, int]:
@@ -138,7 +155,7 @@ def cluster_pool_sizes(job: Job) -> dict[str, int]:
     resources = ray.cluster_resources()
     text_pool = job.source == SOURCE_TEXT and not job.propagate  # propagated: M2IB runs in the SAM actors
     return pool_sizes(job.config.pipeline, text_pool, float(resources.get("CPU", 1.0)),
-                      float(resources.get("GPU", 0.0)))
+                      float(resources.get("GPU", 0.0)), {k: float(v) for k, v in resources.items()})
 
 
 def _tracking_uri(job: Job) -> str:
@@ -148,6 +165,13 @@ def _tracking_uri(job: Job) -> str:
     from ..runs.tracking import resolve_tracking_uri  # here: MLflow's import costs each SAM actor a second
 
     return resolve_tracking_uri(job.config.tracking.uri)
+
+
+def _placement(pool: ActorPoolConfig) -> dict:
+    """What each actor of ``pool`` asks Ray for: its CPUs and GPUs (a GPU pool lands only on GPU
+    nodes) and any custom node resources of the config."""
+    resources = {"resources": dict(pool.resources)} if pool.resources else {}
+    return {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, **resources}
 
 
 def build_dataset(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = SamStage, read=read_case,
@@ -171,8 +195,7 @@ def build_dataset(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = S
     if job.propagate:  # one case per actor call: it reads the volume and carries the prompts through it
         ds = ds.map_batches(propagation_stage, fn_constructor_kwargs={
             "settings": c.sam, "device": device, "job": job, "read": read, "tracking_uri": _tracking_uri(job)},
-            compute=ActorPoolStrategy(size=sizes["sam"]), batch_size=1, num_gpus=pipeline.sam.num_gpus,
-            num_cpus=pipeline.sam.num_cpus)
+            compute=ActorPoolStrategy(size=sizes["sam"]), batch_size=1, **_placement(pipeline.sam))
         return ds.flat_map(Contained(write, "write"), fn_kwargs={"settings": job.assembly()},
                            num_cpus=pipeline.task_cpus, compute=tasks_at_once, **memory)
     ds = ds.flat_map(Contained(read, "read"), fn_kwargs={"job": job}, num_cpus=pipeline.task_cpus,
@@ -183,11 +206,11 @@ def build_dataset(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = S
             "saliency": c.saliency, "coarse": c.coarse, "visual": c.visual_prompts, "keep_saliency": job.keep_saliency,
             "keep_coarse": job.keep_coarse, "tracking_uri": _tracking_uri(job)},
             compute=ActorPoolStrategy(size=sizes["saliency"]), batch_size=c.saliency.batch_size,
-            num_gpus=pipeline.saliency.num_gpus, num_cpus=pipeline.saliency.num_cpus)
+            **_placement(pipeline.saliency))
     ds = ds.map_batches(sam_stage, fn_constructor_kwargs={
         "settings": c.sam, "device": device, "attribution": job.attribution},
         compute=ActorPoolStrategy(size=sizes["sam"]), batch_size=c.sam.images_per_call(device),
-        num_gpus=pipeline.sam.num_gpus, num_cpus=pipeline.sam.num_cpus)
+        **_placement(pipeline.sam))
     return ds.flat_map(Contained(write, "write"), fn_kwargs={"settings": job.assembly()},
                        num_cpus=pipeline.task_cpus, compute=tasks_at_once, **memory)
 

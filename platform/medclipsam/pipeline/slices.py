@@ -138,6 +138,7 @@ class SliceRow:
     backend: str = ""  # the SAM backend, its checkpoint and the checkpoint's SHA-256
     checkpoint: str = ""
     checkpoint_sha256: str = ""
+    node: str = ""  # the Ray node whose SAM actor ran on it ("" in-process)
 
     @property
     def key(self) -> int | None:
@@ -185,7 +186,7 @@ def _prompts_of(text: str) -> SlicePrompts | None:
 
 _DECODE: dict[str, Any] = {
     **dict.fromkeys(("case_id", "uri", "gt_uri", "error", "clip_model", "clip_sha256", "backend", "checkpoint",
-                     "checkpoint_sha256"), str),
+                     "checkpoint_sha256", "node"), str),
     **dict.fromkeys(("slice", "n_slices"), int),
     **dict.fromkeys(("seconds_read", "seconds_saliency", "seconds_embed", "seconds_decode", "presence"), float),
     **dict.fromkeys(ARRAY_FIELDS, lambda v: v),

@@ -85,12 +85,12 @@ def run_cases(run: CaseRun, cases: Sequence[Case], stream: Callable[[list], Iter
     previous = check_settings(run.output, run.parameters, run.pins) if resume else None
     done = _completed(run.output, cases) if resume else {}
     todo = [c for c in cases if c.case_id not in done]
+    if todo and connect is not None:  # first: joining may refuse the run (exit 2) before anything is written
+        connect()
     run_id = _open(run, previous) if run.tracking else ""
     if resume and not run.tracking:
         write_run_file(run.output, run.parameters, run.pins, previous_attempts(previous))
     try:
-        if todo and connect is not None:
-            connect()
         _clear(run)
         start = time.perf_counter()
         new = _stream(run, todo, stream, progress, done, len(cases))

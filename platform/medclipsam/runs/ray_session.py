@@ -19,6 +19,13 @@ def ensure_ray(connect: Callable[[], None] | None = None) -> None:
         ray.init()
 
 
+def alive_nodes() -> int:
+    """How many nodes the Ray this process is connected to has now."""
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
 def pool_device(num_gpus: float, cpu_device: str = "cpu") -> str:
     """The torch device of an actor that asked Ray for ``num_gpus``: Ray gives it a GPU, or none."""
     return "cuda" if num_gpus > 0 else cpu_device
