@@ -45,9 +45,13 @@ def cohort(root: Path, volumes: list[str]) -> Path:
 
 def pseudolabel(address: str, data: Path, output: Path, tracking: str, log) -> subprocess.Popen:
     """The user's command, joining the cluster at ``address``; its output goes to ``log``."""
+    # Both nodes are on this machine, so its disk is shared: the config says so (a cluster of two
+    # nodes refuses local paths otherwise).
+    config = data.parent / "shared.yaml"
+    config.write_text("task: node-loss\npipeline: {shared_filesystem: true}\n")
     command = [str(Path(sys.executable).parent / "medclipsam"), "pseudolabel", "--prompt-source", "labels",
                "--input", str(data / "images"), "--gt", str(data / "labels"), "--output", str(output),
-               "--address", address, "--tracking-uri", tracking]
+               "--address", address, "--tracking-uri", tracking, "--config", str(config)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
 

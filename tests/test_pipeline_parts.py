@@ -282,6 +282,9 @@ def test_reruns_are_attempts_that_keep_earlier_figures(tmp_path, tracking_uri):
     (tmp_path / "out" / "records" / "c1.json").unlink()
     third = run_job(job, "local")
     assert third.n_processed == 1 and third.n_skipped == 2 and third.run_id == first.run_id
+    from manifest_check import assert_manifest_is_the_records
+
+    assert_manifest_is_the_records(tmp_path / "out", ["c0", "c1", "c2"])
 
     client = MlflowClient(tracking_uri)
     history = {m.step: m.value for m in client.get_metric_history(first.run_id, "attempt_cases_per_s")}

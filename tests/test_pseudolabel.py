@@ -259,6 +259,10 @@ def test_resume_after_a_failure_skips_completed_cases(cohort, tmp_path, ray_sess
     assert {r.node for r in uninterrupted.records} == {ray.get_runtime_context().get_node_id()}
     assert _comparable(pq.read_table(output / "manifest.parquet")) == _comparable(
         pq.read_table(tmp_path / "whole" / "manifest.parquet"))
+    from manifest_check import assert_manifest_is_the_records  # resumed or not, the records in plan order
+
+    assert_manifest_is_the_records(output, CASES)
+    assert_manifest_is_the_records(tmp_path / "whole", CASES)
     for record in uninterrupted.records:
         name = record.mask_uri.rsplit("/", 1)[-1]
         assert np.array_equal(_mask(str(output / "masks" / name)), _mask(record.mask_uri))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -123,3 +124,32 @@ def test_report_command_merges_evaluate_output(tmp_path, samples_root):
     bad = runner.invoke(main, ["report", str(tmp_path / "run"), "--scores", str(boxes)])
     assert bad.exit_code == 2 and "boxes.csv: not a table of medclipsam evaluate (no column dsc, nsd, hd95)" in (
         bad.output)
+
+
+def test_a_large_run_lists_its_failed_warned_and_worst_cases_and_counts_them_all():
+    """Past ``REPORT_CASES`` the table lists the cases worth a look; the summary still counts every one."""
+    from medclipsam.eval.report import REPORT_CASES
+
+    n = REPORT_CASES + 1500
+    records = [CaseRecord(f"c{i:05d}", f"/in/c{i:05d}.png", n_slices=1, dsc=0.5 + (i * 7919 % n) / (2 * n),
+                          nsd=0.5, hd95=2.0, prompt_source="labels",
+                          status="error" if i % 100 == 0 else "ok", error="boom" if i % 100 == 0 else "",
+                          warnings="small mask" if i % 250 == 1 else "") for i in range(n)]
+    for r in records:
+        if r.status == "error":
+            r.dsc = math.nan
+    page = render_report(_table(records), {}, "big", about={"source": "labels"})
+    listed = re.findall(r"<tr data-status='(\w+)' class='(\w*)'><td data-value='(c\d+)'", page)
+    assert len(listed) == REPORT_CASES and f"{REPORT_CASES:,} of {n:,} cases are listed" in page
+    ids = [case for _, _, case in listed]
+    assert ids == sorted(ids)  # in manifest order
+    failed = {r.case_id for r in records if r.status == "error"}
+    warned = {r.case_id for r in records if r.warnings}
+    scored = sorted((r for r in records if r.status == "ok" and not r.warnings), key=lambda r: r.dsc)
+    lowest = {r.case_id for r in scored[: REPORT_CASES - len(failed) - len(warned)]}
+    assert set(ids) == failed | warned | lowest  # brute force: the same choice
+    assert f"cases</th><td>{n}</td>" in page and f"status error</th><td>{len(failed)}" in page
+    mean = sum(r.dsc for r in records if r.status == "ok") / (n - len(failed))
+    assert f"mean DSC (0 to 1)</th><td>{mean:.4f}" in page and f"cases with warnings</th><td>{len(warned)}" in page
+    small = render_report(_table(records[:50]), {}, "small", about={"source": "labels"})
+    assert "cases are listed" not in small and len(re.findall(r"<tr data-status=", small)) == 50

@@ -356,13 +356,22 @@ def summarise_run(result) -> None:
     tracked = f"; MLflow run {result.run_id}" if result.run_id else ""
     from ..pipeline.flags import summary
 
-    for line in summary({r.case_id: r.warnings for r in result.records if r.warnings}):
+    for line in summary(_warnings(result.manifest_uri)):
         click.echo(f"warning: {line}", err=True)
     click.echo(f"{len(result.records)} case(s): {counts} ({result.n_skipped} done earlier, {result.n_processed} "
                f"now in {result.seconds:.0f} s, {result.metrics.get('attempt_cases_per_s', 0.0):.3g} cases/s){scores}; "
                f"manifest: {result.manifest_uri}{tracked}")
     if getattr(result, "report_uri", ""):
         click.echo(f"report: {result.report_uri}")
+
+
+def _warnings(manifest_uri: str) -> dict[str, str]:
+    """case_id -> its warnings, for the cases that have any (two columns of the manifest, not its records)."""
+    from ..domain.records import read_manifest
+
+    table = read_manifest(manifest_uri, ["case_id", "warnings"])
+    return {c: w for c, w in zip(table.column("case_id").to_pylist(), table.column("warnings").to_pylist(),
+                                 strict=True) if w}
 
 
 def exit_for_errors(counts: dict[str, int], total: int, strict: bool) -> None:

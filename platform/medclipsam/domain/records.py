@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
@@ -130,16 +131,44 @@ ABOUT_KEY = b"medclipsam.run"  # the manifest's Parquet metadata: what the run w
 
 def write_manifest(records: list[CaseRecord], uri: str, about: dict | None = None) -> None:
     """Write the manifest atomically to ``uri`` (any fsspec URI); ``about`` goes into its metadata."""
+    write_table(to_table(records), uri, about)
+
+
+ROWS_PER_GROUP = 2_000  # a manifest is written a row group at a time, so its strings unpack a group at a time
+
+
+def write_table(table: pa.Table, uri: str, about: dict | None = None) -> None:
+    """Write ``table`` (``SCHEMA``'s columns, strings plain or dictionary-encoded) as a manifest."""
+    write_groups((table.slice(start, ROWS_PER_GROUP) for start in range(0, table.num_rows, ROWS_PER_GROUP)),
+                 uri, about)
+
+
+def write_groups(groups: Iterable[pa.Table], uri: str, about: dict | None = None) -> None:
+    """Write a manifest a row group at a time (``SCHEMA``'s columns, strings plain or as dictionaries),
+    so that no more than one group of its rows need be in memory at once."""
+    schema = SCHEMA.with_metadata({ABOUT_KEY: json.dumps(storage.redact_values(about)).encode()}) if about else SCHEMA
     buffer = io.BytesIO()
-    table = to_table(records)
-    if about:
-        table = table.replace_schema_metadata({ABOUT_KEY: json.dumps(storage.redact_values(about)).encode()})
-    pq.write_table(table, buffer)
+    with pq.ParquetWriter(buffer, schema) as writer:
+        for group in groups:
+            writer.write_table(group.select(SCHEMA.names).cast(schema))
     storage.write_bytes_atomic(uri, buffer.getvalue())
 
 
-def read_manifest(uri: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+# Columns most cases share a value of (the settings, the models, the status): read back as
+# dictionaries, they cost a few bytes a row instead of the whole string.
+REPEATED = ("mask_formats", "status", "error", "warnings", "backend", "checkpoint", "checkpoint_sha256",
+            "text_prompt", "clip_model", "clip_sha256", "parameters", "prompt_source", "node")
+
+
+def read_manifest(uri: str, columns: list[str] | None = None, compact: bool = False) -> pa.Table:
+    """A manifest (or a part of one); ``compact`` reads the ``REPEATED`` columns as dictionaries."""
+    wanted = [c for c in REPEATED if columns is None or c in columns] if compact else None
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=columns, read_dictionary=wanted)
+
+
+def records_of(table: pa.Table) -> list[CaseRecord]:
+    """The rows of a manifest as records."""
+    return [record_from_dict(row) for row in table.to_pylist()]
 
 
 def manifest_about(table: pa.Table) -> dict:

@@ -18,7 +18,9 @@ import math
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .. import storage
 from ..domain.records import manifest_about, read_manifest, status_counts
@@ -232,9 +234,9 @@ def _about(rows: list[dict], about: dict, run_file: dict | None, written: str) -
 # -- summary and table -----------------------------------------------------------------------------
 
 
-def _units(rows: list[dict]) -> tuple[str, str]:
+def _units(n_slices: np.ndarray) -> tuple[str, str]:
     """HD95's unit and NSD's tolerance words: pixels for 2D images, millimetres for volumes."""
-    kinds = {int(r.get("n_slices") or 1) > 1 for r in rows}
+    kinds = set((np.maximum(n_slices, 1) > 1).tolist())
     if kinds == {True}:
         return "mm", "mm"
     if kinds == {False}:
@@ -242,25 +244,63 @@ def _units(rows: list[dict]) -> tuple[str, str]:
     return "mm for volumes, px for 2D images", "mm (volumes) or px (2D)"
 
 
-def _summary(rows: list[dict], about: dict, merged: str) -> str:
-    counts = status_counts(rows)
-    scored = [r for r in rows if _finite(r.get("dsc"))]
-    distance, tolerance = _units(rows)
+def _numbers(table: pa.Table, column: str) -> np.ndarray:
+    return table.column(column).to_numpy(zero_copy_only=False).astype(float)
+
+
+def _counts(table: pa.Table) -> dict[str, int]:
+    counts = pc.value_counts(table.column("status").cast(pa.string())).to_pylist()
+    return dict(sorted((str(c["values"]), int(c["counts"])) for c in counts))
+
+
+def _n_warned(table: pa.Table) -> int:
+    return int(pc.sum(pc.not_equal(table.column("warnings").cast(pa.string()), "")).as_py() or 0)
+
+
+def _summary(table: pa.Table, about: dict, merged: str) -> str:
+    dsc = _numbers(table, "dsc")
+    scored = np.isfinite(dsc)
+    distance, tolerance = _units(_numbers(table, "n_slices"))
     nsd_tolerance = about.get("nsd_tolerance", 2.0)
-    items = [("cases", str(len(rows))), *((f"status {k}", str(v)) for k, v in counts.items()),
-             ("cases with warnings", str(sum(bool(r.get("warnings")) for r in rows)))]
-    if scored:
-        items += [("scored cases", str(len(scored)) + merged),
-                  ("mean DSC (0 to 1)", f"{_mean([r['dsc'] for r in scored]):.4f}"),
+    items = [("cases", str(table.num_rows)), *((f"status {k}", str(v)) for k, v in _counts(table).items()),
+             ("cases with warnings", str(_n_warned(table)))]
+    if scored.any():
+        items += [("scored cases", str(int(scored.sum())) + merged),
+                  ("mean DSC (0 to 1)", f"{_mean(dsc[scored].tolist()):.4f}"),
                   (f"mean NSD (0 to 1, tolerance {nsd_tolerance:g} {tolerance})",
-                   f"{_mean([r['nsd'] for r in scored]):.4f}"),
-                  (f"mean HD95 ({distance}; finite values)", _cell(_mean([r["hd95"] for r in scored])))]
+                   f"{_mean(_numbers(table, 'nsd')[scored].tolist()):.4f}"),
+                  (f"mean HD95 ({distance}; finite values)", _cell(_mean(_numbers(table, "hd95")[scored].tolist())))]
     else:
         items.append(("scores", "none: give --gt (or a gt_uri column), or run medclipsam evaluate into scores.csv"))
     return "<table id='summary'>" + "".join(html_row([html.escape(k), v], heads=1) for k, v in items) + "</table>"
 
 
-def _case_table(rows: list[dict], drawn: set[str], columns: tuple[str, ...]) -> str:
+REPORT_CASES = 1000  # cases the report's table lists (every one up to this); the manifest has them all
+
+
+def _listed(table: pa.Table, drawn: set[str]) -> np.ndarray:
+    """The rows the case table lists, in manifest order: all of them, or for a larger run the
+    failed ones first, then those with warnings, the drawn ones and the lowest DSC."""
+    if table.num_rows <= REPORT_CASES:
+        return np.arange(table.num_rows)
+    status = table.column("status").cast(pa.string()).to_numpy(zero_copy_only=False)
+    warned = pc.not_equal(table.column("warnings").cast(pa.string()), "").to_numpy(zero_copy_only=False)
+    pictured = pc.is_in(table.column("case_id"), value_set=pa.array(sorted(drawn), pa.string())).to_numpy(
+        zero_copy_only=False)
+    dsc = _numbers(table, "dsc")
+    rank = np.where(status == "error", 0, np.where(warned, 1, np.where(pictured, 2, 3)))
+    order = np.lexsort((np.where(np.isfinite(dsc), dsc, np.inf), rank))  # by rank, then lowest DSC
+    return np.sort(order[:REPORT_CASES])
+
+
+def _distinct_rows(table: pa.Table) -> list[dict]:
+    """The different provenance values of the run (its models, sources, settings): a few rows."""
+    columns = ["prompt_source", "parameters", "text_prompt", "backend", "checkpoint", "checkpoint_sha256",
+               "clip_model", "clip_sha256"]
+    return table.select(columns).group_by(columns, use_threads=False).aggregate([]).to_pylist()
+
+
+def _case_table(rows: list[dict], drawn: set[str], columns: tuple[str, ...], table: pa.Table) -> str:
     heads = "".join(f"<th class='sortable' data-type='{'number' if c in NUMERIC else 'text'}'>{html.escape(c)}</th>"
                     for c in columns)
     lines = []
@@ -278,20 +318,27 @@ def _case_table(rows: list[dict], drawn: set[str], columns: tuple[str, ...]) -> 
         lines.append(f"<tr data-status='{html.escape(row['status'])}' class='{css}'>" + "".join(cells) + "</tr>")
     options = "".join(f"<option value='{html.escape(s)}'>{html.escape(s)} ({n})</option>"
                       for s, n in status_counts(rows).items())
-    return (f"<p><label>status <select id='status-filter'><option value=''>all ({len(rows)})</option>{options}"
+    note = ""
+    if len(rows) < table.num_rows:
+        note = (f"<p id='listed' class='note'>{len(rows):,} of {table.num_rows:,} cases are listed: the failed ones "
+                "first, then those with warnings, the drawn ones and the lowest DSC. The manifest "
+                "(<code>manifest.parquet</code>) has every one; the summary above counts them all.</p>")
+    return (f"{note}<p><label>status <select id='status-filter'><option value=''>all ({len(rows)})</option>{options}"
             "</select></label> &middot; click a header to sort</p>"
             f"<table id='cases'><thead><tr>{heads}</tr></thead><tbody>\n" + "\n".join(lines) + "\n</tbody></table>")
 
 
-def _attribution(rows: list[dict]) -> str:
-    """Stage attribution (``pseudolabel --attribution``): where each case loses its accuracy."""
+def _attribution(rows: list[dict], table: pa.Table) -> str:
+    """Stage attribution (``pseudolabel --attribution``): where each case loses its accuracy (the
+    listed cases; the means over all of them)."""
     attributed = [r for r in rows if _finite(r.get("dsc_oracle"))]
     if not attributed:
         return ""
     header = ["case_id", "coarse mask", "SAM from saliency", "SAM from truth boxes"]
     lines = [html_row([_cell(row.get(c, "")) for c in ("case_id", "dsc_coarse", "dsc", "dsc_oracle")])
              for row in attributed]
-    means = [sum(r[c] for r in attributed) / len(attributed) for c in ("dsc_coarse", "dsc", "dsc_oracle")]
+    every = np.isfinite(_numbers(table, "dsc_oracle"))
+    means = [float(np.mean(_numbers(table, c)[every])) for c in ("dsc_coarse", "dsc", "dsc_oracle")]
     lines.append(html_row(["mean", *(f"{m:.4f}" for m in means)], heads=4))
     return ("<h2>Stage attribution (DSC)</h2><p>coarse mask: the saliency map's k-means or "
             "threshold mask; SAM from saliency: the run's masks; SAM from truth boxes: SAM prompted with "
@@ -350,22 +397,35 @@ def merge_scores(rows: list[dict], scores: list[dict]) -> tuple[list[dict], int]
     return merged, taken
 
 
+def _with_scores(table: pa.Table, scores: list[dict]) -> tuple[pa.Table, int]:
+    """``table`` with ``evaluate``'s scores where the run has none, and the ``scored_by`` column."""
+    rows = table.select(["case_id", "dsc", "nsd", "hd95"]).to_pylist()
+    merged, taken = merge_scores(rows, scores)
+    for name in ("dsc", "nsd", "hd95"):
+        table = table.set_column(table.schema.get_field_index(name), name,
+                                 pa.array([r[name] for r in merged], pa.float64()))
+    return table.append_column("scored_by", pa.array([r["scored_by"] for r in merged], pa.string())), taken
+
+
 def render_report(table: pa.Table, pictures: dict[str, list[Picture]], title: str, *, about: dict | None = None,
                   run_file: dict | None = None, scores: list[dict] | None = None, scores_uri: str = "",
                   written: str = "") -> str:
     """The HTML text of a run's manifest ``table``, its pictures by case and, when given, its metadata
-    (``about``), ``run.json`` and ``evaluate``'s per-case scores."""
+    (``about``), ``run.json`` and ``evaluate``'s per-case scores.
+
+    The figures are computed over the columns; only the listed cases (``REPORT_CASES`` at most)
+    become rows, so a report of a large cohort costs what one of a thousand cases does."""
     about = about if about is not None else manifest_about(table)
-    rows = table.to_pylist()
     columns = COLUMNS
     merged = ""
     if scores:
-        rows, taken = merge_scores(rows, scores)
+        table, taken = _with_scores(table, scores)
         columns = (*COLUMNS[:8], "scored_by", *COLUMNS[8:])
         merged = f" ({taken} from {html.escape(scores_uri or 'evaluate')})" if taken else ""
-    body = [f"<h1>{html.escape(title)}</h1>", *_about(rows, about, run_file, written), "<h2>Summary</h2>",
-            _summary(rows, about, merged), "<h2>Cases</h2>", _case_table(rows, set(pictures), columns),
-            _attribution(rows), *_strips(rows, pictures),
+    rows = table.take(pa.array(_listed(table, set(pictures)), pa.int64())).to_pylist()
+    body = [f"<h1>{html.escape(title)}</h1>", *_about(_distinct_rows(table), about, run_file, written),
+            "<h2>Summary</h2>", _summary(table, about, merged), "<h2>Cases</h2>",
+            _case_table(rows, set(pictures), columns, table), _attribution(rows, table), *_strips(rows, pictures),
             "<div id='lightbox' role='dialog' aria-label='enlarged picture'><img alt='enlarged picture'><p></p></div>"]
     return html_page(title, body, REPORT_STYLE, REPORT_SCRIPT)
 
@@ -418,7 +478,7 @@ def write_report(run_output: str, destination: str | None = None, scores_uri: st
     manifest = storage.join(run_output, MANIFEST)
     if not storage.exists(manifest):
         raise InputError(f"{manifest}: no manifest; is {run_output} the output of a segment or pseudolabel run?")
-    table = read_manifest(manifest)
+    table = read_manifest(manifest, compact=True)  # the repeated strings as dictionaries
     if scores_uri is None:
         scores_uri = next((u for u in (storage.join(run_output, n) for n in SCORE_FILES) if storage.exists(u)), "")
     elif not storage.exists(scores_uri):

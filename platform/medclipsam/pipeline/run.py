@@ -7,7 +7,7 @@ evaluations run it on Ray, tracked and resumable.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunResult:
-    records: list[CaseRecord]  # one per planned case, in case_id order
+    records: Sequence[CaseRecord]  # one per planned case, in plan order (read from the manifest when used)
     n_skipped: int  # completed by an earlier run of the same output
     n_processed: int
     seconds: float

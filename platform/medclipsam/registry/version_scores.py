@@ -120,13 +120,14 @@ def evaluate_version(plan: EvalPlan, version: str) -> Score:
             result = run_weak_predict(uri, plan.eval_set.input_uri, output, config, plan.eval_set.gt_uri,
                                       runner=plan.runner, tracking_uri=plan.tracking_uri, progress=plan.progress,
                                       connect=plan.connect)
-            records = _whole_output(output, result.records)
+            records = _whole_output(output, list(result.records))
         else:
             config = _tracked(plan.task_config if plan.kind == KIND_CLIP else load_pipeline(uri).config,
                               plan.tracking_uri)
             job = Job(config, plan.eval_set.input_uri, output, SOURCE_TEXT, plan.eval_set.gt_uri,
                       clip_uri=uri if plan.kind == KIND_CLIP else None)
-            records = run_job(job, plan.runner, plan.progress, resume=keep, track=False, connect=plan.connect).records
+            result = run_job(job, plan.runner, plan.progress, resume=keep, track=False, connect=plan.connect)
+            records = list(result.records)  # read now: the output may be removed below
     finally:
         if not keep:
             shutil.rmtree(output, ignore_errors=True)

@@ -20,14 +20,17 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import pyarrow as pa
+
 from .. import storage
-from ..domain.records import COMPLETED, STATUS_ERROR, CaseRecord, read_records, status_counts, write_manifest
+from ..domain.records import COMPLETED, SCHEMA, STATUS_ERROR, CaseRecord, read_manifest, records_of, write_groups
 from ..storage.outputs import MANIFEST
 from ..storage.retry import stop_on_outage
 from . import tracking
 from .pins import ModelPin, pin_params
+from .record_parts import PartWriter, assemble, recover, remove_parts, use_system_allocator
 from .run_file import check_settings, previous_attempts, write_run_file
-from .summary import summary_metrics
+from .summary import SUMMARY_COLUMNS, summary_metrics, table_counts
 
 Progress = Callable[[int, int, CaseRecord], None]
 
@@ -63,10 +66,34 @@ class CaseRun:
     about: dict = field(default_factory=dict)  # what the run is (task, input...): the manifest's metadata
 
 
+class ManifestRecords(Sequence[CaseRecord]):
+    """A run's records, read from its manifest when first looked at: the driver keeps none while
+    it runs. ``ids``: only those cases (in manifest order)."""
+
+    def __init__(self, manifest_uri: str, n: int, ids: set[str] | None = None) -> None:
+        self.manifest_uri, self._n, self._ids = manifest_uri, n if ids is None else len(ids), ids
+        self._records: list[CaseRecord] | None = None
+
+    def _all(self) -> list[CaseRecord]:
+        if self._records is None:
+            records = records_of(read_manifest(self.manifest_uri))
+            self._records = records if self._ids is None else [r for r in records if r.case_id in self._ids]
+        return self._records
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index):
+        return self._all()[index]
+
+    def __iter__(self) -> Iterator[CaseRecord]:
+        return iter(self._all())
+
+
 @dataclass
 class RunOutcome:
-    records: list[CaseRecord]  # one per planned case, in plan order
-    new: list[CaseRecord]  # this run's, in the order they finished
+    records: Sequence[CaseRecord]  # one per planned case, in plan order (read from the manifest when used)
+    new: Sequence[CaseRecord]  # this run's, in plan order (likewise)
     n_skipped: int  # completed by an earlier run of the same output
     seconds: float  # streaming this run's cases
     run_id: str  # MLflow run ("" when untracked)
@@ -81,10 +108,17 @@ def run_cases(run: CaseRun, cases: Sequence[Case], stream: Callable[[list], Iter
     """Every planned case not yet completed under ``run.output`` through ``stream``; the manifest last.
 
     ``connect`` (e.g. start or join Ray) is called only when a case is left to run, so a rerun over
-    a finished output starts nothing."""
+    a finished output starts nothing. Records go to Parquet parts as they arrive
+    (``record_parts``): what the driver keeps per case is its id."""
+    use_system_allocator()
     previous = check_settings(run.output, run.parameters, run.pins) if resume else None
-    done = _completed(run.output, cases) if resume else {}
-    todo = [c for c in cases if c.case_id not in done]
+    parts = PartWriter(run.output)
+    if not resume:
+        remove_parts(run.output)
+    statuses = recover(run.output, parts) if resume else {}
+    todo = [c for c in cases if statuses.get(c.case_id) not in COMPLETED]
+    n_done = len(cases) - len(todo)
+    del statuses
     if todo and connect is not None:  # first: joining may refuse the run (exit 2) before anything is written
         connect()
     run_id = _open(run, previous) if run.tracking else ""
@@ -93,22 +127,28 @@ def run_cases(run: CaseRun, cases: Sequence[Case], stream: Callable[[list], Iter
     try:
         _clear(run)
         start = time.perf_counter()
-        new = _stream(run, todo, stream, progress, done, len(cases))
+        new_ids, n_slices = _stream(run, todo, stream, progress, n_done, len(cases), parts)
         seconds = time.perf_counter() - start
-        records = [({**done, **new})[c.case_id] for c in cases]
         manifest_uri = storage.join(run.output, MANIFEST)
-        write_manifest(records, manifest_uri, {**run.about, "written": _now(), "versions": software_versions()})
+        figures: list = []  # the columns the figures need, a row group at a time
+
+        def groups():
+            for group in assemble(run.output, [c.case_id for c in cases]).groups():
+                figures.append(group.select(list(SUMMARY_COLUMNS)))
+                yield group
+
+        write_groups(groups(), manifest_uri, {**run.about, "written": _now(), "versions": software_versions()})
         _clear(run, temporaries=False)
-        attempts = [*previous_attempts(previous), {
-            "n_processed": len(todo), "seconds": seconds, "n_slices": sum(r.n_slices for r in new.values())}]
-        metrics = summary_metrics(records, attempts)
+        attempts = [*previous_attempts(previous), {"n_processed": len(todo), "seconds": seconds, "n_slices": n_slices}]
+        table = pa.concat_tables(figures).unify_dictionaries() if figures else SCHEMA.empty_table()
+        metrics, counts = summary_metrics(table, attempts), table_counts(table)
         _close(run, run_id, attempts, metrics, manifest_uri, resume)
     except BaseException:
         if run.tracking:
             tracking.end_run(failed=True)
         raise
-    return RunOutcome(records, list(new.values()), len(done), seconds, run_id, manifest_uri, status_counts(records),
-                      metrics)
+    return RunOutcome(ManifestRecords(manifest_uri, len(cases)), ManifestRecords(manifest_uri, len(new_ids), new_ids),
+                      n_done, seconds, run_id, manifest_uri, counts, metrics)
 
 
 VERSIONED = ("medclipsam", "torch", "ray", "mlflow", "SimpleITK", "open_clip_torch", "segment-anything",
@@ -134,11 +174,6 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _completed(output: str, cases: Sequence[Case]) -> dict[str, CaseRecord]:
-    planned = {c.case_id for c in cases}
-    return {k: r for k, r in read_records(output).items() if r.status in COMPLETED and k in planned}
-
-
 def _clear(run: CaseRun, temporaries: bool = True) -> None:
     """Slices staged by a killed run are stale, and writes an outage cut short left temporaries."""
     for folder in run.scratch:
@@ -147,22 +182,32 @@ def _clear(run: CaseRun, temporaries: bool = True) -> None:
         storage.remove_temporaries(run.output)
 
 
-def _stream(run: CaseRun, todo: list, stream, progress: Progress | None, done: dict, total: int
-            ) -> dict[str, CaseRecord]:
-    new: dict[str, CaseRecord] = {}
-    finished = 0
-    with contextlib.closing(stream(todo)) as records:  # the stream yields nothing for no cases
-        for record in records:
-            new[record.case_id] = record
-            finished += record.status in COMPLETED
-            if progress is not None:
-                progress(len(done) + len(new), total, record)
-            stop_on_outage(record.case_id, record.error, run.output, len(done) + finished)
-    for case in todo:  # a case whose work never reported back: say so, a rerun retries it
-        if case.case_id not in new:
-            new[case.case_id] = CaseRecord(case.case_id, case.uri, gt_uri=case.gt_uri, status=STATUS_ERROR,
-                                           error="incomplete: not every slice reached the writer")
-    return new
+def _stream(run: CaseRun, todo: list, stream, progress: Progress | None, n_done: int, total: int,
+            parts: PartWriter) -> tuple[set[str], int]:
+    """This run's cases through ``stream``, each record into ``parts`` as it comes; the ids that
+    reported and the slices they had."""
+    seen: set[str] = set()
+    finished = n_slices = 0
+    try:
+        with contextlib.closing(stream(todo)) as records:  # the stream yields nothing for no cases
+            for record in records:
+                if record.case_id in seen:  # a case reported twice (two writers raced to its last slice)
+                    continue
+                seen.add(record.case_id)
+                parts.add(record)
+                finished += record.status in COMPLETED
+                n_slices += record.n_slices
+                if progress is not None:
+                    progress(n_done + len(seen), total, record)
+                stop_on_outage(record.case_id, record.error, run.output, n_done + finished)
+        for case in todo:  # a case whose work never reported back: say so, a rerun retries it
+            if case.case_id not in seen:
+                seen.add(case.case_id)
+                parts.add(CaseRecord(case.case_id, case.uri, gt_uri=case.gt_uri, status=STATUS_ERROR,
+                                     error="incomplete: not every slice reached the writer"))
+    finally:  # what reported is kept, however the run ends (each case's own record is there too)
+        parts.flush()
+    return seen, n_slices
 
 
 def _open(run: CaseRun, previous: dict | None) -> str:

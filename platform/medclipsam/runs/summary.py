@@ -4,34 +4,49 @@ that processed cases, and the latest attempt's own (``attempt_*``), logged at th
 from __future__ import annotations
 
 import numpy as np
-
-from ..domain.records import CaseRecord, status_counts
+import pyarrow as pa
+import pyarrow.compute as pc
 
 
 def _rates(n_processed: float, n_slices: float, seconds: float) -> tuple[float, float]:
     return (n_processed / seconds, n_slices / seconds) if seconds > 0 else (0.0, 0.0)
 
 
-def summary_metrics(records: list[CaseRecord], attempts: list[dict]) -> dict[str, float]:
-    """Figures of the whole output (counts, scores, throughput of the attempts that processed cases)
-    and of the latest attempt (``attempt_*``)."""
-    metrics = {f"n_{status}": float(n) for status, n in status_counts(records).items()}
+SUMMARY_COLUMNS = ("status", "gt_uri", "dsc", "nsd", "dsc_coarse", "dsc_oracle")  # what the figures read
+
+
+def table_counts(table: pa.Table) -> dict[str, int]:
+    """How many cases of a manifest table ended in each status, sorted by status."""
+    counts = pc.value_counts(table.column("status").cast(pa.string()))
+    return dict(sorted((str(c["values"]), int(c["counts"])) for c in counts.to_pylist()))
+
+
+def _floats(table: pa.Table, column: str, keep: np.ndarray) -> np.ndarray:
+    return table.column(column).to_numpy(zero_copy_only=False).astype(float)[keep]
+
+
+def summary_metrics(table: pa.Table, attempts: list[dict]) -> dict[str, float]:
+    """Figures of the whole output (its manifest ``table``: counts, scores, throughput of the
+    attempts that processed cases) and of the latest attempt (``attempt_*``)."""
+    metrics = {f"n_{status}": float(n) for status, n in table_counts(table).items()}
     working = [a for a in attempts if a["n_processed"] > 0]
     processed, slices, seconds = (sum(a[k] for a in working) for k in ("n_processed", "n_slices", "seconds"))
     cases_per_s, slices_per_s = _rates(processed, slices, seconds)
-    metrics.update(n_cases=float(len(records)), n_processed=float(processed), wall_seconds=float(seconds),
+    metrics.update(n_cases=float(table.num_rows), n_processed=float(processed), wall_seconds=float(seconds),
                    cases_per_s=cases_per_s, slices_per_s=slices_per_s, attempts=float(len(attempts)))
     last = attempts[-1]
     last_cases, last_slices = _rates(last["n_processed"], last["n_slices"], last["seconds"])
     metrics.update(attempt_n_processed=float(last["n_processed"]), attempt_wall_seconds=float(last["seconds"]),
                    attempt_cases_per_s=last_cases, attempt_slices_per_s=last_slices)
-    scored = [r for r in records if r.gt_uri and np.isfinite(r.dsc)]
-    if scored:
-        metrics.update(mean_dsc=float(np.mean([r.dsc for r in scored])),
-                       mean_nsd=float(np.mean([r.nsd for r in scored])), n_scored=float(len(scored)))
-    attributed = [r for r in scored if np.isfinite(r.dsc_oracle)]
-    if attributed:  # stage attribution: where the accuracy is lost
-        metrics.update(mean_dsc_coarse=float(np.mean([r.dsc_coarse for r in attributed])),
-                       mean_dsc_attributed=float(np.mean([r.dsc for r in attributed])),
-                       mean_dsc_oracle=float(np.mean([r.dsc_oracle for r in attributed])))
+    has_truth = pc.not_equal(table.column("gt_uri"), "").to_numpy(zero_copy_only=False).astype(bool)
+    dsc = table.column("dsc").to_numpy(zero_copy_only=False).astype(float)
+    scored = has_truth & np.isfinite(dsc)
+    if scored.any():
+        metrics.update(mean_dsc=float(np.mean(dsc[scored])), mean_nsd=float(np.mean(_floats(table, "nsd", scored))),
+                       n_scored=float(scored.sum()))
+    attributed = scored & np.isfinite(table.column("dsc_oracle").to_numpy(zero_copy_only=False).astype(float))
+    if attributed.any():  # stage attribution: where the accuracy is lost
+        metrics.update(mean_dsc_coarse=float(np.mean(_floats(table, "dsc_coarse", attributed))),
+                       mean_dsc_attributed=float(np.mean(dsc[attributed])),
+                       mean_dsc_oracle=float(np.mean(_floats(table, "dsc_oracle", attributed))))
     return metrics

@@ -7,6 +7,7 @@
     <output>/overlays/<case_id>.png        contour pictures of the first cases (one slice of a volume)
     <output>/strips/<case_id>.slice<k>.png the same for the prompted slices of those volumes (the report's)
     <output>/records/<case_id>.json        the case's manifest row, written last
+    <output>/records/parts/*.parquet       the driver's copy of the records, a thousand a part
     <output>/manifest.parquet              every record of the run
     <output>/run.json                      the settings of the run (a resume must match them)
 """

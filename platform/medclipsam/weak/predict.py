@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -119,7 +119,7 @@ class EnsembleStage:
 class WeakPredictResult:
     output: str
     model: str
-    records: list[CaseRecord]  # this run's
+    records: Sequence[CaseRecord]  # this run's (read from the manifest when used)
     counts: dict[str, int]  # the whole output's
     n_skipped: int
     seconds: float
