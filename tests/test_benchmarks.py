@@ -66,6 +66,8 @@ SMOKE: dict[str, Smoke] = {
     "s3_writes.py": Smoke(["--files", "5", "--rounds", "2"],
                           {"requests_rename", "requests_put", "ms_rename", "ms_put", "speedup"}),
     # 40 cases: each tenth must span more than one batch of records, or its rate is a division by ~0
+    "scale.py": Smoke(["--cases", "60", "--small", "20", "--size", "16"],  # two drivers and a no-op rerun
+                      {"rss_10k_mb", "rss_100k_mb", "ratio", "first_case_s", "rerun_ms_per_case"}),
     "soak.py": Smoke(["--cases", "40", "--size", "16", "--cpus", "2"],
                      {"cases", "errors", "lost", "rss_peak_mb", "throughput_drift"}),
     "tune.py": Smoke(["--images", "1", "--steps", "1", "--copies", "1", "--betas", "1", "--layers", "1",
