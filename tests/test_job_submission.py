@@ -72,6 +72,10 @@ def cluster(tmp_path_factory, s3_server, mlflow_server):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning"}
     env.pop("RAY_ADDRESS", None)
+    # Ray Data starts a pool's actors asynchronously and gives work to those that are up; a job of
+    # four cases may be done by the head's actor before the worker's has loaded SAM. The job waits
+    # for the whole pool here, so each node's actor gets its share and the records can show it.
+    env["RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S"] = "300"
     common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--resources", NODE_RESOURCES,
               "--disable-usage-stats"]
     head = _start([RAY, "start", "--head", "--port", str(gcs), "--include-dashboard", "true", "--dashboard-host",

@@ -80,7 +80,8 @@ def _records(bucket: str, prefix: str, status: bool = False) -> dict[str, object
 
     client = boto3.client("s3")
     name = bucket.removeprefix("s3://")
-    found = client.list_objects_v2(Bucket=name, Prefix=f"{prefix}/records/").get("Contents", [])
+    found = [item for item in client.list_objects_v2(Bucket=name, Prefix=f"{prefix}/records/").get("Contents", [])
+             if item["Key"].endswith(".json") and "/parts/" not in item["Key"]]  # the cases' own, not the parts
     if not status:
         return {item["Key"].rsplit("/", 1)[-1]: item["LastModified"] for item in found}
     return {item["Key"].rsplit("/", 1)[-1]: (item["LastModified"], json.loads(

@@ -205,8 +205,11 @@ def _stream(run: CaseRun, todo: list, stream, progress: Progress | None, n_done:
                 seen.add(case.case_id)
                 parts.add(CaseRecord(case.case_id, case.uri, gt_uri=case.gt_uri, status=STATUS_ERROR,
                                      error="incomplete: not every slice reached the writer"))
-    finally:  # what reported is kept, however the run ends (each case's own record is there too)
-        parts.flush()
+    except BaseException:  # what reported is kept if the store lets us (each case's own record is there too)
+        with contextlib.suppress(Exception):  # a flush the outage refuses must not hide why the run stopped
+            parts.flush()
+        raise
+    parts.flush()
     return seen, n_slices
 
 
