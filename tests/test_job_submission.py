@@ -175,7 +175,7 @@ def test_a_local_output_on_a_two_node_cluster_is_refused_before_any_work(cluster
     for case in ("brain1", "breast1"):  # the two 2D cases are enough to show it
         for path in (cohort / "images").glob(f"{case}.*"):
             path.unlink()
-    config.write_text(config.read_text() + "pipeline: {shared_filesystem: true}\n")
+    config.write_text(config.read_text() + "pipeline: {shared_filesystem: true, sam: {resources: {sam_node: 1}}}\n")
     shared = subprocess.run(command, env=env, capture_output=True, text=True, timeout=480, check=False)
     assert shared.returncode == 0, shared.stderr[-3000:]
     rows = pq.read_table(output / "manifest.parquet").to_pylist()
