@@ -190,7 +190,8 @@ def test_planning_requests_do_not_grow_with_the_cases(tmp_path, monkeypatch):
 
 
 def test_summary_metrics_from_the_manifest_match_a_brute_force_count():
-    from medclipsam.runs.summary import summary_metrics, table_counts
+    from medclipsam.domain.records import table_counts
+    from medclipsam.runs.summary import summary_metrics
 
     records = [_record(i, ["ok", "error", "no_target"][i % 3], dsc_oracle=0.9 if i % 4 == 0 else math.nan,
                        dsc_coarse=0.3) for i in range(200)]

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import storage
@@ -119,6 +120,12 @@ def status_counts(statuses) -> dict[str, int]:
         status = item["status"] if isinstance(item, dict) else item.status
         counts[status] = counts.get(status, 0) + 1
     return dict(sorted(counts.items()))
+
+
+def table_counts(table: pa.Table) -> dict[str, int]:
+    """``status_counts`` of a manifest table (its status column plain or a dictionary), sorted by status."""
+    counts = pc.value_counts(table.column("status").cast(pa.string())).to_pylist()
+    return dict(sorted((str(c["values"]), int(c["counts"])) for c in counts))
 
 
 def to_table(records: list[CaseRecord]) -> pa.Table:

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .. import storage
-from ..domain.records import manifest_about, read_manifest, status_counts
+from ..domain.records import manifest_about, read_manifest, status_counts, table_counts
 from ..errors import InputError
 from ..storage.outputs import MANIFEST, OVERLAYS, RUN_FILE, STRIPS
 from .overlays import BACKGROUND_POINT_COLOUR, MASK_COLOUR, PROMPT_COLOUR, TRUTH_COLOUR
@@ -248,11 +248,6 @@ def _numbers(table: pa.Table, column: str) -> np.ndarray:
     return table.column(column).to_numpy(zero_copy_only=False).astype(float)
 
 
-def _counts(table: pa.Table) -> dict[str, int]:
-    counts = pc.value_counts(table.column("status").cast(pa.string())).to_pylist()
-    return dict(sorted((str(c["values"]), int(c["counts"])) for c in counts))
-
-
 def _n_warned(table: pa.Table) -> int:
     return int(pc.sum(pc.not_equal(table.column("warnings").cast(pa.string()), "")).as_py() or 0)
 
@@ -262,7 +257,7 @@ def _summary(table: pa.Table, about: dict, merged: str) -> str:
     scored = np.isfinite(dsc)
     distance, tolerance = _units(_numbers(table, "n_slices"))
     nsd_tolerance = about.get("nsd_tolerance", 2.0)
-    items = [("cases", str(table.num_rows)), *((f"status {k}", str(v)) for k, v in _counts(table).items()),
+    items = [("cases", str(table.num_rows)), *((f"status {k}", str(v)) for k, v in table_counts(table).items()),
              ("cases with warnings", str(_n_warned(table)))]
     if scored.any():
         items += [("scored cases", str(int(scored.sum())) + merged),

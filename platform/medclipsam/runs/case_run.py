@@ -23,14 +23,23 @@ from typing import Protocol
 import pyarrow as pa
 
 from .. import storage
-from ..domain.records import COMPLETED, SCHEMA, STATUS_ERROR, CaseRecord, read_manifest, records_of, write_groups
+from ..domain.records import (
+    COMPLETED,
+    SCHEMA,
+    STATUS_ERROR,
+    CaseRecord,
+    read_manifest,
+    records_of,
+    table_counts,
+    write_groups,
+)
 from ..storage.outputs import MANIFEST
 from ..storage.retry import stop_on_outage
 from . import tracking
 from .pins import ModelPin, pin_params
 from .record_parts import PartWriter, assemble, recover, remove_parts, use_system_allocator
 from .run_file import check_settings, previous_attempts, write_run_file
-from .summary import SUMMARY_COLUMNS, summary_metrics, table_counts
+from .summary import SUMMARY_COLUMNS, summary_metrics
 
 Progress = Callable[[int, int, CaseRecord], None]
 

@@ -7,18 +7,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..domain.records import table_counts
+
 
 def _rates(n_processed: float, n_slices: float, seconds: float) -> tuple[float, float]:
     return (n_processed / seconds, n_slices / seconds) if seconds > 0 else (0.0, 0.0)
 
 
 SUMMARY_COLUMNS = ("status", "gt_uri", "dsc", "nsd", "dsc_coarse", "dsc_oracle")  # what the figures read
-
-
-def table_counts(table: pa.Table) -> dict[str, int]:
-    """How many cases of a manifest table ended in each status, sorted by status."""
-    counts = pc.value_counts(table.column("status").cast(pa.string()))
-    return dict(sorted((str(c["values"]), int(c["counts"])) for c in counts.to_pylist()))
 
 
 def _floats(table: pa.Table, column: str, keep: np.ndarray) -> np.ndarray:
