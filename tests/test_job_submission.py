@@ -10,7 +10,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,38 +20,12 @@ import fsspec
 import pyarrow.parquet as pq
 import pytest
 from pipeline_cohort import CASES, make_cohort
+from ray_nodes import RAY, free_port, listed_nodes, start_node, stop_node
 
 REPO = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).parent / "ray")
 # One SAM actor per node: each node offers one `sam_node` and every actor of the pool asks for it
 # (pipeline.sam.resources), so both nodes must do SAM's work.
 NODE_RESOURCES = json.dumps({"sam_node": 1})
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start(command: list[str], env: dict, log_path: Path) -> subprocess.Popen:
-    """A ``ray start --block`` process; ``--block`` ties the node's processes to it, so stopping it stops them."""
-    with open(log_path, "w") as log:
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, 9)
-
-
-def _nodes(address: str, env: dict) -> list[dict]:
-    listed = subprocess.run([RAY, "list", "nodes", "--address", address, "--format", "json"], env=env,
-                            capture_output=True, text=True, check=False)
-    return json.loads(listed.stdout) if listed.returncode == 0 else []
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +41,7 @@ def cluster(tmp_path_factory, s3_server, mlflow_server):
     root = tmp_path_factory.mktemp("cluster")
     # The job agent's HTTP port is fixed by default (52365): another Ray on this machine (make test's
     # other lane, or the other node here) may hold it, and then the agent never serves.
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_port(), free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning"}
     env.pop("RAY_ADDRESS", None)
@@ -78,17 +51,17 @@ def cluster(tmp_path_factory, s3_server, mlflow_server):
     env["RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S"] = "300"
     common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--resources", NODE_RESOURCES,
               "--disable-usage-stats"]
-    head = _start([RAY, "start", "--head", "--port", str(gcs), "--include-dashboard", "true", "--dashboard-host",
-                   "127.0.0.1", "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(_free_port()),
+    head = start_node([RAY, "start", "--head", "--port", str(gcs), "--include-dashboard", "true", "--dashboard-host",
+                   "127.0.0.1", "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(free_port()),
                    *common], env, root / "head.log")
     address = f"http://127.0.0.1:{dashboard}"
     worker = None
     deadline = time.monotonic() + 180
     try:
-        while len(nodes := [n for n in _nodes(address, env) if n.get("state") == "ALIVE"]) < 2:
+        while len(nodes := [n for n in listed_nodes(address, env) if n.get("state") == "ALIVE"]) < 2:
             if worker is None and nodes:  # the head answers: join the worker to it
-                worker = _start([RAY, "start", "--address", f"127.0.0.1:{gcs}", "--dashboard-agent-listen-port",
-                                 str(_free_port()), *common], env, root / "worker.log")
+                worker = start_node([RAY, "start", "--address", f"127.0.0.1:{gcs}", "--dashboard-agent-listen-port",
+                                 str(free_port()), *common], env, root / "worker.log")
             if time.monotonic() > deadline or head.poll() is not None or (worker and worker.poll() is not None):
                 logs = "".join(p.read_text()[-1500:] for p in root.glob("*.log"))
                 raise RuntimeError(f"the two-node cluster did not come up: {logs}")
@@ -97,7 +70,7 @@ def cluster(tmp_path_factory, s3_server, mlflow_server):
     finally:
         for process in (worker, head):
             if process is not None:
-                _stop(process)
+                stop_node(process)
         # Without `ray stop`, the head's address stays in the file that a bare ray.init() would join.
         current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
         if current.is_file() and current.read_text().strip().endswith(f":{gcs}"):

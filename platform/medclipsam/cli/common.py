@@ -217,7 +217,39 @@ def start_ray(address: str | None) -> None:
         ray.init(runtime_env={"env_vars": {"PYTHONWARNINGS": quiet}}, **options)
         _stop_local_ray_on_every_exit()
     else:
+        wait = _head_wait()  # a bad value is a usage error before joining
         ray.init(address=address, **options)
+        _end_when_the_head_is_lost(wait)
+
+
+HEAD_WAIT_ENV = "MEDCLIPSAM_HEAD_WAIT_S"  # how long the joined cluster's head may not answer (default 15 s)
+
+
+def _head_wait() -> float:
+    try:
+        return float(os.environ.get(HEAD_WAIT_ENV, "15"))
+    except ValueError:
+        fail(f"{HEAD_WAIT_ENV}={os.environ[HEAD_WAIT_ENV]!r} is not a number of seconds")
+
+
+def _end_when_the_head_is_lost(wait: float) -> None:
+    """A command on a cluster whose head node dies would wait 60 s on Ray's reconnect, logging each
+    second, and then be aborted by Ray. It ends with a sentence instead, once the head's GCS has not
+    answered for ``MEDCLIPSAM_HEAD_WAIT_S`` seconds (raise it where the head restarts with GCS fault
+    tolerance): every case record written is on storage, so the same command resumes the run."""
+    import ray
+
+    from ..runs.ray_session import watch_head
+
+    address = ray.get_runtime_context().gcs_address
+
+    def lost() -> None:
+        click.echo(f"error: the Ray cluster's head node at {address} has not answered for {wait:g} s, so this run "
+                   "stopped; what it finished is kept: run the same command again once the cluster is back, and "
+                   "it resumes", err=True)
+        os._exit(1)  # Ray's threads would hold a normal exit until their own 60 s are up
+
+    watch_head(address, lost, wait)
 
 
 def joining(address: str | None, paths: dict[str, str | None], shared: bool = False) -> Callable[[], None]:

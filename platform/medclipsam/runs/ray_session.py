@@ -6,6 +6,9 @@ stops a local Ray on every exit); a library caller without one gets a local Ray.
 from __future__ import annotations
 
 import logging
+import socket
+import threading
+import time
 from collections.abc import Callable
 
 
@@ -24,6 +27,35 @@ def alive_nodes() -> int:
     import ray
 
     return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def watch_head(gcs_address: str, on_lost: Callable[[], None], lost_after_s: float,
+               period_s: float = 1.0) -> threading.Thread:
+    """Call ``on_lost`` once the head's GCS (``host:port``) has refused connections for ``lost_after_s``.
+
+    A process that joined a cluster whose head died waits on Ray's reconnect for 60 s, logging, and
+    is then aborted by Ray; a TCP connect to the GCS port tells sooner. A daemon thread, so it never
+    keeps the process alive.
+    """
+    host, port = gcs_address.rsplit(":", 1)
+    host = host.strip("[]")
+
+    def watch() -> None:
+        since = None
+        while True:
+            try:
+                with socket.create_connection((host, int(port)), timeout=period_s):
+                    since = None
+            except OSError:
+                since = since if since is not None else time.monotonic()
+                if time.monotonic() - since >= lost_after_s:
+                    on_lost()
+                    return
+            time.sleep(period_s)
+
+    thread = threading.Thread(target=watch, name="medclipsam-head-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def pool_device(num_gpus: float, cpu_device: str = "cpu") -> str:

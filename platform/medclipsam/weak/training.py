@@ -3,7 +3,9 @@
 Driver (``run_weak_training``): collect the training cases, export and preprocess them in a local
 work folder (reused by a rerun with the same cases), open or reopen the MLflow run, run
 ``TorchTrainer`` with one worker per GPU (one CPU worker without GPUs), then write
-``ensemble.json`` next to the members and optionally register the ensemble.
+``ensemble.json`` next to the members and optionally register the ensemble. On one node the
+workers run on the driver's node; on more, the preprocessed dataset is shipped through the output
+(``weak.shipping``) and the workers may run, or run again after a node is lost, on any node.
 Workers (``train_loop``): build ``nnUNetTrainerCyclic`` through nnU-Net's trainer lookup, continue
 from Ray's last checkpoint if there is one (the one before it if it is corrupt), and train. After
 every epoch rank 0 uploads a kept member to ``<output>/ensemble/fold_all/`` at once, logs the
@@ -27,7 +29,7 @@ from .. import storage
 from ..errors import InputError, ModelError
 from ..models.checkpoints import read_torch_checkpoint, restore_newest, sha256_of
 from ..runs import tracking
-from ..runs.ray_session import ensure_ray
+from ..runs.ray_session import alive_nodes, ensure_ray
 from ..runs.tracking import KIND_WEAK
 from ..storage.fetch import cache_slot
 from .dataset import TrainingCase, export_dataset
@@ -44,6 +46,7 @@ from .nnunet_env import (
 from .planning import plan_and_preprocess
 from .schedule import kept_epochs, member_name
 from .settings import WeakConfig
+from .shipping import Shipped, pack, unpack
 
 RUN_ID_FILE = "mlflow_run_id"
 RUN_FILE = "weak_run.json"  # the settings and cases an output is trained with
@@ -159,7 +162,7 @@ def train_loop(loop_config: dict) -> None:
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(loop_config["cpus_per_worker"])))
     members = storage.join(loop_config["ensemble_uri"], f"fold_{FOLD}")
-    work = Path(loop_config["work"])
+    work = _worker_folder(loop_config)
     with nnunet_environment(work, augment_processes=loop_config["augment_processes"],
                             compile_network=device.type == "cuda"):
         from nnunetv2.run.run_training import get_trainer_from_args
@@ -197,6 +200,18 @@ def train_loop(loop_config: dict) -> None:
                 storage.upload_file_atomic(base / name, storage.join(loop_config["ensemble_uri"], name))
             storage.upload_file_atomic(Path(trainer.output_folder) / FINAL, storage.join(members, FINAL))
             tracking.end_run()
+
+
+def _worker_folder(loop_config: dict) -> Path:
+    """Where this worker's nnU-Net works: the driver's work folder on the driver's node (or when
+    nothing was shipped), else a folder of this node's own under it holding the shipped dataset."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    work = Path(loop_config["work"])
+    if loop_config["shipped"] is None or here == loop_config["driver_node"]:
+        return work
+    return unpack(Shipped(**loop_config["shipped"]), work / "nodes" / here[:16])
 
 
 def _sha256(uri: str) -> str:
@@ -263,6 +278,12 @@ def run_weak_training(cases: list[TrainingCase], skipped_before: dict[str, str],
     used, skipped = prepare(cases, work, config, processes=max(1, min(8, os.cpu_count() or 1)), progress=progress)
     ensure_ray(connect)
     here, cpus = _this_node()
+    # On one node the workers run where the data is; on more, any node may run them (and run them
+    # again after a node is lost), so the preprocessed dataset is shipped through the output.
+    shipped = None
+    if alive_nodes() > 1:
+        shipped = pack(work, dataset_folder_name(config.data.dataset_id, config.data.dataset_name), output)
+        cpus = _smallest_node_cpus()
     skipped = {**skipped_before, **skipped}
     ensemble_uri = storage.join(output, ENSEMBLE_DIR)
     _check_same_run(output, config, used)
@@ -275,14 +296,18 @@ def run_weak_training(cases: list[TrainingCase], skipped_before: dict[str, str],
     cpus_per_worker = 1.0 if use_gpu else max(1.0, cpus - 1.0)
     loop_config = {"config": config.model_dump(), "work": str(work), "ensemble_uri": ensemble_uri,
                    "tracking_uri": uri, "run_id": run_id, "cpus_per_worker": cpus_per_worker,
-                   "augment_processes": config.training.augment_processes}
+                   "augment_processes": config.training.augment_processes,
+                   "shipped": shipped.to_dict() if shipped else None, "driver_node": _node_id()}
     if progress:
         progress(f"training {config.training.epochs} epoch(s) on {workers} {'GPU' if use_gpu else 'CPU'} worker(s)")
+    if progress and shipped:
+        progress(f"the preprocessed dataset goes to workers on other nodes through {storage.redact_uri(shipped.uri)}")
+    # on one node the workers run on it, where the preprocessed data is (nnU-Net reads it from local disk)
+    pin = {} if shipped else {f"node:{here}": 0.001}
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_config,
-        # the workers run on this node, where the preprocessed data is (nnU-Net reads it from local disk)
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={
-            **({"GPU": 1.0, "CPU": 1.0} if use_gpu else {"CPU": cpus_per_worker}), f"node:{here}": 0.001}),
+            **({"GPU": 1.0, "CPU": 1.0} if use_gpu else {"CPU": cpus_per_worker}), **pin}),
         # Ray Train's checkpoints live with the output, so a rerun from any machine continues there.
         # Two are kept: when the last one is corrupt, the resume falls back to the one before.
         run_config=RunConfig(name="weak", storage_path=storage.join(storage.absolute(output), "ray_train"),
@@ -300,12 +325,27 @@ def run_weak_training(cases: list[TrainingCase], skipped_before: dict[str, str],
 
 
 def _this_node() -> tuple[str, float]:
-    """This node's address and CPUs: the workers run here, where the preprocessed data is."""
+    """This node's address and CPUs: on one node the workers run here, where the preprocessed data is."""
     import ray
 
     here = ray.util.get_node_ip_address()
     node = next((n for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] == here), None)
     return here, float((node or {}).get("Resources", {}).get("CPU", ray.cluster_resources().get("CPU", 1.0)))
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def _smallest_node_cpus() -> float:
+    """The CPUs of the smallest alive node that has any: a CPU worker sized to it fits on every node,
+    so it can start again on any survivor."""
+    import ray
+
+    cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]]
+    return min((c for c in cpus if c > 0), default=1.0)
 
 
 def _fit(trainer, output: str) -> dict:
