@@ -206,7 +206,7 @@ def test_weak_usage_errors_exit_2_before_any_work(tmp_path, monkeypatch, args, m
 
     monkeypatch.chdir(tmp_path)
     started = []
-    monkeypatch.setattr(sys.modules["medclipsam.cli.weak"], "start_ray", started.append)
+    monkeypatch.setattr(sys.modules["medclipsam.cli.common"], "start_ray", started.append)
     (tmp_path / "p").mkdir()
     disc_images(tmp_path / "data", 1)
     args = [str(tmp_path / "data" / "images") if a == "IMAGES" else str(tmp_path / "nothing") if a == "MISSING"

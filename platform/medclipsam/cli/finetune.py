@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..errors import MedClipSamError
-from .common import fail, start_ray
+from .common import fail, joining
 
 
 @click.command()
@@ -28,7 +28,8 @@ def finetune(config_path: str | None, pairs: str, workers: int, gpu: bool, stora
 
     try:
         config = load_finetune_config(config_path)
-        start_ray(address)
+        # Ray Train's workers write their checkpoints there, from any node
+        joining(address, {"--storage": storage or "./finetune_runs"}, config.shared_filesystem)()
         result = run_finetune(config, pairs, workers, gpu, storage, name)
     except MedClipSamError as exc:
         fail(str(exc), exc.exit_code)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..errors import MedClipSamError
-from .common import fail, start_ray
+from .common import fail, joining, task_config
 
 
 @click.command()
@@ -40,7 +40,9 @@ def tune(config_path, input_uri, gt_uri, output, space_uri, metric, max_trials, 
 
     try:
         result = tune_task(config_path, input_uri, gt_uri, output, space_uri, metric, max_trials, tracking_uri,
-                           experiment, progress=progress, connect=lambda: start_ray(address))
+                           experiment, progress=progress,
+                           connect=joining(address, {"--input": input_uri, "--gt": gt_uri, "--output": output},
+                                           task_config(config_path).pipeline.shared_filesystem))
     except MedClipSamError as exc:
         fail(str(exc), exc.exit_code)
     names = [k for k in result.best if "." in k]

@@ -14,8 +14,8 @@ from .common import (
     cohort_options,
     exit_for_errors,
     fail,
+    joining,
     print_scores,
-    start_ray,
     strict_option,
 )
 
@@ -88,7 +88,8 @@ def train(pseudo, images, labels, output, config_path, epochs, cycles, keep_per_
             fail(f"{pseudo or images}: no training cases ({len(skipped)} skipped)")
         result = run_weak_training(cases, skipped, output, config, pseudo or f"{images} + {labels}", workers, gpu,
                                    register, progress=lambda line: click.echo(line, err=True),
-                                   connect=lambda: start_ray(address),
+                                   # the workers write the members there, from any node
+                                   connect=joining(address, {"--output": output}, config.shared_filesystem),
                                    work=Path(work_dir).resolve() if work_dir else None)
     except MedClipSamError as exc:
         fail(str(exc), exc.exit_code)
@@ -141,7 +142,9 @@ def predict(model, input_uri, output, gt_uri, threshold, members, save_maps, mas
         config = _weak_config(config_path, tracking={"uri": tracking_uri}, output={"mask_format": mask_format})
         uri = use_store(config.tracking.uri)
         result = run_weak_predict(model, input_uri, output, config, gt_uri, threshold, members, save_maps,
-                                  "local" if local else "ray", uri, progress, connect=lambda: start_ray(address),
+                                  "local" if local else "ray", uri, progress,
+                                  connect=joining(address, {"--input": input_uri, "--output": output, "--gt": gt_uri},
+                                                  config.shared_filesystem),
                                   case_id_tag=case_id_tag, gt_segment=gt_segment)
     except MedClipSamError as exc:
         fail(str(exc), exc.exit_code)

@@ -72,6 +72,9 @@ class FinetuneConfig(StrictModel):
     freeze: FreezeSettings = FreezeSettings()
     eval: EvalSettings = EvalSettings()
     registry: RegistrySettings = RegistrySettings()
+    # Local paths are on a file system every Ray node mounts at the same place: without it, a local
+    # --storage (the default ./finetune_runs too) on a cluster of several nodes is refused.
+    shared_filesystem: bool = False
 
 
 def load_finetune_config(uri: str | None) -> FinetuneConfig:

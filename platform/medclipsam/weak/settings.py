@@ -72,6 +72,9 @@ class WeakConfig(StrictModel):
     prediction: PredictionSettings = PredictionSettings()
     output: OutputConfig = OutputConfig()  # weak predict's mask formats (--mask-format) and SEG segment
     tracking: TrackingSettings = TrackingSettings()
+    # Local paths are on a file system every Ray node mounts at the same place: without it, a local
+    # --output (or weak predict's --input/--gt) on a cluster of several nodes is refused.
+    shared_filesystem: bool = False
 
 
 def load_weak_config(uri: str | None) -> WeakConfig:
