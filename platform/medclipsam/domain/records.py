@@ -8,6 +8,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -126,6 +127,11 @@ def table_counts(table: pa.Table) -> dict[str, int]:
     """``status_counts`` of a manifest table (its status column plain or a dictionary), sorted by status."""
     counts = pc.value_counts(table.column("status").cast(pa.string())).to_pylist()
     return dict(sorted((str(c["values"]), int(c["counts"])) for c in counts))
+
+
+def column_floats(table: pa.Table, column: str) -> np.ndarray:
+    """A manifest column as floats (NaN where a score is missing), for figures over the whole run."""
+    return table.column(column).to_numpy(zero_copy_only=False).astype(float)
 
 
 def to_table(records: list[CaseRecord]) -> pa.Table:

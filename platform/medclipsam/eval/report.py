@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .. import storage
-from ..domain.records import manifest_about, read_manifest, status_counts, table_counts
+from ..domain.records import column_floats, manifest_about, read_manifest, status_counts, table_counts
 from ..errors import InputError
 from ..storage.outputs import MANIFEST, OVERLAYS, RUN_FILE, STRIPS
 from .overlays import BACKGROUND_POINT_COLOUR, MASK_COLOUR, PROMPT_COLOUR, TRUTH_COLOUR
@@ -244,27 +244,25 @@ def _units(n_slices: np.ndarray) -> tuple[str, str]:
     return "mm for volumes, px for 2D images", "mm (volumes) or px (2D)"
 
 
-def _numbers(table: pa.Table, column: str) -> np.ndarray:
-    return table.column(column).to_numpy(zero_copy_only=False).astype(float)
-
-
-def _n_warned(table: pa.Table) -> int:
-    return int(pc.sum(pc.not_equal(table.column("warnings").cast(pa.string()), "")).as_py() or 0)
+def _warned(table: pa.Table) -> np.ndarray:
+    """Which rows have warnings."""
+    return pc.not_equal(table.column("warnings").cast(pa.string()), "").to_numpy(zero_copy_only=False)
 
 
 def _summary(table: pa.Table, about: dict, merged: str) -> str:
-    dsc = _numbers(table, "dsc")
+    dsc = column_floats(table, "dsc")
     scored = np.isfinite(dsc)
-    distance, tolerance = _units(_numbers(table, "n_slices"))
+    distance, tolerance = _units(column_floats(table, "n_slices"))
     nsd_tolerance = about.get("nsd_tolerance", 2.0)
     items = [("cases", str(table.num_rows)), *((f"status {k}", str(v)) for k, v in table_counts(table).items()),
-             ("cases with warnings", str(_n_warned(table)))]
+             ("cases with warnings", str(int(_warned(table).sum())))]
     if scored.any():
         items += [("scored cases", str(int(scored.sum())) + merged),
                   ("mean DSC (0 to 1)", f"{_mean(dsc[scored].tolist()):.4f}"),
                   (f"mean NSD (0 to 1, tolerance {nsd_tolerance:g} {tolerance})",
-                   f"{_mean(_numbers(table, 'nsd')[scored].tolist()):.4f}"),
-                  (f"mean HD95 ({distance}; finite values)", _cell(_mean(_numbers(table, "hd95")[scored].tolist())))]
+                   f"{_mean(column_floats(table, 'nsd')[scored].tolist()):.4f}"),
+                  (f"mean HD95 ({distance}; finite values)",
+                   _cell(_mean(column_floats(table, "hd95")[scored].tolist())))]
     else:
         items.append(("scores", "none: give --gt (or a gt_uri column), or run medclipsam evaluate into scores.csv"))
     return "<table id='summary'>" + "".join(html_row([html.escape(k), v], heads=1) for k, v in items) + "</table>"
@@ -279,10 +277,10 @@ def _listed(table: pa.Table, drawn: set[str]) -> np.ndarray:
     if table.num_rows <= REPORT_CASES:
         return np.arange(table.num_rows)
     status = table.column("status").cast(pa.string()).to_numpy(zero_copy_only=False)
-    warned = pc.not_equal(table.column("warnings").cast(pa.string()), "").to_numpy(zero_copy_only=False)
+    warned = _warned(table)
     pictured = pc.is_in(table.column("case_id"), value_set=pa.array(sorted(drawn), pa.string())).to_numpy(
         zero_copy_only=False)
-    dsc = _numbers(table, "dsc")
+    dsc = column_floats(table, "dsc")
     rank = np.where(status == "error", 0, np.where(warned, 1, np.where(pictured, 2, 3)))
     order = np.lexsort((np.where(np.isfinite(dsc), dsc, np.inf), rank))  # by rank, then lowest DSC
     return np.sort(order[:REPORT_CASES])
@@ -332,8 +330,8 @@ def _attribution(rows: list[dict], table: pa.Table) -> str:
     header = ["case_id", "coarse mask", "SAM from saliency", "SAM from truth boxes"]
     lines = [html_row([_cell(row.get(c, "")) for c in ("case_id", "dsc_coarse", "dsc", "dsc_oracle")])
              for row in attributed]
-    every = np.isfinite(_numbers(table, "dsc_oracle"))
-    means = [float(np.mean(_numbers(table, c)[every])) for c in ("dsc_coarse", "dsc", "dsc_oracle")]
+    every = np.isfinite(column_floats(table, "dsc_oracle"))
+    means = [float(np.mean(column_floats(table, c)[every])) for c in ("dsc_coarse", "dsc", "dsc_oracle")]
     lines.append(html_row(["mean", *(f"{m:.4f}" for m in means)], heads=4))
     return ("<h2>Stage attribution (DSC)</h2><p>coarse mask: the saliency map's k-means or "
             "threshold mask; SAM from saliency: the run's masks; SAM from truth boxes: SAM prompted with "

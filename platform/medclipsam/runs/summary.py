@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..domain.records import table_counts
+from ..domain.records import column_floats, table_counts
 
 
 def _rates(n_processed: float, n_slices: float, seconds: float) -> tuple[float, float]:
@@ -15,10 +15,6 @@ def _rates(n_processed: float, n_slices: float, seconds: float) -> tuple[float, 
 
 
 SUMMARY_COLUMNS = ("status", "gt_uri", "dsc", "nsd", "dsc_coarse", "dsc_oracle")  # what the figures read
-
-
-def _floats(table: pa.Table, column: str, keep: np.ndarray) -> np.ndarray:
-    return table.column(column).to_numpy(zero_copy_only=False).astype(float)[keep]
 
 
 def summary_metrics(table: pa.Table, attempts: list[dict]) -> dict[str, float]:
@@ -35,14 +31,14 @@ def summary_metrics(table: pa.Table, attempts: list[dict]) -> dict[str, float]:
     metrics.update(attempt_n_processed=float(last["n_processed"]), attempt_wall_seconds=float(last["seconds"]),
                    attempt_cases_per_s=last_cases, attempt_slices_per_s=last_slices)
     has_truth = pc.not_equal(table.column("gt_uri"), "").to_numpy(zero_copy_only=False).astype(bool)
-    dsc = table.column("dsc").to_numpy(zero_copy_only=False).astype(float)
+    dsc = column_floats(table, "dsc")
     scored = has_truth & np.isfinite(dsc)
     if scored.any():
-        metrics.update(mean_dsc=float(np.mean(dsc[scored])), mean_nsd=float(np.mean(_floats(table, "nsd", scored))),
-                       n_scored=float(scored.sum()))
-    attributed = scored & np.isfinite(table.column("dsc_oracle").to_numpy(zero_copy_only=False).astype(float))
+        metrics.update(mean_dsc=float(np.mean(dsc[scored])),
+                       mean_nsd=float(np.mean(column_floats(table, "nsd")[scored])), n_scored=float(scored.sum()))
+    attributed = scored & np.isfinite(column_floats(table, "dsc_oracle"))
     if attributed.any():  # stage attribution: where the accuracy is lost
-        metrics.update(mean_dsc_coarse=float(np.mean(_floats(table, "dsc_coarse", attributed))),
+        metrics.update(mean_dsc_coarse=float(np.mean(column_floats(table, "dsc_coarse")[attributed])),
                        mean_dsc_attributed=float(np.mean(dsc[attributed])),
-                       mean_dsc_oracle=float(np.mean(_floats(table, "dsc_oracle", attributed))))
+                       mean_dsc_oracle=float(np.mean(column_floats(table, "dsc_oracle")[attributed])))
     return metrics
