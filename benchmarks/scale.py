@@ -5,8 +5,8 @@ What runs: ``--cases`` tiny synthetic 2D cases (``--size`` square grey PNGs with
 and its label under ``labels/``) on local disk, through ``run_job`` on a local Ray of ``--cpus``
 CPUs in labels mode, as ``medclipsam pseudolabel --prompt-source labels`` runs them (tracked in an
 MLflow sqlite store, overlays off, the report written). SAM is ``benchmarks/overhead.py``'s
-zero-cost stage (each prompt box is the mask), ``--batch-size`` slices a call (8: what a GPU pool
-takes by default, as on a cluster), so what is left is the pipeline's own cost: the
+zero-cost stage (each prompt box is the mask), ``--batch-size`` as ``sam.batch_size`` (8: what a GPU
+pool takes by default, as on a cluster), so what is left is the pipeline's own cost: the
 driver plans the cases, streams the records into parts, assembles the manifest and writes the
 report. Each run is a fresh driver process, so its peak RSS (``ru_maxrss``) is its own: the first
 ``--small`` cases of the cohort (a cohort of their own), then all ``--cases``, then the same
@@ -20,9 +20,9 @@ wall time over the cases (reading the parts, assembling and writing the manifest
 Last line: ``rss_10k_mb=<v> rss_100k_mb=<v> ratio=<v> first_case_s=<v> rerun_ms_per_case=<v>``
 (the names say 10k and 100k whatever ``--small`` and ``--cases`` are).
 
-Ray Data keeps some bookkeeping per block in the driver, and a SAM call's output is a block:
-with ``--batch-size 1`` (a CPU pool's default) the driver grows by about 3 KB a slice for it,
-against about 1 KB with 16 (``docs/benchmarks.md``).
+Ray Data keeps some bookkeeping per block in the driver, and a SAM call's output is a block: a
+call takes at least 8 slices whatever ``--batch-size`` (images per encoder call), which took the
+driver's growth at ``--batch-size 1`` from 4.5 to 2.8 KB a case (``docs/benchmarks.md``).
 
     python benchmarks/scale.py [--cases 100000] [--small 10000] [--size 32] [--cpus 2] [--batch-size 8]
 """
@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=32, help="image side in pixels")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs for Ray")
     parser.add_argument("--batch-size", type=int, default=8,
-                        help="slices per SAM actor call (sam.batch_size; 8 is a GPU pool's default, 1 a CPU one's)")
+                        help="sam.batch_size, images per encoder call (8 a GPU pool's default, 1 a CPU one's); "
+                             "a SAM actor call takes at least 8 slices")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args(argv)
     if not 1 <= args.small < args.cases or args.size < 16 or args.batch_size < 1:

@@ -314,3 +314,45 @@ def test_cases_are_read_a_few_to_a_block():
             if blocks < min(cases, MAX_BLOCKS):  # not capped: a few cases each, and every CPU kept reading
                 assert blocks >= math.ceil(cases / CASES_PER_BLOCK) and blocks >= 2 * math.ceil(cpus)
     assert read_blocks(400, 2.0) == 50 and read_blocks(10, 16.0) == 10 and read_blocks(3, 2.0) == 3
+
+
+def test_a_slice_sam_cannot_take_fails_alone_in_its_call():
+    """A SAM call takes several slices (at least SAM_ROWS_PER_CALL); when the encoder fails on one
+    image, the call is tried row by row: that slice records the error, the others get the masks
+    they get without it."""
+    from medclipsam.config import SamConfig
+    from medclipsam.models.sam_backends import build_segmenter
+    from medclipsam.pipeline.ray_runner import SAM_ROWS_PER_CALL, sam_rows_per_call
+    from medclipsam.pipeline.stages import add_masks
+
+    assert sam_rows_per_call(SamConfig(), "cpu") == SAM_ROWS_PER_CALL == 8  # the encoder's 1, bundled
+    assert sam_rows_per_call(SamConfig(batch_size=16), "cuda") == 16
+    images = []
+    for k in range(4):
+        image = np.full((64, 64, 3), 20, np.uint8)
+        image[10 + 4 * k : 40 + 2 * k, 12:44 - k] = 200
+        images.append(image)
+    geometry = json.dumps({"is_volume": False, "shape": [64, 64], "axis": 0, "spacing": [1, 1], "origin": [0, 0],
+                           "direction": [1, 0, 0, 1]})
+
+    def rows(indices):
+        return [SliceRow("c", "/in/c.nii.gz", slice=k, n_slices=4, geometry=Geometry.from_json(geometry),
+                         image=images[k].copy(), prompts=SlicePrompts(np.array([[10.0, 8, 46, 44]])))
+                for k in indices]
+
+    segmenter = build_segmenter("litemedsam")
+    embed = segmenter.embed
+
+    def embed_but_not_the_third(batch, *args, **kwargs):
+        if any(np.array_equal(image, images[2]) for image in batch):
+            raise RuntimeError("cannot take it")
+        return embed(batch, *args, **kwargs)
+
+    alone = add_masks(segmenter, rows([0, 1, 3]), SamConfig())
+    segmenter.embed = embed_but_not_the_third
+    together = add_masks(segmenter, rows([0, 1, 2, 3]), SamConfig())
+    assert [r.slice for r in together] == [0, 1, 2, 3]
+    assert together[2].error == "SAM: cannot take it" and not together[2].sam_ran
+    for want, got in zip(alone, [together[0], together[1], together[3]], strict=True):
+        assert not got.error and got.sam_ran and got.mask.any()
+        np.testing.assert_array_equal(got.mask, want.mask)

@@ -85,6 +85,35 @@ def _first_embed_fails(stage: type[SamStage], counter, message: str) -> type[Sam
     return FirstEmbedFails
 
 
+def _one_image_fails(stage: type[SamStage], noted, message: str) -> type[SamStage]:
+    """``stage`` whose SAM image encoder raises ``message`` on every call that holds one image: the
+    first any actor was given (its hash noted in the file ``noted``), as an image SAM cannot take."""
+    import fcntl
+    import hashlib
+
+    class OneImageFails(stage):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            embed = self.segmenter.embed
+
+            def failing_embed(images, *a, **k):
+                digests = [hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest() for image in images]
+                with open(noted, "a+") as handle:
+                    fcntl.flock(handle, fcntl.LOCK_EX)
+                    handle.seek(0)
+                    poisoned = handle.read().strip()
+                    if not poisoned and digests:
+                        poisoned = digests[0]
+                        handle.write(poisoned)
+                if poisoned in digests:
+                    raise RuntimeError(message)
+                return embed(images, *a, **k)
+
+            self.segmenter.embed = failing_embed
+
+    return OneImageFails
+
+
 def _fail_after(n: int):
     """A progress callback that stops the driver after ``n`` cases, as a crash would."""
 
@@ -407,15 +436,16 @@ def test_registered_pipeline_reproduces_its_run(tmp_path, ray_session, tracking_
 
 
 def test_read_sam_and_write_faults_lose_nothing(cohort, tmp_path, ray_session, tracking_uri, oracle_reference):
-    """The 1st read, the 1st SAM encoder call and the 3rd write fail (counted over every worker
-    process; the write's case may already have failed in SAM). The run goes on and records those
-    cases as errors with their cause; one resume completes them, with the fault-free run's masks;
-    no case is missing from the manifest or twice."""
+    """The 1st read and the 3rd write fail (counted over every worker process), and SAM's encoder fails
+    on every call holding one image (the first it was given: a SAM call of several slices is then
+    tried slice by slice, and only that one fails). The run goes on and records those cases as
+    errors with their cause; one resume completes them, with the fault-free run's masks; no case is
+    missing from the manifest or twice."""
     from ray_faults import FailNth
 
     from medclipsam.pipeline.cpu_tasks import read_case, write_slice
 
-    FlakySam = _first_embed_fails(SamStage, tmp_path / "sam-calls", "injected SAM failure")
+    FlakySam = _one_image_fails(SamStage, tmp_path / "poisoned-image", "injected SAM failure")
 
     config = _config(tracking_uri)
     output = tmp_path / "run"
@@ -426,6 +456,7 @@ def test_read_sam_and_write_faults_lose_nothing(cohort, tmp_path, ray_session, t
     assert all("injected" in error for error in failed.values()), failed  # each failure names its cause
     causes = " | ".join(failed.values())
     assert "injected read failure" in causes and "SAM: injected SAM failure" in causes, failed
+    assert sum("SAM: injected SAM failure" in error for error in failed.values()) == 1  # the poisoned slice's case
     assert sorted(r.case_id for r in first.records) == sorted(CASES)
     resumed = run_pseudolabel(job)
     assert resumed.n_processed == len(failed) and resumed.n_skipped == len(CASES) - len(failed)

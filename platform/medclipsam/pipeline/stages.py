@@ -105,6 +105,8 @@ def add_masks(segmenter: PromptableSegmenter, rows: list[SliceRow], settings: Sa
 
     With ``attribution``, every row also gets ``oracle_mask``: SAM prompted with its label's boxes
     (``oracle_prompts``; an empty mask where the label has none), from the same image embedding.
+    When SAM fails on several rows at once, each is tried alone, so the error lands on the rows
+    that cause it.
     """
     todo = [i for i, row in enumerate(rows)
             if not row.error and (row.prompts is not None or (attribution and row.oracle_prompts is not None))]
@@ -117,6 +119,8 @@ def add_masks(segmenter: PromptableSegmenter, rows: list[SliceRow], settings: Sa
                 sets.append([rows[i].oracle_prompts or SlicePrompts() for i in todo])
             masks, seconds = segment_prompt_sets(segmenter, [rows[i].image for i in todo], sets, settings)
     except Exception as exc:
+        if len(todo) > 1:  # one image that SAM cannot take must not fail the others of its call
+            return [row for one in rows for row in add_masks(segmenter, [one], settings, attribution)]
         for i in todo:
             rows[i].error = f"SAM: {exc}"
         todo, masks = [], [[], []]
