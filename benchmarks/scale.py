@@ -20,11 +20,13 @@ wall time over the cases (reading the parts, assembling and writing the manifest
 Last line: ``rss_10k_mb=<v> rss_100k_mb=<v> ratio=<v> first_case_s=<v> rerun_ms_per_case=<v>``
 (the names say 10k and 100k whatever ``--small`` and ``--cases`` are).
 
-Ray Data keeps some bookkeeping per block in the driver, and a SAM call's output is a block: a
-call takes at least 8 slices whatever ``--batch-size`` (images per encoder call), which took the
-driver's growth at ``--batch-size 1`` from 4.5 to 2.8 KB a case (``docs/benchmarks.md``).
+Ray Data keeps some bookkeeping per block in the driver, and a SAM call's output is a block:
+``--rows-per-call 8`` (``pipeline.sam_rows_per_call``: at least 8 slices a call whatever
+``--batch-size``) took the driver's growth at ``--batch-size 1`` from 4.5 to 2.8 KB a case
+(``docs/benchmarks.md``).
 
     python benchmarks/scale.py [--cases 100000] [--small 10000] [--size 32] [--cpus 2] [--batch-size 8]
+        [--rows-per-call 0]
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def _subset(cohort_root: Path, root: Path, n: int) -> Path:
     return root
 
 
-def drive(data: Path, output: Path, tracking: str, cpus: int, batch: int) -> None:
+def drive(data: Path, output: Path, tracking: str, cpus: int, batch: int, rows: int) -> None:
     """One driver (this process): the run, then its figures as JSON on the last line."""
     from overhead import BoxSam
     from pipeline import _start_ray
@@ -81,7 +83,7 @@ def drive(data: Path, output: Path, tracking: str, cpus: int, batch: int) -> Non
     from medclipsam.pipeline.job import Job
     from medclipsam.pipeline.run import run_job
 
-    config = task_config(None, batch_size=batch, pipeline={"overlays": 0},
+    config = task_config(None, batch_size=batch, pipeline={"overlays": 0, "sam_rows_per_call": rows or None},
                          tracking={"uri": tracking, "experiment": "scale"})
     job = Job(config, str(data / "images"), str(output), "labels", str(data / "labels"))
     first: list[float] = []
@@ -98,8 +100,9 @@ def drive(data: Path, output: Path, tracking: str, cpus: int, batch: int) -> Non
                       "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def _driver(data: Path, output: Path, tracking: str, cpus: int, batch: int) -> dict:
-    command = [sys.executable, __file__, "--drive", str(data), str(output), tracking, str(cpus), str(batch)]
+def _driver(data: Path, output: Path, tracking: str, cpus: int, batch: int, rows: int) -> dict:
+    command = [sys.executable, __file__, "--drive", str(data), str(output), tracking, str(cpus), str(batch),
+               str(rows)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"the driver failed ({done.returncode}):\n{done.stderr[-4000:]}")
@@ -109,7 +112,7 @@ def _driver(data: Path, output: Path, tracking: str, cpus: int, batch: int) -> d
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--drive"]:
-        drive(Path(argv[1]), Path(argv[2]), argv[3], int(argv[4]), int(argv[5]))
+        drive(Path(argv[1]), Path(argv[2]), argv[3], int(argv[4]), int(argv[5]), int(argv[6]))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=100_000, help="cases of the large run")
@@ -118,7 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpus", type=int, default=2, help="CPUs for Ray")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="sam.batch_size, images per encoder call (8 a GPU pool's default, 1 a CPU one's); "
-                             "a SAM actor call takes at least 8 slices")
+                             "a SAM actor call takes at least --rows-per-call slices")
+    parser.add_argument("--rows-per-call", type=int, default=0,
+                        help="pipeline.sam_rows_per_call: slices per SAM actor call at least (0: as --batch-size)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args(argv)
     if not 1 <= args.small < args.cases or args.size < 16 or args.batch_size < 1:
@@ -136,11 +141,11 @@ def main(argv: list[str] | None = None) -> None:
         MlflowClient(tracking).search_experiments()  # the store's schema, before any driver
         runs = {}
         for name, folder in (("small", small), ("large", data)):
-            runs[name] = _driver(folder, work / name, tracking, args.cpus, args.batch_size)
+            runs[name] = _driver(folder, work / name, tracking, args.cpus, args.batch_size, args.rows_per_call)
             print(f"{name}: {runs[name]}", file=sys.stderr)
             expected = args.small if name == "small" else args.cases
             assert runs[name]["counts"] == {"ok": expected}, runs[name]
-        rerun = _driver(data, work / "large", tracking, args.cpus, args.batch_size)
+        rerun = _driver(data, work / "large", tracking, args.cpus, args.batch_size, args.rows_per_call)
         print(f"rerun: {rerun}", file=sys.stderr)
         assert rerun["processed"] == 0 and rerun["skipped"] == args.cases, rerun
     finally:

@@ -28,19 +28,22 @@ WAIT_S = 5  # MEDCLIPSAM_HEAD_WAIT_S: how long the head may not answer before th
 RAY_GIVES_UP_S = 60  # Ray's own reconnect timeout (gcs_rpc_server_reconnect_timeout_s), then its abort
 
 
-def _head(root: Path, env: dict, gcs: int, name: str) -> tuple[subprocess.Popen, str]:
+def _head(root: Path, env: dict, gcs: int, name: str) -> subprocess.Popen:
     dashboard = free_port()
     head = start_node([RAY, "start", "--head", "--block", "--port", str(gcs), "--node-ip-address", "127.0.0.1",
                        "--num-cpus", "2", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
                        "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(free_port()),
                        "--disable-usage-stats"], env, root / f"{name}.log")
     deadline = time.monotonic() + 120
-    while not [n for n in listed_nodes(f"http://127.0.0.1:{dashboard}", env) if n.get("state") == "ALIVE"]:
-        if time.monotonic() > deadline or head.poll() is not None:
-            stop_node(head)
-            raise RuntimeError(f"the head did not come up: {(root / f'{name}.log').read_text()[-1500:]}")
-        time.sleep(1)
-    return head, f"127.0.0.1:{gcs}"
+    try:
+        while not [n for n in listed_nodes(f"http://127.0.0.1:{dashboard}", env) if n.get("state") == "ALIVE"]:
+            if time.monotonic() > deadline or head.poll() is not None:
+                raise RuntimeError(f"the head did not come up: {(root / f'{name}.log').read_text()[-1500:]}")
+            time.sleep(1)
+    except BaseException:
+        stop_node(head)  # a head left running would outlive the test
+        raise
+    return head
 
 
 def _records(output: Path) -> dict[str, int]:
@@ -61,7 +64,7 @@ def test_a_lost_head_ends_the_run_with_a_sentence_and_the_same_command_resumes(t
                "--input", str(data / "images"), "--gt", str(data / "labels"), "--output", str(output),
                "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--address", f"127.0.0.1:{gcs}"]
 
-    head, _ = _head(tmp_path, env, gcs, "head")
+    head = _head(tmp_path, env, gcs, "head")
     try:
         with open(tmp_path / "first.log", "w") as log:
             run = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -88,7 +91,7 @@ def test_a_lost_head_ends_the_run_with_a_sentence_and_the_same_command_resumes(t
     assert 2 <= len(done) < CASES and not (output / "manifest.parquet").exists()
 
     # The head back at the same address: the same command resumes and finishes the run.
-    head, _ = _head(tmp_path, env, gcs, "head-again")
+    head = _head(tmp_path, env, gcs, "head-again")
     try:
         again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=480, check=False)
     finally:

@@ -317,16 +317,17 @@ def test_cases_are_read_a_few_to_a_block():
 
 
 def test_a_slice_sam_cannot_take_fails_alone_in_its_call():
-    """A SAM call takes several slices (at least SAM_ROWS_PER_CALL); when the encoder fails on one
-    image, the call is tried row by row: that slice records the error, the others get the masks
-    they get without it."""
-    from medclipsam.config import SamConfig
+    """A SAM call may take several slices (sam.batch_size, at least pipeline.sam_rows_per_call); when
+    the encoder fails on one image, the call is tried row by row: that slice records the error, the
+    others get the masks they get without it."""
+    from medclipsam.config import PipelineConfig, SamConfig
     from medclipsam.models.sam_backends import build_segmenter
-    from medclipsam.pipeline.ray_runner import SAM_ROWS_PER_CALL, sam_rows_per_call
+    from medclipsam.pipeline.ray_runner import sam_rows_per_call
     from medclipsam.pipeline.stages import add_masks
 
-    assert sam_rows_per_call(SamConfig(), "cpu") == SAM_ROWS_PER_CALL == 8  # the encoder's 1, bundled
-    assert sam_rows_per_call(SamConfig(batch_size=16), "cuda") == 16
+    assert sam_rows_per_call(SamConfig(), PipelineConfig(), "cpu") == 1  # the CPU encoder's default
+    assert sam_rows_per_call(SamConfig(), PipelineConfig(sam_rows_per_call=8), "cpu") == 8  # bundled
+    assert sam_rows_per_call(SamConfig(batch_size=16), PipelineConfig(sam_rows_per_call=8), "cuda") == 16
     images = []
     for k in range(4):
         image = np.full((64, 64, 3), 20, np.uint8)

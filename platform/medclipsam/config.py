@@ -243,6 +243,11 @@ class PipelineConfig(StrictModel):
     # mask and truth; benchmarks/labels_run.py measured a 257 MiB peak for 256 x 256 images and a
     # 60-slice volume of them. Raise it for large volumes.
     write_memory_mb: int = Field(512, ge=0)
+    # Slices per SAM actor call, at least (the encoder still takes sam.batch_size at a time); none: as
+    # sam.batch_size. Ray Data's bookkeeping in the driver grows by the call's output block, so a
+    # cohort of 100,000s of slices on CPU pools (batch 1) keeps the driver smaller with 8 or more,
+    # at the cost of coarser work sharing between the actors on small runs.
+    sam_rows_per_call: int | None = Field(None, ge=1)
     overlays: int = Field(8, ge=0)  # cases drawn as overlay pictures (the first ones by case_id)
     strip_slices: int = Field(8, ge=1)  # slices of a drawn volume in its strip (the report's): evenly spaced
     save_saliency: bool = False  # also write saliency/<case_id>.npy (text mode)

@@ -20,7 +20,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from ..config import ActorPoolConfig, CoarseMaskConfig, SaliencyConfig, SamConfig, VisualPromptConfig
+from ..config import ActorPoolConfig, CoarseMaskConfig, PipelineConfig, SaliencyConfig, SamConfig, VisualPromptConfig
 from ..domain.records import CaseRecord, record_from_dict
 from ..runs.ray_session import ensure_ray, pool_device
 from .cpu_tasks import Contained, read_case, write_slice
@@ -167,15 +167,11 @@ def _tracking_uri(job: Job) -> str:
     return resolve_tracking_uri(job.config.tracking.uri)
 
 
-# Ray Data keeps some bookkeeping in the driver for every block, and each SAM call's output is one:
-# a call takes at least this many slices (the encoder still takes sam.batch_size at a time).
-SAM_ROWS_PER_CALL = 8
-
-
-def sam_rows_per_call(settings: SamConfig, device: str) -> int:
+def sam_rows_per_call(settings: SamConfig, pipeline: PipelineConfig, device: str) -> int:
     """Slices per SAM actor call: ``sam.batch_size`` (images per encoder call), at least
-    ``SAM_ROWS_PER_CALL``, so that the driver's bookkeeping grows by the call, not by the slice."""
-    return max(SAM_ROWS_PER_CALL, settings.images_per_call(device))
+    ``pipeline.sam_rows_per_call``. Ray Data keeps some bookkeeping in the driver for every block,
+    and each call's output is one: more slices a call, less of it per slice."""
+    return max(pipeline.sam_rows_per_call or 1, settings.images_per_call(device))
 
 
 def _placement(pool: ActorPoolConfig) -> dict:
@@ -220,7 +216,7 @@ def build_dataset(tasks: list[CaseTask], job: Job, sam_stage: type[SamStage] = S
             **_placement(pipeline.saliency))
     ds = ds.map_batches(sam_stage, fn_constructor_kwargs={
         "settings": c.sam, "device": device, "attribution": job.attribution},
-        compute=ActorPoolStrategy(size=sizes["sam"]), batch_size=sam_rows_per_call(c.sam, device),
+        compute=ActorPoolStrategy(size=sizes["sam"]), batch_size=sam_rows_per_call(c.sam, pipeline, device),
         **_placement(pipeline.sam))
     return ds.flat_map(Contained(write, "write"), fn_kwargs={"settings": job.assembly()},
                        num_cpus=pipeline.task_cpus, compute=tasks_at_once, **memory)
