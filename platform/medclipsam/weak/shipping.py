@@ -13,7 +13,6 @@ data finds the one it uploaded before.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import storage
-from ..storage.fetch import fetch_file
+from ..storage.fetch import fetch_file, sha256_of
 from .nnunet_env import folders
 
 PACKED_DIR = "preprocessed"  # under the training output
@@ -51,11 +50,7 @@ def _pack(source: Path, target: Path) -> str:
             info.size, info.mode = path.stat().st_size, 0o644
             with path.open("rb") as handle:
                 tar.addfile(info, handle)
-    digest = hashlib.sha256()
-    with target.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_of(target)
 
 
 def pack(work: Path, dataset: str, output: str) -> Shipped:
