@@ -4,22 +4,31 @@
 # their pytest tmp_path trees, Ray session folders and `ray/ray_current_cluster` (which a bare
 # ray.init() would join) apart. Every process runs even after one fails; the lane fails if any did.
 #
+# Ray starts its workers at niceness 15, below every process of the other lane: there, a lane's
+# Ray workers were starved while the other lane computed (a 4-case run on Ray took 495 s beside two
+# busy processes, 57 s with RAY_worker_niceness=0; 27 s on an idle machine). The lanes' Ray workers
+# run at the tests' own priority. PYTHONFAULTHANDLER makes a process that aborts print where.
+#
 # Usage: tests/lane.sh PYTHON NAME 'PYTEST ARGS' ['PYTEST ARGS' ...]
 set -uo pipefail
 python=$1 name=$2
 shift 2
 tmp=$(mktemp -d -t "mcs-$name-XXXXXX")
 failed=()
+n=0
 log=$tmp/lane.log
 for args in "$@"; do
+    n=$((n + 1))
     # shellcheck disable=SC2086  # each argument is one pytest command line, split on purpose
-    TMPDIR=$tmp PYTHONUNBUFFERED=1 "$python" -m pytest -q -p no:cacheprovider --durations=5 $args 2>&1 \
+    TMPDIR=$tmp PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 RAY_worker_niceness=0 \
+        "$python" -m pytest -q -p no:cacheprovider --durations=5 --junitxml="$tmp/$n.xml" $args 2>&1 \
         | sed -u "s/^/[$name] /" | tee -a "$log" || failed+=("$args")
 done
 if ((${#failed[@]})); then
     # Ray's workers print long tracebacks as a process ends: the tests that failed are repeated
-    # here, last, where a log's tail shows them.
+    # here, last, where a log's tail shows them, each with the last lines of its failure.
     grep -E "^\[$name\] (FAILED|ERROR) [^ :]+\.py" "$log" | cut -c1-300
+    "$python" tests/failures.py "$tmp"/*.xml | sed "s/^/[$name] /"
     for args in "${failed[@]}"; do
         echo "[$name] FAILED: pytest $args"
     done

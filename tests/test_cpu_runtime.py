@@ -1,5 +1,5 @@
 """SAM on OpenVINO and ONNX Runtime: the same embeddings, decoder outputs and masks as torch for the
-real LiteMedSAM and a seeded random ViT-B in segment_anything's layout, one export per weights
+real LiteMedSAM and a seeded random segment_anything ViT (ViT-B's blocks, two deep), one export per weights
 (reused from the cache, redone when the weights change or the cached file does not match its
 record), and torch with one warning line whenever a runtime is missing or an export fails.
 """
@@ -222,14 +222,29 @@ def test_a_failed_export_is_one_warning_and_torch_masks(export_cache, monkeypatc
 
 @pytest.fixture(scope="module")
 def random_vit_b_file(tmp_path_factory):
-    """segment_anything's ViT-B with seeded random weights, saved as its state dict (the real layout)."""
-    from segment_anything import sam_model_registry
+    """segment_anything's ViT-B, two blocks deep (one windowed, one global: the kinds of its twelve),
+    with seeded random weights, saved as its state dict; ``vit_b`` builds that depth while it runs.
 
-    torch.manual_seed(0)
-    model = sam_model_registry["vit_b"](checkpoint=None)
-    path = tmp_path_factory.mktemp("vit_b") / "sam_vit_b_random.pth"
-    torch.save(model.state_dict(), path)
-    return str(path)
+    The export and both runtimes see every operator of the full depth; twelve blocks took four
+    minutes of a loaded CI machine for no other check."""
+    from dataclasses import replace
+
+    from segment_anything.build_sam import _build_sam
+
+    from medclipsam.models import sam_backends
+
+    def shallow():
+        return _build_sam(encoder_embed_dim=768, encoder_depth=2, encoder_num_heads=12,
+                          encoder_global_attn_indexes=[1])
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sam_backends.BACKENDS, "vit_b", replace(sam_backends.BACKENDS["vit_b"], build=shallow))
+        torch.manual_seed(0)
+        model = shallow()
+        assert [block.window_size for block in model.image_encoder.blocks] == [14, 0]
+        path = tmp_path_factory.mktemp("vit_b") / "sam_vit_b_random.pth"
+        torch.save(model.state_dict(), path)
+        yield str(path)
 
 
 def test_vit_b_on_both_runtimes_equals_torch(random_vit_b_file, export_cache):
