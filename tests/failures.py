@@ -21,9 +21,8 @@ def failures(paths: list[str]) -> list[str]:
             continue  # a pytest process that died before writing its report
         for case in root.iter("testcase"):
             for outcome in [*case.findall("failure"), *case.findall("error")]:
-                name = f"{case.get('classname', '').replace('.', '/')}.py::{case.get('name')}"
                 tail = (outcome.text or outcome.get("message") or "").rstrip().splitlines()[-LINES:]
-                out += [f"--- {name}", *tail]
+                out += [f"--- {case.get('classname')} {case.get('name')}", *tail]
     return out
 
 
