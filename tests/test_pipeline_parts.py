@@ -165,6 +165,25 @@ def test_an_error_in_one_slice_fails_the_case_with_its_message(tmp_path):
     assert record.status == "error" and record.error == "slice 1: SAM: out of memory" and record.mask_uri == ""
 
 
+def test_a_write_that_fails_keeps_the_slices_earlier_cause(tmp_path):
+    """A slice SAM failed on whose write then fails too: the case's error still names SAM first (the
+    cause a rerun must know); a clean slice whose write fails names the write alone."""
+    from medclipsam.pipeline.cpu_tasks import Contained
+
+    def refuse(row, settings):
+        raise OSError("store refused")
+
+    write = Contained(refuse, "write")
+    settings = AssemblySettings(str(tmp_path), "text")
+    failed = _slice_row("p", -1, 1, np.zeros((0, 0), bool), PLANE, error="SAM: bad image").to_columns()
+    clean = _slice_row("q", -1, 1, np.zeros((7, 9), bool), PLANE).to_columns()
+    [first] = write(failed, settings=settings)
+    [second] = write(clean, settings=settings)
+    assert first["status"] == second["status"] == "error"
+    assert first["error"] == "SAM: bad image; then slice -1 could not be written: OSError: store refused"
+    assert second["error"] == "slice -1 could not be written: OSError: store refused"
+
+
 def test_a_truth_lost_to_an_outage_fails_the_case_and_a_bad_truth_does_not(tmp_path, monkeypatch):
     """A ground truth the store did not deliver must not leave an 'ok' case that a resume skips
     unscored; a truth that is itself unusable costs only the scores."""

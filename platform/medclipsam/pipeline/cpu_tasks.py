@@ -38,10 +38,14 @@ def write_slice(row: dict, settings: AssemblySettings) -> list[dict]:
 
 
 def failed_write(row: dict, exc: BaseException) -> list[dict]:
+    """The case's error record; a slice that had already failed (its read, M2IB or SAM) keeps that
+    cause first, since a rerun needs to know it, and the write's comes after it."""
     log.error("case %s slice %s could not be written: %s", row["case_id"], row["slice"], exc)
+    cause = f"slice {row['slice']} could not be written: {type(exc).__name__}: {exc}"
+    if row.get("error"):
+        cause = f"{row['error']}; then {cause}"
     failed = CaseRecord(row["case_id"], row["uri"], gt_uri=row.get("gt_uri", ""), status=STATUS_ERROR,
-                        error=shorten(f"slice {row['slice']} could not be written: {type(exc).__name__}: {exc}", 500),
-                        n_slices=int(row.get("n_slices", 0) or 0))
+                        error=shorten(cause, 500), n_slices=int(row.get("n_slices", 0) or 0))
     return [asdict(failed)]
 
 
