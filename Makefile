@@ -60,7 +60,9 @@ system-tools:
 
 test: $(STAMP) lint system-tools
 	$(BIN)/medclipsam data samples  # once, before the lanes would both fetch it
-	$(MAKE) --no-print-directory -j2 test-lane-a test-lane-b
+	rm -rf build/lanes && mkdir -p build/lanes
+	LANE_FAILURES=build/lanes $(MAKE) --no-print-directory -j2 -k test-lane-a test-lane-b \
+		|| { echo "make test failed; the failures of both lanes:"; cat build/lanes/*.txt; exit 1; }
 
 test-lane-a: $(STAMP)
 	tests/lane.sh $(BIN)/python a $(LANE_A)

@@ -70,7 +70,8 @@ def timed_run(cluster, worker, data: Path, output: Path, tracking: str, kill_aft
                 killed_at = written
         seconds = time.perf_counter() - start
     if process.returncode != 0:
-        raise SystemExit(f"pseudolabel failed ({process.returncode}): see {output.with_suffix('.log')}")
+        tail = "\n".join(output.with_suffix(".log").read_text(errors="replace").splitlines()[-40:])
+        raise SystemExit(f"pseudolabel failed ({process.returncode}); the end of {output.with_suffix('.log')}:\n{tail}")
     return seconds, killed_at
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import sys
 import xml.etree.ElementTree as ET
 
-LINES = 15
+LINES = 8  # a CI page may show only the last 25 lines or so: two failures' tails and their names fit
+WIDTH = 240  # a line of a subprocess's repr can run to thousands of characters
 
 
 def failures(paths: list[str]) -> list[str]:
@@ -22,7 +23,7 @@ def failures(paths: list[str]) -> list[str]:
         for case in root.iter("testcase"):
             for outcome in [*case.findall("failure"), *case.findall("error")]:
                 tail = (outcome.text or outcome.get("message") or "").rstrip().splitlines()[-LINES:]
-                out += [f"--- {case.get('classname')} {case.get('name')}", *tail]
+                out += [f"--- {case.get('classname')} {case.get('name')}", *(line[:WIDTH] for line in tail)]
     return out
 
 

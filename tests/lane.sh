@@ -26,13 +26,17 @@ for args in "$@"; do
 done
 if ((${#failed[@]})); then
     # Ray's workers print long tracebacks as a process ends: the tests that failed are repeated
-    # here, last, where a log's tail shows them, each with the last lines of its failure.
-    grep -E "^\[$name\] (FAILED|ERROR) [^ :]+\.py" "$log" | cut -c1-300
-    "$python" tests/failures.py "$tmp"/*.xml | sed "s/^/[$name] /"
-    for args in "${failed[@]}"; do
-        echo "[$name] FAILED: pytest $args"
-    done
-    echo "[$name] its temporary files are kept in $tmp"
+    # here, last, where a log's tail shows them: the last lines of each failure, then their names.
+    # With LANE_FAILURES set, the summary is also left in $LANE_FAILURES/NAME.txt, for `make test`
+    # to repeat after both lanes (the lane that fails may not be the one that ends last).
+    {
+        "$python" tests/failures.py "$tmp"/*.xml | sed "s/^/[$name] /"
+        grep -E "^\[$name\] (FAILED|ERROR) [^ :]+\.py" "$log" | cut -c1-200
+        for args in "${failed[@]}"; do
+            echo "[$name] FAILED: pytest ${args:0:120}"
+        done
+        echo "[$name] its temporary files are kept in $tmp"
+    } | tee ${LANE_FAILURES:+"$LANE_FAILURES/$name.txt"}
     exit 1
 fi
 rm -rf "$tmp"
