@@ -28,6 +28,9 @@ from medclipsam.config import parse_config
 
 NAME = "tiny-clip"
 PROMPT = "a bright round disc"
+# M2IB at 2 steps of 2 copies, not 10 of 10: a gate's evaluation is the same pipeline at any setting,
+# and each version's evaluation then takes seconds, not half a minute
+TASK = {"task": "discs", "text": {"prompts": [PROMPT]}, "saliency": {"steps": 2, "copies": 2}}
 OUTPUTS: list[str] = []  # everything the commands printed, checked for secrets at the end
 
 
@@ -49,7 +52,7 @@ def reg(mlflow_server, tmp_path_factory):
     assert versions == ["1", "2", "3", "4", "5"]
     data = disc_images(root / "eval", 4, size=64, seed=3)
     task = root / "task.yaml"
-    task.write_text(yaml.safe_dump({"task": "discs", "text": {"prompts": [PROMPT]}}))
+    task.write_text(yaml.safe_dump(TASK))
     return SimpleNamespace(uri=uri, artifacts=artifacts, log=log, root=root, folders=folders, data=data, task=task,
                            work=root / "evaluations", client=MlflowClient(uri))
 
@@ -82,7 +85,7 @@ def direct_score(reg, folder: Path, output: Path) -> float:
     from medclipsam.pipeline.job import Job
     from medclipsam.pipeline.run import run_job
 
-    config = parse_config({"task": "discs", "text": {"prompts": [PROMPT], "clip_model": str(folder)}})
+    config = parse_config({**TASK, "text": {"prompts": [PROMPT], "clip_model": str(folder)}})
     result = run_job(Job(config, str(reg.data / "images"), str(output), "text", str(reg.data / "labels")),
                      "local", track=False, resume=False)
     return sum(r.dsc if math.isfinite(r.dsc) else 0.0 for r in result.records) / 4
@@ -269,7 +272,7 @@ def test_run_records_the_resolved_version(reg):
     from medclipsam.registry import gate
 
     gate.promote(reg.client, gate.Request(NAME, "4", force=True, reason="pinning test"), None)
-    config = parse_config({"task": "discs", "text": {"prompts": [PROMPT], "clip_model": f"models:/{NAME}@champion"},
+    config = parse_config({**TASK, "text": {"prompts": [PROMPT], "clip_model": f"models:/{NAME}@champion"},
                            "tracking": {"uri": reg.uri, "experiment": "tests-pinning"}})
     output = reg.root / "pinned-run"
     job = Job(config, str(reg.data / "images"), str(output), "text", str(reg.data / "labels"))
