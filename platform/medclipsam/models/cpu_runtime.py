@@ -7,8 +7,8 @@ took 1.7 s in torch, 1.3 s in ONNX Runtime and 1.1 s in OpenVINO on one thread, 
 little from a second thread where the other two nearly halve (docs/benchmarks.md). So ``sam.runtime:
 auto`` runs the encoder by OpenVINO on the CPU (ONNX Runtime when OpenVINO is missing) and by torch
 on CUDA. The mask decoder, about a tenth of a slice, took 0.113 s per box in torch and 0.074 s in
-ONNX Runtime: with any CPU runtime it runs on ONNX Runtime, with a symbolic number of prompts and
-prompt tokens.
+ONNX Runtime: beside any CPU runtime in fp32 it runs on ONNX Runtime, and beside OpenVINO in bf16 or
+fp16 on OpenVINO in that precision, with a symbolic number of prompts and prompt tokens.
 
 Safety and honesty: an export is checked against torch on seeded inputs before it is cached
 (largest difference at most ``EXPORT_TOLERANCE`` of the output's scale), a cache entry is used only
@@ -159,18 +159,29 @@ class _DecoderCore(torch.nn.Module):
 Decoder = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+def decoder_runtime(encoder_runtime: str, precision: str) -> tuple[str, str] | None:
+    """What runs the mask decoder beside an encoder on ``encoder_runtime`` in ``precision``: ONNX Runtime in
+    fp32 (0.074 s per box against torch's 0.113 s, one thread), or OpenVINO in bf16 or fp16 beside an
+    OpenVINO encoder in that precision (0.057 s against 0.098 s in fp32, both runtimes); None for torch."""
+    if encoder_runtime == "torch":
+        return None
+    if encoder_runtime == "openvino" and precision != "fp32":
+        return "openvino", precision
+    return "onnxruntime", "fp32"  # ONNX Runtime runs fp32 on the CPU, whatever was asked of it
+
+
 def fast_decoder(decoder: torch.nn.Module, image_pe: torch.Tensor, multimask: bool, key: str,
-                 threads: int | None = None) -> Decoder | None:
-    """The mask decoder on ONNX Runtime (features, sparse and dense prompt embeddings in; low-resolution
+                 threads: int | None = None, runtime: str = "onnxruntime", precision: str = "fp32") -> Decoder | None:
+    """The mask decoder on ``runtime`` (features, sparse and dense prompt embeddings in; low-resolution
     logits and IoU estimates out), or None (after one warning line) where it cannot run there."""
-    if not _importable("onnxruntime"):
+    if not _importable(runtime):
         return None
     try:
         core = _DecoderCore(decoder, image_pe.detach().clone(), multimask).eval()
         exported = cached_export(core, f"{key}|decoder multimask={multimask}", [_decoder_variant(core)])
-        return RuntimeDecoder(_session("onnxruntime", exported.path, threads or torch.get_num_threads(), "fp32"))
+        return RuntimeDecoder(_session(runtime, exported.path, threads or torch.get_num_threads(), precision))
     except Exception as exc:
-        log.warning("SAM decoder: onnxruntime is not usable for %s (%s); using torch", key, first_line(exc))
+        log.warning("SAM decoder: %s is not usable for %s (%s); using torch", runtime, key, first_line(exc))
         return None
 
 

@@ -21,7 +21,7 @@ from ..config import SAM_BACKENDS, SamBackend, SamConfig
 from ..errors import ModelError, first_line
 from ..ops.transforms import LongestSidePad, Stretch
 from .checkpoints import load_into, resolve_checkpoint, sha256_of
-from .cpu_runtime import PRECISIONS, Decoder, fast_decoder, fast_encoder
+from .cpu_runtime import PRECISIONS, Decoder, decoder_runtime, fast_decoder, fast_encoder
 
 # SAM's published pixel statistics (0..255 RGB).
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -87,13 +87,14 @@ class PromptableSegmenter:
         return f"{self.name} {self.checkpoint_sha256}"
 
     def _decoder(self, multimask: bool) -> Decoder | None:
-        """The mask decoder on ONNX Runtime (measured faster than torch's on the CPU) whenever the encoder
-        runs on a CPU runtime in fp32; None for torch's own."""
-        if self.runtime == "torch" or self.precision != "fp32":
+        """The mask decoder on a CPU runtime (measured faster than torch's) whenever the encoder runs on
+        one; None for torch's own."""
+        where = decoder_runtime(self.runtime, self.precision)
+        if where is None:
             return None
         if multimask not in self._decoders:
             self._decoders[multimask] = fast_decoder(self.mask_decoder, self.prompt_encoder.get_dense_pe(), multimask,
-                                                     self._weights_key(), self.threads)
+                                                     self._weights_key(), self.threads, *where)
         return self._decoders[multimask]
 
     def _autocast(self) -> contextlib.AbstractContextManager:
