@@ -9,6 +9,10 @@
 # busy processes, 57 s with RAY_worker_niceness=0; 27 s on an idle machine). The lanes' Ray workers
 # run at the tests' own priority. PYTHONFAULTHANDLER makes a process that aborts print where.
 #
+# One math thread per process (OpenMP, MKL, OpenBLAS; Ray's workers inherit it): the two lanes share
+# two cores, and two processes of two threads each spent half the CPU waiting on each other (two
+# propagation tests at once: 166 s with two threads each, 90 s with one).
+#
 # Usage: tests/lane.sh PYTHON NAME 'PYTEST ARGS' ['PYTEST ARGS' ...]
 set -uo pipefail
 python=$1 name=$2
@@ -21,6 +25,7 @@ for args in "$@"; do
     n=$((n + 1))
     # shellcheck disable=SC2086  # each argument is one pytest command line, split on purpose
     TMPDIR=$tmp PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 RAY_worker_niceness=0 \
+        OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 \
         "$python" -m pytest -q -p no:cacheprovider --durations=5 --junitxml="$tmp/$n.xml" $args 2>&1 \
         | sed -u "s/^/[$name] /" | tee -a "$log" || failed+=("$args")
 done
