@@ -12,9 +12,11 @@ machine. ``max_abs_diff`` is the largest
 difference of the image embeddings, ``mask_agreement`` the fraction of identical mask pixels.
 
 The line above the last has the rest: ONNX Runtime and OpenVINO in bf16 against torch (time and
-mask agreement), and the seconds per image of the encoder alone at each ``--batches`` size for
+mask agreement), the seconds per image of the encoder alone at each ``--batches`` size for
 torch and the kept runtime (one call per batch), which is how the CPU default of ``sam.batch_size``
-was chosen.
+was chosen, and the ceiling: the encoder's GFLOP (torch's FlopCounterMode), the rate torch runs it
+at, the rate of this CPU's best fp32 and bf16 matmul on as many threads, and their ratio, the most
+any runtime could gain over torch in that precision.
 
 Last line: ``torch_s=<v> fast_s=<v> speedup=<v> max_abs_diff=<v> mask_agreement=<v>``
 (seconds per slice, end to end).
@@ -92,6 +94,24 @@ def encoder_seconds(segmenter, images, batch: int) -> float:
     return (time.perf_counter() - start) / batch
 
 
+def matmul_gflops(dtype: torch.dtype, n: int = 2048) -> float:
+    """What this CPU's best kernels reach on a dense ``n x n`` matmul: the ceiling of any runtime on a
+    network made of matmuls and convolutions."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    start = time.perf_counter()
+    a @ b
+    return 2 * n**3 / (time.perf_counter() - start) / 1e9
+
+
+def encoder_gflop(segmenter, size: int = 256) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        segmenter.image_encoder(torch.zeros(1, 3, size, size))
+    return counter.get_total_flops() / 1e9
+
+
 def largest_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return float(max((x - y).abs().max() for x, y in zip(a, b, strict=True)))
 
@@ -136,6 +156,18 @@ def main(argv: list[str] | None = None) -> None:
         for batch in args.batches:
             rest[f"torch_encoder_b{batch}_s"] = round(encoder_seconds(reference, images, batch), 4)
             rest[f"{fast.runtime}_encoder_b{batch}_s"] = round(encoder_seconds(fast, images, batch), 4)
+        # the ceiling: torch's encoder against the CPU's own matmul rate, fp32 and bf16, the best of three
+        # rounds of each, taking turns (the best is what the machine can do when the others leave it be)
+        gflop = encoder_gflop(reference)
+        rates: dict[str, float] = {"torch_encoder": 0.0, "fp32": 0.0, "bf16": 0.0}
+        for _ in range(3):
+            rates["torch_encoder"] = max(rates["torch_encoder"], gflop / encoder_seconds(reference, images, 1))
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+                rates[name] = max(rates[name], matmul_gflops(dtype))
+        rest.update({"encoder_gflop": round(gflop, 2), "torch_encoder_gflops": round(rates["torch_encoder"], 1)})
+        for name in ("fp32", "bf16"):
+            rest[f"matmul_{name}_gflops"] = round(rates[name], 1)
+            rest[f"{name}_ceiling_speedup"] = round(rates[name] / rates["torch_encoder"], 2)
     torch_s, fast_s = base["wall"], runs["fast"]["wall"]
     diff = largest_difference(base["embeddings"], runs["fast"]["embeddings"])
     torch_masks, fast_masks = base["masks"], runs["fast"]["masks"]
