@@ -30,12 +30,12 @@ RAY_TESTS := tests/test_pseudolabel.py tests/test_weak.py tests/test_tune.py tes
 
 # The tests mostly wait (on subprocesses, servers, Ray), so `make test` runs two lanes at once, each
 # its pytest processes in turn (tests/lane.sh). The lanes take about as long as each other: A is the
-# main suite without the benchmark smoke runs, then three Ray files; B the benchmark smoke runs
-# (tests/test_benchmarks.py), then the other six.
+# main suite without the benchmark smoke runs, then four Ray files; B the benchmark smoke runs
+# (tests/test_benchmarks.py), then the other five.
 LANE_A := "$(addprefix --ignore=,$(RAY_TESTS) tests/test_benchmarks.py)" tests/test_store_faults.py \
-	tests/test_demo.py tests/test_job_submission.py
+	tests/test_demo.py tests/test_job_submission.py tests/test_security.py
 LANE_B := tests/test_benchmarks.py tests/test_pseudolabel.py tests/test_weak.py tests/test_tune.py tests/test_node_loss.py \
-	tests/test_security.py tests/test_head_loss.py
+	tests/test_head_loss.py
 
 # Programs the tests drive that PyPI does not ship: Debian's headless chromium and its chromedriver
 # (the report's browser tests, tests/browser.py) and dicom3tools' dciodvfy, the DICOM standard's own

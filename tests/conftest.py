@@ -81,6 +81,16 @@ def litemedsam():
 
 
 @pytest.fixture(scope="session")
+def litemedsam_auto():
+    """LiteMedSAM as a run gets it by default (``sam.runtime: auto``: OpenVINO on the CPU), for tests of
+    what is built on SAM rather than of SAM: the same masks as torch (test_cpu_runtime.py), in two
+    thirds of the time."""
+    from medclipsam.models.sam_backends import build_segmenter
+
+    return build_segmenter("litemedsam", runtime="auto")
+
+
+@pytest.fixture(scope="session")
 def s3_switch():
     """A real S3-compatible server (moto in server mode) on loopback that a test can stop, restart or
     make answer 503 (``tests/s3_switch.py``); every S3 test in the process shares it."""

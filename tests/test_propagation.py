@@ -64,11 +64,11 @@ def ellipsoid():
     return ellipsoids((24, 96, 96), [((12, 48, 46), (8.6, 26, 20))])
 
 
-def test_ellipsoid_from_its_central_slice(litemedsam, ellipsoid):
+def test_ellipsoid_from_its_central_slice(litemedsam_auto, ellipsoid):
     """One box on the central slice: 3D DSC > 0.9, each chain ends within one slice of the
     ellipsoid's end, nothing beyond it, and SAM ran on the target's slices plus at most one a side."""
     grey, truth = ellipsoid
-    result = propagate(litemedsam, slices(grey), {12: box_of(truth[12])}, SAM, SETTINGS)
+    result = propagate(litemedsam_auto, slices(grey), {12: box_of(truth[12])}, SAM, SETTINGS)
     mask = stacked(result, len(grey), grey.shape[1:])
     first, last = extent(truth)
     got_first, got_last = extent(mask)
@@ -80,27 +80,27 @@ def test_ellipsoid_from_its_central_slice(litemedsam, ellipsoid):
     assert sorted(result.visited) == list(range(got_first - 1, got_last + 2))  # each slice embedded once
 
 
-def test_the_chain_does_not_jump_to_a_second_blob(litemedsam):
+def test_the_chain_does_not_jump_to_a_second_blob(litemedsam_auto):
     """Two blobs along the axis with empty slices between them: a chain from the first stays on it."""
     grey, truth = ellipsoids((26, 80, 80), [((6, 40, 40), (4.5, 18, 16)), ((19, 40, 40), (4.5, 18, 16))])
     labels, _ = ndimage.label(truth)
-    result = propagate(litemedsam, slices(grey), {6: box_of(truth[6])}, SAM, SETTINGS)
+    result = propagate(litemedsam_auto, slices(grey), {6: box_of(truth[6])}, SAM, SETTINGS)
     mask = stacked(result, len(grey), grey.shape[1:])
     assert dice(mask, labels == 1) > 0.85
     assert not mask[13:].any(), "the chain crossed the gap"
     assert result.ends[(6, 1)] in {"empty", "score", "overlap", "contrast", "growth"}
 
 
-def test_a_target_that_touches_the_first_slice(litemedsam):
+def test_a_target_that_touches_the_first_slice(litemedsam_auto):
     grey, truth = ellipsoids((16, 80, 80), [((1, 40, 40), (6.5, 20, 18))])
-    result = propagate(litemedsam, slices(grey), {2: box_of(truth[2])}, SAM, SETTINGS)
+    result = propagate(litemedsam_auto, slices(grey), {2: box_of(truth[2])}, SAM, SETTINGS)
     mask = stacked(result, len(grey), grey.shape[1:])
     assert result.ends[(2, -1)] == "edge" and mask[0].any()
     assert dice(mask, truth) > 0.88
     assert abs(extent(mask)[1] - extent(truth)[1]) <= 1
 
 
-def test_each_slice_follows_the_nearest_prompted_slice_and_a_correction_restarts_the_chain(litemedsam, ellipsoid):
+def test_each_slice_follows_the_nearest_prompted_slice_and_a_correction_restarts_the_chain(litemedsam_auto, ellipsoid):
     """Prompts on slices 5 and 9: each slice is decided by its nearest key's chain, exactly as the chain
     from that key alone decides it; a deliberately bad prompt on 5 (a box on a corner of the target)
     is corrected on 9's side and no further."""
@@ -108,8 +108,8 @@ def test_each_slice_follows_the_nearest_prompted_slice_and_a_correction_restarts
     images = slices(grey)
     corner = SlicePrompts(boxes=np.array([[30.0, 26.0, 44.0, 40.0]]))
     keys = {5: corner, 9: box_of(truth[9])}
-    both = propagate(litemedsam, images, keys, SAM, SETTINGS)
-    alone = {k: propagate(litemedsam, images, {k: p}, SAM, SETTINGS) for k, p in keys.items()}
+    both = propagate(litemedsam_auto, images, keys, SAM, SETTINGS)
+    alone = {k: propagate(litemedsam_auto, images, {k: p}, SAM, SETTINGS) for k, p in keys.items()}
     owner = owners(len(images), list(keys))
     assert list(owner[:8]) == [5] * 8 and list(owner[8:]) == [9] * 6  # 7 is as near to both: the lower
     empty = np.zeros(grey.shape[1:], bool)

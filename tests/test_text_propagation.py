@@ -72,7 +72,7 @@ def test_strongest_takes_the_highest_present_slices_ties_to_the_lower():
 
 
 def test_m2ib_runs_on_the_sampled_slices_and_the_strongest_seeds_a_chain_that_stops_at_absence(
-        tmp_path, clip, tiny_clip_dir, litemedsam, monkeypatch):
+        tmp_path, clip, tiny_clip_dir, litemedsam_auto, monkeypatch):
     """A 24-slice ellipsoid (slices 4-20), M2IB on every 4th slice, centred (1, 5, ..., 21): the real
     tiny CLIP runs on exactly those six, in one batch. Their maps are then forced: the truth's plane
     scaled by its area (the middle slices stand out most), nothing on 1 and 21 (outside the target) and
@@ -106,7 +106,7 @@ def test_m2ib_runs_on_the_sampled_slices_and_the_strongest_seeds_a_chain_that_st
     assert [r.slice for r in rows if r.prompts is not None] == [key] == [13]
     assert all(r.saliency.size == 0 and r.coarse.size == 0 for r in rows)  # not kept unless asked
 
-    rows = stages.add_propagated_masks(litemedsam, rows, config.sam, config.propagation)
+    rows = stages.add_propagated_masks(litemedsam_auto, rows, config.sam, config.propagation)
     mask = np.stack([r.mask for r in rows])
     ran = [r.slice for r in rows if r.sam_ran]
     print("text-propagated", dice(mask[:17], truth[:17]), extent(mask), ran)
@@ -114,11 +114,11 @@ def test_m2ib_runs_on_the_sampled_slices_and_the_strongest_seeds_a_chain_that_st
     assert abs(extent(mask)[0] - extent(truth)[0]) <= 1 and dice(mask[:17], truth[:17]) > 0.9
 
 
-def test_stop_at_absent_off_lets_the_chain_run_through_an_absent_slice(litemedsam):
+def test_stop_at_absent_off_lets_the_chain_run_through_an_absent_slice(litemedsam_auto):
     grey, truth = ellipsoids((12, 80, 80), [((6, 40, 40), (4.6, 20, 18))])
     images, keys = slices(grey), {6: box_of(truth[6])}
-    stopped = propagate(litemedsam, images, keys, SAM, PropagationConfig(enabled=True), frozenset({8}))
-    through = propagate(litemedsam, images, keys, SAM, PropagationConfig(enabled=True, stop_at_absent=False),
+    stopped = propagate(litemedsam_auto, images, keys, SAM, PropagationConfig(enabled=True), frozenset({8}))
+    through = propagate(litemedsam_auto, images, keys, SAM, PropagationConfig(enabled=True, stop_at_absent=False),
                         frozenset({8}))
     assert stopped.ends[(6, 1)] == "absent" and max(stopped.visited) == 7
     assert 8 in through.masks and through.ends[(6, 1)] != "absent"
